@@ -1,2 +1,191 @@
+// blockrelay: the command line. Subcommands map to the DESIGN.md CLI
+// contract. Exit codes: 0 done, 1 failed, 2 usage or config error.
+#include <signal.h>
+
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/io_context.hpp>
+#include <asio/signal_set.hpp>
 #include <fmt/core.h>
-int main() { fmt::print("blockrelay {}\n", BLOCKRELAY_VERSION); }
+#include <nlohmann/json.hpp>
+
+#include "blockrelay/config/site_config.h"
+#include "blockrelay/control/control_client.h"
+#include "control/status_format.h"
+#include "site/site.h"
+#include "util/logging.h"
+
+namespace {
+
+using namespace blockrelay;
+
+constexpr int kExitOk = 0;
+constexpr int kExitFailed = 1;
+constexpr int kExitUsage = 2;
+
+int ConfigError(const Status& s) {
+  fmt::print(stderr, "blockrelay: config error: {}\n", s.message());
+  return kExitUsage;
+}
+
+int RunDaemon(const std::string& config_path) {
+  auto config = config::LoadSiteConfig(config_path);
+  if (!config.ok()) return ConfigError(config.status());
+  if (Status s = config::CheckSiteEnvironment(*config); !s.ok()) {
+    return ConfigError(s);
+  }
+  ::signal(SIGPIPE, SIG_IGN);
+  asio::io_context ctx(1);
+  auto site = site::Site::Open(std::move(config).value(), ctx);
+  if (!site.ok()) {
+    fmt::print(stderr, "blockrelay: cannot open site: {}\n",
+               site.status().ToString());
+    return kExitFailed;
+  }
+  if (Status s = (*site)->Start(); !s.ok()) {
+    fmt::print(stderr, "blockrelay: cannot start: {}\n", s.ToString());
+    return kExitFailed;
+  }
+  int exit_code = kExitOk;
+  bool shutting_down = false;
+  asio::signal_set signals(ctx, SIGINT, SIGTERM);
+  std::function<void(const asio::error_code&, int)> on_signal =
+      [&](const asio::error_code& ec, int signo) {
+        if (ec) return;
+        if (shutting_down) {
+          BR_LOG_WARN("site", "signal {} again while shutting down; still "
+                      "finishing requests in flight", signo);
+          signals.async_wait(on_signal);
+          return;
+        }
+        shutting_down = true;
+        BR_LOG_INFO("site", "signal {}: finishing requests in flight, "
+                    "flushing, exiting", signo);
+        signals.async_wait(on_signal);
+        asio::co_spawn(ctx, (*site)->Shutdown(),
+                       [&](std::exception_ptr e, Status s) {
+                         if (e || !s.ok()) exit_code = kExitFailed;
+                         signals.cancel();
+                         ctx.stop();
+                       });
+      };
+  signals.async_wait(on_signal);
+  ctx.run();
+  site->reset();
+  BR_LOG_INFO("site", "stopped (exit {})", exit_code);
+  return exit_code;
+}
+
+int CheckConfig(const std::string& path) {
+  auto config = config::LoadSiteConfig(path);
+  if (!config.ok()) return ConfigError(config.status());
+  if (Status s = config::CheckSiteEnvironment(*config); !s.ok()) {
+    return ConfigError(s);
+  }
+  size_t volumes = 0;
+  for (const auto& g : config->groups) volumes += g.volumes.size();
+  fmt::print("{}: OK (site {}, {} group(s), {} volume(s))\n", path,
+             config->site, config->groups.size(), volumes);
+  return kExitOk;
+}
+
+// The control socket from --socket, or from the config file.
+std::optional<std::filesystem::path> ResolveSocket(const std::string& config_path,
+                                                   const std::string& socket,
+                                                   int& exit_code) {
+  if (!socket.empty()) return std::filesystem::path(socket);
+  if (config_path.empty()) {
+    fmt::print(stderr, "blockrelay: give --config FILE or --socket PATH\n");
+    exit_code = kExitUsage;
+    return std::nullopt;
+  }
+  auto config = config::LoadSiteConfig(config_path);
+  if (!config.ok()) {
+    exit_code = ConfigError(config.status());
+    return std::nullopt;
+  }
+  return config->control_socket;
+}
+
+int ShowStatus(const std::string& config_path, const std::string& socket,
+               bool json) {
+  int exit_code = kExitOk;
+  auto path = ResolveSocket(config_path, socket, exit_code);
+  if (!path) return exit_code;
+  auto reply = control::Call(*path, {{"command", "status"}},
+                             std::chrono::seconds(10));
+  if (!reply.ok()) {
+    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+    return kExitFailed;
+  }
+  if (!reply->value("ok", false)) {
+    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+    return kExitFailed;
+  }
+  if (json) {
+    fmt::print("{}\n", reply->dump(2));
+  } else {
+    fmt::print("{}", control::FormatStatus(*reply));
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"blockrelay: a replicating block device served over NBD"};
+  app.set_version_flag("--version", std::string("blockrelay ") + BLOCKRELAY_VERSION);
+  app.require_subcommand(1);
+
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "debug, info, warning or error")
+      ->check(CLI::IsMember({"debug", "info", "warning", "error"}));
+
+  std::string config_path;
+  auto* run = app.add_subcommand("run", "Run the site's daemon in the foreground");
+  run->add_option("--config,-c", config_path, "Site configuration file")
+      ->required();
+
+  std::string check_path;
+  auto* check = app.add_subcommand("check-config",
+                                   "Validate a configuration file and exit");
+  check->add_option("file", check_path, "Site configuration file")->required();
+
+  std::string status_config, status_socket;
+  bool status_json = false;
+  auto* status = app.add_subcommand("status", "Show the running site's health");
+  auto* status_config_opt = status->add_option("--config,-c", status_config,
+                                               "Site configuration file");
+  status->add_option("--socket,-s", status_socket, "Control socket path")
+      ->excludes(status_config_opt);
+  status->add_flag("--json", status_json, "Print the raw JSON reply");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return kExitUsage;
+  }
+
+  using blockrelay::util::LogLevel;
+  blockrelay::util::SetLogLevel(log_level == "debug"     ? LogLevel::kDebug
+                                : log_level == "warning" ? LogLevel::kWarning
+                                : log_level == "error"   ? LogLevel::kError
+                                                         : LogLevel::kInfo);
+  if (*run) return RunDaemon(config_path);
+  if (*check) return CheckConfig(check_path);
+  if (*status) return ShowStatus(status_config, status_socket, status_json);
+  return kExitUsage;
+}

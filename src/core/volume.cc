@@ -1,0 +1,121 @@
+#include "blockrelay/core/volume.h"
+
+#include <fmt/format.h>
+
+namespace blockrelay::core {
+
+Volume::Volume(std::string group, std::string name,
+               std::unique_ptr<storage::BlockStore> store, bool read_only)
+    : group_(std::move(group)),
+      name_(std::move(name)),
+      store_(std::move(store)),
+      size_bytes_(store_->size_bytes()),
+      read_only_(read_only) {}
+
+Status Volume::CheckWritable() const {
+  if (read_only_.load()) {
+    return Status::PermissionDenied(
+        fmt::format("volume {} is read-only (role secondary)", name_));
+  }
+  if (failed_.load(std::memory_order_acquire)) {
+    std::lock_guard lock(failure_mu_);
+    return *failure_;
+  }
+  return Status::OK();
+}
+
+Status Volume::RecordFailure(Status s, bool sticky) {
+  ++errors_;
+  if (sticky && !failed_.load()) {
+    std::lock_guard lock(failure_mu_);
+    if (!failure_) {
+      failure_ = Status::IOError(
+          fmt::format("volume {} stopped accepting writes after a failed "
+                      "flush ({}); restart the site once the disk is healthy",
+                      name_, s.ToString()),
+          EIO);
+      failed_.store(true, std::memory_order_release);
+    }
+  }
+  return s;
+}
+
+Status Volume::Read(uint64_t offset, std::span<std::byte> out) {
+  Status s = store_->Read(offset, out);
+  if (!s.ok()) return RecordFailure(std::move(s), false);
+  ++reads_;
+  bytes_read_ += out.size();
+  return s;
+}
+
+Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
+                     bool fua) {
+  if (Status s = CheckWritable(); !s.ok()) return s;
+  Status s = store_->Write(offset, data, fua);
+  // A failed FUA write may have left earlier cached writes unsynced too.
+  if (!s.ok()) return RecordFailure(std::move(s), fua && !s.IsNoSpace());
+  ++writes_;
+  bytes_written_ += data.size();
+  return s;
+}
+
+Status Volume::Trim(uint64_t offset, uint64_t length, bool fua) {
+  if (Status s = CheckWritable(); !s.ok()) return s;
+  Status s = store_->Trim(offset, length, fua);
+  if (!s.ok()) return RecordFailure(std::move(s), false);
+  ++trims_;
+  return s;
+}
+
+Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
+                           bool fast_only, bool fua) {
+  if (Status s = CheckWritable(); !s.ok()) return s;
+  Status s = store_->WriteZeroes(offset, length, may_trim, fast_only, fua);
+  if (!s.ok()) {
+    if (s.IsNotSupported()) return s;  // FAST_ZERO refused: nothing written
+    return RecordFailure(std::move(s), false);
+  }
+  ++writes_;
+  bytes_written_ += length;
+  return s;
+}
+
+Status Volume::Flush() {
+  if (failed_.load(std::memory_order_acquire)) {
+    std::lock_guard lock(failure_mu_);
+    return *failure_;
+  }
+  Status s = store_->Flush();
+  if (!s.ok()) return RecordFailure(std::move(s), true);
+  ++flushes_;
+  return s;
+}
+
+Status Volume::Cache(uint64_t offset, uint64_t length) {
+  return store_->Cache(offset, length);
+}
+
+Result<std::vector<storage::Extent>> Volume::BlockStatus(uint64_t offset,
+                                                         uint64_t length) {
+  return store_->BlockStatus(offset, length);
+}
+
+VolumeCounters Volume::counters() const {
+  VolumeCounters c;
+  c.bytes_read = bytes_read_.load();
+  c.bytes_written = bytes_written_.load();
+  c.reads = reads_.load();
+  c.writes = writes_.load();
+  c.flushes = flushes_.load();
+  c.trims = trims_.load();
+  c.errors = errors_.load();
+  return c;
+}
+
+std::optional<Status> Volume::sticky_error() const {
+  if (!failed_.load()) return std::nullopt;
+  std::lock_guard lock(failure_mu_);
+  return failure_;
+}
+
+}  // namespace blockrelay::core

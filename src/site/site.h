@@ -1,0 +1,58 @@
+// Site: the composition root of a running blockrelay process.
+//
+// Opens every volume of the config (creating sparse backing files), then
+// binds the NBD and control listeners and serves until Shutdown(). Owns the
+// io_context-side objects; the IoExecutor threads do the blocking I/O.
+//
+// Executor rule: Start(), Shutdown() and StatusJson() run on the io_context
+// thread.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include <asio/awaitable.hpp>
+#include <asio/io_context.hpp>
+#include <nlohmann/json.hpp>
+
+#include "blockrelay/config/site_config.h"
+#include "blockrelay/core/io_executor.h"
+#include "blockrelay/core/volume.h"
+#include "blockrelay/status.h"
+#include "control/control_server.h"
+#include "nbd/server.h"
+#include "nbd/volume_catalog.h"
+
+namespace blockrelay::site {
+
+class Site {
+ public:
+  // Opens the volumes; binds nothing yet. Errors name the volume and path.
+  static Result<std::unique_ptr<Site>> Open(config::SiteConfig config,
+                                            asio::io_context& ctx);
+  ~Site();
+
+  // Binds the NBD and control listeners and starts accepting.
+  Status Start();
+
+  // Stops accepting, finishes NBD requests in flight, flushes every volume.
+  // Returns the first flush error, if any.
+  asio::awaitable<Status> Shutdown();
+
+  nlohmann::json StatusJson() const;
+
+ private:
+  Site(config::SiteConfig config, asio::io_context& ctx);
+  asio::awaitable<nlohmann::json> HandleControl(const nlohmann::json& request);
+
+  config::SiteConfig config_;
+  asio::io_context& ctx_;
+  std::unique_ptr<core::IoExecutor> io_;
+  nbd::VolumeCatalog catalog_;
+  std::unique_ptr<nbd::Server> nbd_server_;
+  std::unique_ptr<control::ControlServer> control_server_;
+  std::chrono::steady_clock::time_point started_;
+};
+
+}  // namespace blockrelay::site
