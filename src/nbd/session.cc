@@ -1,15 +1,20 @@
 #include "nbd/session.h"
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 #include <algorithm>
 #include <array>
+#include <cerrno>
+#include <cstring>
 #include <vector>
 
 #include <asio/buffer.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
+#include <asio/post.hpp>
 #include <asio/read.hpp>
-#include <asio/this_coro.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
 
@@ -26,8 +31,15 @@ constexpr auto kTuple = asio::experimental::as_tuple(asio::use_awaitable);
 constexpr size_t kMaxInFlightRequests = 256;
 constexpr size_t kMaxInFlightBytes = 256u << 20;
 
-// Replies gathered into one write at most.
-constexpr size_t kMaxBatchMessages = 64;
+// Pipelined small requests are parsed from one buffer filled by one recv;
+// payloads at least this large are read straight into their own buffer.
+constexpr size_t kReadBufferBytes = 256u << 10;
+constexpr size_t kDirectReadBytes = 64u << 10;
+
+// Replies gathered into one sendmsg at most (IOV_MAX is 1024).
+constexpr size_t kMaxBatchMessages = 256;
+
+size_t MessageBytes(const auto& m) { return m.header.size() + m.data.size(); }
 
 }  // namespace
 
@@ -38,10 +50,8 @@ Session::Session(Socket socket, const VolumeCatalog& catalog,
       io_(io),
       id_(id),
       peer_(std::move(peer)),
-      outbox_signal_(socket_.get_executor()),
-      capacity_signal_(socket_.get_executor()) {
-  outbox_signal_.expires_at(asio::steady_timer::time_point::max());
-  capacity_signal_.expires_at(asio::steady_timer::time_point::max());
+      wake_(socket_.get_executor()) {
+  wake_.expires_at(asio::steady_timer::time_point::max());
 }
 
 void Session::RequestStop() {
@@ -71,25 +81,40 @@ asio::awaitable<void> Session::Run() {
   volume_->AddClient();
   BR_LOG_INFO("nbd", "client {} ({}) attached to export {}{}", id_, peer_,
               volume_->name(), state_.read_only ? " (read-only)" : "");
-  asio::co_spawn(socket_.get_executor(), WriteReplies(), asio::detached);
+  read_buffer_.resize(kReadBufferBytes);
   co_await ReadRequests();
 
   // Reader ended (DISC, EOF, stop or a fatal client error): let requests in
   // flight finish and their replies go out, then close.
   stopping_ = true;
-  while (in_flight_ > 0) {
-    co_await capacity_signal_.async_wait(kTuple);
+  for (;;) {
+    reader_waiting_.store(true);
+    bool drained;
+    {
+      std::lock_guard lock(out_mu_);
+      drained = in_flight_.load() == 0 && !sending_;
+    }
+    if (drained) break;
+    co_await WaitForWake();
   }
-  outbox_signal_.cancel();
-  while (!writer_done_) {
-    co_await capacity_signal_.async_wait(kTuple);
-  }
+  reader_waiting_.store(false);
   asio::error_code ec;
   socket_.shutdown(asio::socket_base::shutdown_both, ec);
   socket_.close(ec);
   volume_->RemoveClient();
   BR_LOG_INFO("nbd", "client {} ({}) detached from export {}", id_, peer_,
               volume_->name());
+}
+
+asio::awaitable<void> Session::WaitForWake() {
+  co_await wake_.async_wait(kTuple);
+}
+
+void Session::WakeReader() {
+  if (reader_waiting_.exchange(false)) {
+    asio::post(socket_.get_executor(),
+               [self = shared_from_this()] { self->wake_.cancel(); });
+  }
 }
 
 asio::awaitable<bool> Session::Handshake() {
@@ -159,34 +184,58 @@ asio::awaitable<bool> Session::Handshake() {
   }
 }
 
+asio::awaitable<bool> Session::ReadExactly(std::span<std::byte> out) {
+  size_t done = 0;
+  while (done < out.size()) {
+    if (read_pos_ < read_end_) {
+      size_t n = std::min(out.size() - done, read_end_ - read_pos_);
+      std::memcpy(out.data() + done, read_buffer_.data() + read_pos_, n);
+      read_pos_ += n;
+      done += n;
+      continue;
+    }
+    if (out.size() - done >= kDirectReadBytes || read_buffer_.empty()) {
+      auto [ec, n] = co_await asio::async_read(
+          socket_, asio::buffer(out.data() + done, out.size() - done), kTuple);
+      if (ec) co_return false;
+      done += n;
+      continue;
+    }
+    read_pos_ = read_end_ = 0;
+    auto [ec, n] = co_await socket_.async_read_some(asio::buffer(read_buffer_),
+                                                    kTuple);
+    if (ec) co_return false;
+    read_end_ = n;
+  }
+  co_return true;
+}
+
 asio::awaitable<bool> Session::Discard(uint64_t length) {
   std::vector<std::byte> sink(std::min<uint64_t>(length, 1 << 20));
   while (length > 0) {
     size_t chunk = static_cast<size_t>(std::min<uint64_t>(length, sink.size()));
-    auto [ec, n] = co_await asio::async_read(
-        socket_, asio::buffer(sink.data(), chunk), kTuple);
-    if (ec) co_return false;
-    length -= n;
+    if (!co_await ReadExactly(std::span(sink.data(), chunk))) co_return false;
+    length -= chunk;
   }
   co_return true;
 }
 
 asio::awaitable<void> Session::ReadRequests() {
+  auto self = shared_from_this();
   std::array<std::byte, kRequestHeaderBytes> header_bytes;
-  while (!stopping_ && !broken_) {
-    while (in_flight_ >= kMaxInFlightRequests ||
-           in_flight_bytes_ >= kMaxInFlightBytes) {
-      co_await capacity_signal_.async_wait(kTuple);
-      if (broken_) co_return;
+  while (!stopping_ && !broken_.load()) {
+    for (;;) {
+      reader_waiting_.store(true);
+      if (in_flight_.load() < kMaxInFlightRequests &&
+          in_flight_bytes_.load() < kMaxInFlightBytes) {
+        break;
+      }
+      co_await WaitForWake();
+      if (broken_.load()) co_return;
     }
-    auto [ec, n] = co_await asio::async_read(socket_, asio::buffer(header_bytes),
-                                             kTuple);
-    if (ec) {
-      if (ec != asio::error::eof && ec != asio::error::operation_aborted &&
-          ec != asio::error::connection_reset && !stopping_) {
-        BR_LOG_WARN("nbd", "client {} ({}): read failed: {}", id_, peer_,
-                    ec.message());
-      } else if (ec == asio::error::eof && !stopping_) {
+    reader_waiting_.store(false);
+    if (!co_await ReadExactly(header_bytes)) {
+      if (!stopping_ && !broken_.load()) {
         BR_LOG_INFO("nbd", "client {} ({}) closed the connection without "
                     "NBD_CMD_DISC", id_, peer_);
       }
@@ -200,9 +249,9 @@ asio::awaitable<void> Session::ReadRequests() {
                   request.status().message());
       co_return;
     }
-    const Request& r = *request;
+    const Request r = *request;
     auto rejection = ValidateRequest(r, state_);
-    bool has_payload = r.type == static_cast<uint16_t>(Command::kWrite);
+    const bool has_payload = r.type == static_cast<uint16_t>(Command::kWrite);
     if (rejection) {
       BR_LOG_INFO("nbd", "client {} ({}): {} refused: {}", id_, peer_,
                   CommandName(r.type), rejection->reason);
@@ -212,118 +261,93 @@ asio::awaitable<void> Session::ReadRequests() {
       continue;
     }
     if (r.type == static_cast<uint16_t>(Command::kDisc)) {
-      co_return;  // no reply; the caller drains and closes
+      co_return;  // no reply; Run() drains and closes
     }
     Bytes payload;
     if (has_payload) {
       payload.resize(r.length);
-      std::tie(ec, n) = co_await asio::async_read(socket_, asio::buffer(payload),
-                                                  kTuple);
-      if (ec) {
+      if (!co_await ReadExactly(payload)) {
         BR_LOG_WARN("nbd", "client {} ({}) disconnected in the middle of a "
                     "{}-byte WRITE", id_, peer_, r.length);
         co_return;
       }
     }
-    ++in_flight_;
-    in_flight_bytes_ += has_payload || r.type == 0 ? r.length : 0;
-    asio::co_spawn(socket_.get_executor(),
-                   Handle(r, std::move(payload)), asio::detached);
+    const size_t accounted =
+        has_payload || r.type == static_cast<uint16_t>(Command::kRead)
+            ? r.length : 0;
+    in_flight_.fetch_add(1);
+    in_flight_bytes_.fetch_add(accounted);
+    asio::post(io_.executor(),
+               [self, r, accounted, payload = std::move(payload)]() mutable {
+                 self->Execute(r, payload);
+                 self->Finished(accounted);
+               });
   }
 }
 
 void Session::Finished(size_t payload_bytes) {
-  --in_flight_;
-  in_flight_bytes_ -= payload_bytes;
-  capacity_signal_.cancel();
+  in_flight_bytes_.fetch_sub(payload_bytes);
+  in_flight_.fetch_sub(1);
+  WakeReader();
 }
 
-asio::awaitable<void> Session::Handle(Request r, Bytes payload) {
-  auto self = shared_from_this();
-  const size_t accounted =
-      (r.type == static_cast<uint16_t>(Command::kWrite) || r.type == 0)
-          ? r.length : 0;
+void Session::Execute(const Request& r, Bytes& payload) {
+  core::Volume& volume = *volume_;
   const bool fua = r.flags & kCmdFlagFua;
   Status s;
   switch (static_cast<Command>(r.type)) {
     case Command::kRead:
-      co_await HandleRead(r);
-      Finished(accounted);
-      co_return;
+      ExecuteRead(r);
+      return;
     case Command::kBlockStatus:
-      co_await HandleBlockStatus(r);
-      Finished(accounted);
-      co_return;
-    case Command::kWrite: {
-      core::Volume* volume = volume_.get();
-      s = co_await io_.Run([volume, &payload, &r, fua] {
-        return volume->Write(r.offset, payload, fua);
-      });
+      ExecuteBlockStatus(r);
+      return;
+    case Command::kWrite:
+      s = volume.Write(r.offset, payload, fua);
       break;
-    }
-    case Command::kFlush: {
-      core::Volume* volume = volume_.get();
-      s = co_await io_.Run([volume] { return volume->Flush(); });
+    case Command::kFlush:
+      s = volume.Flush();
       break;
-    }
-    case Command::kTrim: {
-      core::Volume* volume = volume_.get();
-      s = co_await io_.Run([volume, &r, fua] {
-        return volume->Trim(r.offset, r.length, fua);
-      });
+    case Command::kTrim:
+      s = volume.Trim(r.offset, r.length, fua);
       break;
-    }
-    case Command::kWriteZeroes: {
-      core::Volume* volume = volume_.get();
-      const bool may_trim = !(r.flags & kCmdFlagNoHole);
-      const bool fast_only = r.flags & kCmdFlagFastZero;
-      s = co_await io_.Run([volume, &r, may_trim, fast_only, fua] {
-        return volume->WriteZeroes(r.offset, r.length, may_trim, fast_only,
-                                   fua);
-      });
+    case Command::kWriteZeroes:
+      s = volume.WriteZeroes(r.offset, r.length,
+                             /*may_trim=*/!(r.flags & kCmdFlagNoHole),
+                             /*fast_only=*/r.flags & kCmdFlagFastZero, fua);
       break;
-    }
-    case Command::kCache: {
-      core::Volume* volume = volume_.get();
-      s = co_await io_.Run([volume, &r] {
-        return volume->Cache(r.offset, r.length);
-      });
+    case Command::kCache:
+      s = volume.Cache(r.offset, r.length);
       break;
-    }
     case Command::kDisc:
       break;  // handled by the reader
   }
   if (s.ok()) {
     SendOk(r);
-  } else {
-    uint32_t error = ToNbdError(s);
-    if (!s.IsNotSupported()) {
-      BR_LOG_ERROR("nbd", "client {} ({}): {} at {}+{} failed: {}", id_, peer_,
-                   CommandName(r.type), r.offset, r.length, s.ToString());
-    }
-    SendError(r, error, s.message());
+    return;
   }
-  Finished(accounted);
+  if (!s.IsNotSupported()) {
+    BR_LOG_ERROR("nbd", "client {} ({}): {} at {}+{} failed: {}", id_, peer_,
+                 CommandName(r.type), r.offset, r.length, s.ToString());
+  }
+  SendError(r, ToNbdError(s), s.message());
 }
 
-asio::awaitable<void> Session::HandleRead(const Request& r) {
+void Session::ExecuteRead(const Request& r) {
   Bytes data(r.length);
-  core::Volume* volume = volume_.get();
-  Status s = co_await io_.Run([volume, &data, &r] {
-    return volume->Read(r.offset, data);
-  });
+  Status s = volume_->Read(r.offset, data);
   if (!s.ok()) {
     BR_LOG_ERROR("nbd", "client {} ({}): READ at {}+{} failed: {}", id_, peer_,
                  r.offset, r.length, s.ToString());
     SendError(r, ToNbdError(s), s.message());
-    co_return;
+    return;
   }
   Bytes header;
   if (state_.structured_replies) {
     if (r.length == 0) {
       AppendStructuredDone(header, r.cookie);
-      Send(std::move(header));
-      co_return;
+      Send({std::move(header), {}});
+      return;
     }
     AppendStructuredHeader(header, kReplyFlagDone, kReplyTypeOffsetData,
                            r.cookie, static_cast<uint32_t>(8 + r.length));
@@ -331,19 +355,16 @@ asio::awaitable<void> Session::HandleRead(const Request& r) {
   } else {
     AppendSimpleReply(header, 0, r.cookie);
   }
-  Send(std::move(header), std::move(data));
+  Send({std::move(header), std::move(data)});
 }
 
-asio::awaitable<void> Session::HandleBlockStatus(const Request& r) {
-  core::Volume* volume = volume_.get();
-  auto extents = co_await io_.Run([volume, &r] {
-    return volume->BlockStatus(r.offset, r.length);
-  });
+void Session::ExecuteBlockStatus(const Request& r) {
+  auto extents = volume_->BlockStatus(r.offset, r.length);
   if (!extents.ok()) {
     BR_LOG_ERROR("nbd", "client {} ({}): BLOCK_STATUS at {}+{} failed: {}", id_,
                  peer_, r.offset, r.length, extents.status().ToString());
     SendError(r, ToNbdError(extents.status()), extents.status().message());
-    co_return;
+    return;
   }
   std::vector<StatusExtent> wire;
   const bool req_one = r.flags & kCmdFlagReqOne;
@@ -366,19 +387,13 @@ asio::awaitable<void> Session::HandleBlockStatus(const Request& r) {
   }
   Bytes reply;
   AppendBlockStatusChunk(reply, r.cookie, kBaseAllocationId, wire);
-  Send(std::move(reply));
-}
-
-void Session::Send(Bytes header, Bytes data) {
-  if (broken_) return;
-  outbox_.push_back({std::move(header), std::move(data)});
-  outbox_signal_.cancel_one();
+  Send({std::move(reply), {}});
 }
 
 void Session::SendOk(const Request& r) {
   Bytes header;
   AppendSimpleReply(header, 0, r.cookie);
-  Send(std::move(header));
+  Send({std::move(header), {}});
 }
 
 void Session::SendError(const Request& r, uint32_t error,
@@ -391,45 +406,105 @@ void Session::SendError(const Request& r, uint32_t error,
   } else {
     AppendSimpleReply(header, error, r.cookie);
   }
-  Send(std::move(header));
+  Send({std::move(header), {}});
 }
 
-asio::awaitable<void> Session::WriteReplies() {
-  auto self = shared_from_this();
-  std::vector<OutMessage> batch;
-  std::vector<asio::const_buffer> buffers;
+void Session::Send(OutMessage message) {
+  {
+    std::lock_guard lock(out_mu_);
+    if (broken_.load()) return;
+    outbox_.push_back(std::move(message));
+    if (sending_) return;  // the current sender will pick it up
+    sending_ = true;
+  }
+  if (SendQueuedNow()) return;
+  // The socket is full: the network thread finishes the job asynchronously.
+  asio::co_spawn(socket_.get_executor(), AsyncDrain(), asio::detached);
+}
+
+bool Session::SendQueuedNow() {
+  std::vector<iovec> iov;
   for (;;) {
-    if (outbox_.empty()) {
-      if (stopping_ && in_flight_ == 0) break;
-      co_await outbox_signal_.async_wait(kTuple);
-      continue;
-    }
-    batch.clear();
-    buffers.clear();
-    while (!outbox_.empty() && batch.size() < kMaxBatchMessages) {
-      batch.push_back(std::move(outbox_.front()));
-      outbox_.pop_front();
-    }
-    for (const auto& m : batch) {
-      buffers.push_back(asio::buffer(m.header));
-      if (!m.data.empty()) buffers.push_back(asio::buffer(m.data));
-    }
-    auto [ec, n] = co_await asio::async_write(socket_, buffers, kTuple);
-    if (ec) {
-      if (ec != asio::error::broken_pipe && ec != asio::error::connection_reset) {
-        BR_LOG_WARN("nbd", "client {} ({}): write failed: {}", id_, peer_,
-                    ec.message());
+    iov.clear();
+    {
+      std::lock_guard lock(out_mu_);
+      if (outbox_.empty() || broken_.load()) {
+        sending_ = false;
+        break;
       }
-      broken_ = true;
-      outbox_.clear();
-      // Unblock the reader so the session can end.
-      asio::error_code ignored;
-      socket_.shutdown(asio::socket_base::shutdown_both, ignored);
+      // The deque's elements stay put while we send unlocked: other threads
+      // only push_back, which does not move existing elements.
+      size_t skip = front_sent_;
+      for (size_t i = 0; i < outbox_.size() && iov.size() + 2 <= kMaxBatchMessages * 2; ++i) {
+        for (Bytes* part : {&outbox_[i].header, &outbox_[i].data}) {
+          if (part->size() <= skip) {
+            skip -= part->size();
+            continue;
+          }
+          iov.push_back({part->data() + skip, part->size() - skip});
+          skip = 0;
+        }
+      }
+    }
+    msghdr msg{};
+    msg.msg_iov = iov.data();
+    msg.msg_iovlen = iov.size();
+    ssize_t n = ::sendmsg(socket_.native_handle(), &msg,
+                          MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+      if (errno != EPIPE && errno != ECONNRESET) {
+        BR_LOG_WARN("nbd", "client {} ({}): send failed: {}", id_, peer_,
+                    std::strerror(errno));
+      }
+      MarkBroken();
       break;
     }
+    std::lock_guard lock(out_mu_);
+    size_t sent = front_sent_ + static_cast<size_t>(n);
+    while (!outbox_.empty() && sent >= MessageBytes(outbox_.front())) {
+      sent -= MessageBytes(outbox_.front());
+      outbox_.pop_front();
+    }
+    front_sent_ = sent;
   }
-  writer_done_ = true;
-  capacity_signal_.cancel();
+  WakeReader();
+  return true;
+}
+
+asio::awaitable<void> Session::AsyncDrain() {
+  auto self = shared_from_this();
+  // Wait until the socket can take more, then go back to sending without
+  // blocking; repeat until the outbox is empty.
+  for (;;) {
+    auto [ec] = co_await socket_.async_wait(asio::socket_base::wait_write,
+                                            kTuple);
+    if (ec) {
+      MarkBroken();
+      {
+        std::lock_guard lock(out_mu_);
+        sending_ = false;
+      }
+      WakeReader();
+      co_return;
+    }
+    if (SendQueuedNow()) co_return;
+  }
+}
+
+// REQUIRES: called by the current sender (nobody else touches outbox_
+// elements outside the lock).
+void Session::MarkBroken() {
+  {
+    std::lock_guard lock(out_mu_);
+    broken_.store(true);
+    outbox_.clear();
+    front_sent_ = 0;
+    sending_ = false;  // only the sender calls this
+  }
+  // Ends the reader's pending recv so the session can finish.
+  ::shutdown(socket_.native_handle(), SHUT_RDWR);
 }
 
 }  // namespace blockrelay::nbd

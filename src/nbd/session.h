@@ -1,17 +1,22 @@
 // Session: one NBD client connection, from greeting to close.
 //
-// Executor rule: all members are touched only on the server's io_context
-// thread. Blocking storage calls go to the IoExecutor; their results come
-// back to this thread. The reader coroutine owns receiving; the writer
-// coroutine owns sending and drains a queue of replies, sending whatever has
-// gathered in one gathered write (chat_server.cpp's pattern), so replies leave
-// out of order as requests finish.
+// Threads: the handshake and the request reader run as coroutines on the
+// server's io_context thread, which alone reads from the socket. Each request
+// is then carried out on an IoExecutor pool thread, which also sends its reply
+// straight away: a reply costs no hop back to the network thread. Replies are
+// serialised by out_mu_: whichever thread finds no send in progress becomes
+// the sender and writes everything queued (several replies in one sendmsg);
+// if the socket is full it hands the rest to an async writer on the network
+// thread. Replies leave out of order, as requests finish.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include <asio/awaitable.hpp>
 #include <asio/generic/stream_protocol.hpp>
@@ -38,7 +43,7 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::awaitable<void> Run();
 
   // Graceful stop: no new requests are read; requests in flight finish and
-  // their replies are sent; then the connection closes.
+  // their replies are sent; then the connection closes. Network thread only.
   void RequestStop();
 
   uint64_t id() const { return id_; }
@@ -51,17 +56,30 @@ class Session : public std::enable_shared_from_this<Session> {
 
   asio::awaitable<bool> Handshake();
   asio::awaitable<void> ReadRequests();
-  asio::awaitable<void> WriteReplies();
-  asio::awaitable<void> Handle(Request request, Bytes payload);
-  asio::awaitable<void> HandleRead(const Request& r);
-  asio::awaitable<void> HandleBlockStatus(const Request& r);
+  // Fills `out` from the read buffer and the socket.
+  asio::awaitable<bool> ReadExactly(std::span<std::byte> out);
   // Reads and drops `length` bytes: the payload of a WRITE we refuse.
   asio::awaitable<bool> Discard(uint64_t length);
+  asio::awaitable<void> WaitForWake();
 
-  void Send(Bytes header, Bytes data = {});
+  // Pool thread: carries out one validated request and sends its reply.
+  void Execute(const Request& r, Bytes& payload);
+  void ExecuteRead(const Request& r);
+  void ExecuteBlockStatus(const Request& r);
+
+  // Any thread.
+  void Send(OutMessage message);
   void SendError(const Request& r, uint32_t error, std::string_view reason);
   void SendOk(const Request& r);
   void Finished(size_t payload_bytes);
+  // Wakes the network-thread coroutine if it waits for capacity or drain.
+  void WakeReader();
+  // Sends queued messages without blocking; returns false when the socket
+  // is full and the rest must go through the async writer. REQUIRES: the
+  // caller is the sender.
+  bool SendQueuedNow();
+  asio::awaitable<void> AsyncDrain();
+  void MarkBroken();
 
   Socket socket_;
   const VolumeCatalog& catalog_;
@@ -69,17 +87,27 @@ class Session : public std::enable_shared_from_this<Session> {
   const uint64_t id_;
   const std::string peer_;
 
-  std::shared_ptr<core::Volume> volume_;  // set when transmission starts
+  // Set when transmission starts, constant afterwards.
+  std::shared_ptr<core::Volume> volume_;
   TransmissionState state_;
 
-  std::deque<OutMessage> outbox_;
-  asio::steady_timer outbox_signal_;   // woken by Send() and at close
-  asio::steady_timer capacity_signal_;  // woken when requests finish
-  size_t in_flight_ = 0;
-  size_t in_flight_bytes_ = 0;
-  bool stopping_ = false;       // no more requests will be read
-  bool writer_done_ = false;    // writer exited (error or drained at stop)
-  bool broken_ = false;         // socket failed; nothing more can be sent
+  // Read side: network thread only.
+  std::vector<std::byte> read_buffer_;
+  size_t read_pos_ = 0;
+  size_t read_end_ = 0;
+  bool stopping_ = false;
+  asio::steady_timer wake_;
+
+  std::atomic<size_t> in_flight_{0};
+  std::atomic<size_t> in_flight_bytes_{0};
+  std::atomic<bool> reader_waiting_{false};
+  std::atomic<bool> broken_{false};
+
+  std::mutex out_mu_;
+  std::deque<OutMessage> outbox_;  // GUARDED_BY(out_mu_)
+  // Bytes of outbox_.front() already written.  GUARDED_BY(out_mu_)
+  size_t front_sent_ = 0;
+  bool sending_ = false;  // GUARDED_BY(out_mu_)
 };
 
 }  // namespace blockrelay::nbd

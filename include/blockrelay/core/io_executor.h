@@ -53,6 +53,10 @@ class IoExecutor {
         asio::use_awaitable, std::move(fn));
   }
 
+  // For callers that post plain functions instead of awaiting (the NBD
+  // session replies straight from the pool thread).
+  asio::thread_pool::executor_type executor() { return pool_.get_executor(); }
+
   // Waits for queued work to finish and joins the threads.
   void Stop() {
     pool_.join();
