@@ -59,6 +59,19 @@ Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
   return s;
 }
 
+std::optional<Status> Volume::TryWriteWithoutWaiting(
+    uint64_t offset, std::span<const std::byte> data) {
+  if (!store_->WritesAreBuffered()) return std::nullopt;
+  return Write(offset, data, /*fua=*/false);
+}
+
+bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
+  if (!store_->ReadIfCached(offset, out)) return false;
+  ++reads_;
+  bytes_read_ += out.size();
+  return true;
+}
+
 Status Volume::Trim(uint64_t offset, uint64_t length, bool fua) {
   if (Status s = CheckWritable(); !s.ok()) return s;
   Status s = store_->Trim(offset, length, fua);

@@ -36,6 +36,9 @@ constexpr size_t kMaxInFlightBytes = 256u << 20;
 constexpr size_t kReadBufferBytes = 256u << 10;
 constexpr size_t kDirectReadBytes = 64u << 10;
 
+// Largest request TryExecuteInline() considers.
+constexpr uint32_t kInlineMaxBytes = 64u << 10;
+
 // Replies gathered into one sendmsg at most (IOV_MAX is 1024).
 constexpr size_t kMaxBatchMessages = 256;
 
@@ -277,6 +280,17 @@ asio::awaitable<void> Session::ReadRequests() {
             ? r.length : 0;
     in_flight_.fetch_add(1);
     in_flight_bytes_.fetch_add(accounted);
+    // With nothing else in flight, a small request is cheaper to carry out
+    // here than to hand to a pool thread and wake it (the hop is most of a
+    // QD1 request's latency). Only what cannot wait on the disk qualifies:
+    // a buffered write without FUA whose scoreboard bits are already
+    // durable, or a read the page cache holds. Everything else, and every
+    // request while others are in flight, goes to the pool.
+    if (in_flight_.load() == 1 && r.length <= kInlineMaxBytes &&
+        TryExecuteInline(r, payload)) {
+      Finished(accounted);
+      continue;
+    }
     asio::post(io_.executor(),
                [self, r, accounted, payload = std::move(payload)]() mutable {
                  self->Execute(r, payload);
@@ -289,6 +303,29 @@ void Session::Finished(size_t payload_bytes) {
   in_flight_bytes_.fetch_sub(payload_bytes);
   in_flight_.fetch_sub(1);
   WakeReader();
+}
+
+bool Session::TryExecuteInline(const Request& r, const Bytes& payload) {
+  if (r.flags & kCmdFlagFua) return false;
+  if (r.type == static_cast<uint16_t>(Command::kWrite)) {
+    auto s = volume_->TryWriteWithoutWaiting(r.offset, payload);
+    if (!s) return false;
+    if (s->ok()) {
+      SendOk(r);
+    } else {
+      BR_LOG_ERROR("nbd", "client {} ({}): WRITE at {}+{} failed: {}", id_,
+                   peer_, r.offset, r.length, s->ToString());
+      SendError(r, ToNbdError(*s), s->message());
+    }
+    return true;
+  }
+  if (r.type == static_cast<uint16_t>(Command::kRead)) {
+    Bytes data(r.length);
+    if (!volume_->ReadIfCached(r.offset, data)) return false;
+    SendReadData(r, std::move(data));
+    return true;
+  }
+  return false;
 }
 
 void Session::Execute(const Request& r, Bytes& payload) {
@@ -342,6 +379,10 @@ void Session::ExecuteRead(const Request& r) {
     SendError(r, ToNbdError(s), s.message());
     return;
   }
+  SendReadData(r, std::move(data));
+}
+
+void Session::SendReadData(const Request& r, Bytes data) {
   Bytes header;
   if (state_.structured_replies) {
     if (r.length == 0) {

@@ -1,8 +1,10 @@
 // Session: one NBD client connection, from greeting to close.
 //
 // Threads: the handshake and the request reader run as coroutines on the
-// server's io_context thread, which alone reads from the socket. Each request
-// is then carried out on an IoExecutor pool thread, which also sends its reply
+// server's io_context thread, which alone reads from the socket. A small
+// request that cannot block (see TryExecuteInline) is carried out right there
+// when nothing else is in flight; every other request is carried out on an
+// IoExecutor pool thread, which also sends its reply
 // straight away: a reply costs no hop back to the network thread. Replies are
 // serialised by out_mu_: whichever thread finds no send in progress becomes
 // the sender and writes everything queued (several replies in one sendmsg);
@@ -65,12 +67,16 @@ class Session : public std::enable_shared_from_this<Session> {
   // Pool thread: carries out one validated request and sends its reply.
   void Execute(const Request& r, Bytes& payload);
   void ExecuteRead(const Request& r);
+  // Network thread: carries out `r` at once if that cannot block on the
+  // disk; false (nothing done) otherwise.
+  bool TryExecuteInline(const Request& r, const Bytes& payload);
   void ExecuteBlockStatus(const Request& r);
 
   // Any thread.
   void Send(OutMessage message);
   void SendError(const Request& r, uint32_t error, std::string_view reason);
   void SendOk(const Request& r);
+  void SendReadData(const Request& r, Bytes data);
   void Finished(size_t payload_bytes);
   // Wakes the network-thread coroutine if it waits for capacity or drain.
   void WakeReader();

@@ -171,6 +171,14 @@ class FileBlockStore final : public BlockStore {
     return extents;
   }
 
+  bool ReadIfCached(uint64_t offset, std::span<std::byte> out) override {
+    iovec iov{out.data(), out.size()};
+    ssize_t n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    return n == static_cast<ssize_t>(out.size());
+  }
+
+  bool WritesAreBuffered() const override { return !is_block_; }
+
   bool CanTrim() const override { return can_trim_; }
   bool CanFastZero() const override { return true; }
 

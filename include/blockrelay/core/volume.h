@@ -59,6 +59,15 @@ class Volume {
   Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
                      bool fast_only, bool fua);
   Status Flush();
+
+  // For the network thread, which must not wait on the disk: carries out a
+  // write without FUA only when that cannot block (buffered store, volume
+  // writable, scoreboard bits already durable). nullopt: nothing was done,
+  // use Write() on a pool thread.
+  std::optional<Status> TryWriteWithoutWaiting(uint64_t offset,
+                                               std::span<const std::byte> data);
+  // Reads only from the page cache; false: nothing read, use Read().
+  bool ReadIfCached(uint64_t offset, std::span<std::byte> out);
   Status Cache(uint64_t offset, uint64_t length);
   Result<std::vector<storage::Extent>> BlockStatus(uint64_t offset,
                                                    uint64_t length);

@@ -56,6 +56,17 @@ class BlockStore {
   virtual Result<std::vector<Extent>> BlockStatus(uint64_t offset,
                                                   uint64_t length) = 0;
 
+  // Reads `out` only if that needs no disk access (page-cache hit): true
+  // with `out` filled, false with nothing promised. Never blocks on I/O.
+  // Errors also return false; the caller then does a normal Read().
+  virtual bool ReadIfCached(uint64_t offset, std::span<std::byte> out) {
+    return false;
+  }
+
+  // Whether a Write() without FUA only copies into a cache (a buffered
+  // file) rather than waiting for the device.
+  virtual bool WritesAreBuffered() const { return false; }
+
   // Whether Trim releases space (false for stores that ignore it).
   virtual bool CanTrim() const = 0;
   // Whether WriteZeroes(fast_only=true) can ever succeed.
