@@ -10,7 +10,8 @@ std::string FormatBytes(uint64_t bytes) {
   static const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
   double value = static_cast<double>(bytes);
   size_t unit = 0;
-  while (value >= 1024 && unit + 1 < std::size(kUnits)) {
+  // 1023.95 and up would print as "1024.0": show the next unit instead.
+  while (value >= 1023.95 && unit + 1 < std::size(kUnits)) {
     value /= 1024;
     ++unit;
   }
@@ -75,11 +76,18 @@ std::string FormatStatus(const nlohmann::json& status) {
   std::vector<std::vector<std::string>> links = {
       {"GROUP", "VOLUME", "LINK", "MODE", "STATE", "DIRTY REGIONS",
        "DIRTY BYTES"}};
+  // Entries of an unexpected type (a newer or broken daemon) are skipped:
+  // nlohmann's value() throws on them, which would abort the CLI.
   for (const auto& g : status["groups"]) {
+    if (!g.is_object()) continue;
     for (const auto& v : g.value("volumes", nlohmann::json::array())) {
+      if (!v.is_object()) continue;
+      const bool read_only =
+          v.contains("read_only") && v["read_only"].is_boolean() &&
+          v["read_only"].get<bool>();
       std::string state = v.contains("error") ? "FAILED: " + Str(v, "error")
-                          : v.value("read_only", false) ? "read-only"
-                                                        : "read-write";
+                          : read_only ? "read-only"
+                                      : "read-write";
       volumes.push_back({Str(g, "name"), Str(g, "role"), Str(v, "name"),
                          FormatBytes(U64(v, "size_bytes")),
                          Str(v, "nbd_clients", "0"),
@@ -87,6 +95,7 @@ std::string FormatStatus(const nlohmann::json& status) {
                          FormatBytes(U64(v, "bytes_written")), state,
                          Str(v, "backing")});
       for (const auto& l : v.value("links", nlohmann::json::array())) {
+        if (!l.is_object()) continue;
         links.push_back({Str(g, "name"), Str(v, "name"), Str(l, "site"),
                          Str(l, "mode"), Str(l, "state"),
                          Str(l, "dirty_regions", "0"),
