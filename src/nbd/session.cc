@@ -332,6 +332,17 @@ void Session::Execute(const Request& r, Bytes& payload) {
   core::Volume& volume = *volume_;
   const bool fua = r.flags & kCmdFlagFua;
   Status s;
+  // ValidateRequest() accepts zero-length TRIM, WRITE_ZEROES and CACHE; they
+  // change nothing. The store must not see them: fallocate() fails a length
+  // of 0 with EINVAL and posix_fadvise() takes it as "to the end of file".
+  const bool no_op = r.length == 0 &&
+                     (r.type == static_cast<uint16_t>(Command::kTrim) ||
+                      r.type == static_cast<uint16_t>(Command::kWriteZeroes) ||
+                      r.type == static_cast<uint16_t>(Command::kCache));
+  if (no_op) {
+    SendOk(r);
+    return;
+  }
   switch (static_cast<Command>(r.type)) {
     case Command::kRead:
       ExecuteRead(r);

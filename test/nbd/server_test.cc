@@ -783,14 +783,13 @@ TEST_CASE_METHOD(ServerTest,
   StopCleanly();
 }
 
-// Goal: ValidateRequest() accepts zero-length TRIM and WRITE_ZEROES, but the
-// file store passes length 0 to fallocate(), which fails with EINVAL: the
-// client gets EINVAL, the daemon logs an ERROR and counts a volume error.
-// Marked !mayfail until the store (or the session) treats length 0 as a
-// no-op; see the report of the NBD test work.
+// Goal: ValidateRequest() accepts zero-length TRIM and WRITE_ZEROES; they
+// must not reach fallocate(), which fails a length of 0 with EINVAL (the
+// client got EINVAL, and the daemon logged an ERROR and counted a volume
+// error for a valid request).
 TEST_CASE_METHOD(ServerTest,
                  "Session: zero-length TRIM and WRITE_ZEROES succeed",
-                 "[nbd-server][!mayfail]") {
+                 "[nbd-server]") {
   Start();
   auto h = ConnectStrictOff();
   CHECK(testutil::Trim(h.get(), 0, 4096) == 0);
