@@ -80,7 +80,9 @@ struct Scoreboard::Impl {
   explicit Impl(ScoreboardStart& start);
   ~Impl();
 
-  Status MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq_out);
+  // nullopt only when !may_block and metadata I/O would be needed.
+  std::optional<Status> MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq_out,
+                                  bool may_block);
   uint64_t MarkClean(uint32_t slot, uint64_t offset, uint64_t length, WriteSeq as_of);
   Status FlushBitmaps();
   Status Close();
@@ -267,7 +269,8 @@ bool Scoreboard::Impl::TrySetViaHotExtent(uint64_t extent, uint64_t first, uint6
   return hot;
 }
 
-Status Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq_out) {
+std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t length,
+                                                  WriteSeq* seq_out, bool may_block) {
   if (failed.load(std::memory_order_relaxed)) return FailureStatus();
   if (closed.load(std::memory_order_relaxed)) {
     return Status::Aborted(fmt::format("scoreboard {} is closed", path));
@@ -284,7 +287,9 @@ Status Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t length, WriteSeq* s
   const uint64_t e0 = first / g.regions_per_extent;
   const uint64_t e1 = last / g.regions_per_extent;
   // The seq goes in before the bits are read: MarkClean clears bits and then
-  // reads the seq, so one of us sees the other (see MarkClean).
+  // reads the seq, so one of us sees the other (see MarkClean). A
+  // non-blocking call that gives up has bumped seqs for nothing, which only
+  // makes a clear more cautious.
   for (uint64_t e = e0; e <= e1; ++e) BumpExtentSeq(e, seq);
 
   // Fast path: set bits are durable bits.
@@ -296,7 +301,10 @@ Status Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t length, WriteSeq* s
     uint64_t b = std::min(last, ExtentLastRegion(e));
     if (!AllSlotsSet(a, b)) need.push_back(static_cast<uint32_t>(e));
   }
-  if (need.size() > direct_threshold) return DirectMark(first, last);
+  if (need.size() > direct_threshold) {
+    if (!may_block) return std::nullopt;
+    return DirectMark(first, last);
+  }
   while (true) {
     std::vector<uint32_t> pending;
     for (uint32_t e : need) {
@@ -305,6 +313,9 @@ Status Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t length, WriteSeq* s
       if (!TrySetViaHotExtent(e, a, b)) pending.push_back(e);
     }
     if (pending.empty()) return Status::OK();
+    // Bits set above through hot extents are durable, so giving up here
+    // leaves nothing to undo.
+    if (!may_block) return std::nullopt;
     Status s = GroupCommit(pending);
     if (!s.ok()) return s;
     // Normally all hot now; an extent evicted again by a later commit
@@ -589,7 +600,12 @@ Status Scoreboard::Impl::Close() {
   if (failed.load()) return FailureStatus();
   Status s = WritePagesLocked(UnflushedPages(), nullptr);
   if (!s.ok()) return s;
-  // Every set bit is on disk now, so the intent log adds nothing.
+  // Every set bit is on disk now, so the intent log adds nothing: empty it
+  // (for inspect's sake) and say so in the superblock, one sync for both.
+  s = WriteIntentRecordLocked({}, /*sync=*/false);
+  if (!s.ok()) return s;
+  hot.clear();
+  hot_count.store(0);
   format::Superblock sb = superblock;
   sb.clean_shutdown = true;
   return WriteSuperblockLocked(std::move(sb));
@@ -706,7 +722,11 @@ uint64_t Scoreboard::intent_extent_bytes() const { return impl_->g.intent_extent
 const std::vector<ScoreboardSlot>& Scoreboard::slots() const { return impl_->slots; }
 
 Status Scoreboard::MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq) {
-  return impl_->MarkDirty(offset, length, seq);
+  return *impl_->MarkDirty(offset, length, seq, /*may_block=*/true);
+}
+
+std::optional<Status> Scoreboard::TryMarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq) {
+  return impl_->MarkDirty(offset, length, seq, /*may_block=*/false);
 }
 
 WriteSeq Scoreboard::CurrentWriteSeq() const { return impl_->write_seq.load(); }

@@ -64,6 +64,27 @@ TEST_CASE("Scoreboard: writes into a hot extent or a dirty region cost no metada
   CHECK(fx.env.sync_count() == syncs + 1);
 }
 
+TEST_CASE("Scoreboard: TryMarkDirty works without metadata I/O or declines", "[scoreboard]") {
+  VolumeFixture fx;
+  auto meta = fx.OpenOk(fx.Options());
+  Scoreboard& sb = meta->scoreboard();
+  uint64_t syncs = fx.env.sync_count();
+  CHECK_FALSE(sb.TryMarkDirty(0, 4096).has_value());  // extent 0 is cold
+  CHECK_FALSE(sb.IsDirty(0, 0));
+  REQUIRE(sb.MarkDirty(0, 4096).ok());
+  syncs = fx.env.sync_count();
+  auto hot = sb.TryMarkDirty(65536, 4096);  // same extent, new region
+  REQUIRE(hot.has_value());
+  CHECK(hot->ok());
+  CHECK(sb.IsDirty(0, 1));
+  CHECK(fx.env.sync_count() == syncs);
+  fx.env.FailNth(FaultOp::kSync, 1, EIO);
+  CHECK(sb.MarkDirty(8 * kMiB, 1).IsIOError());
+  auto failed = sb.TryMarkDirty(0, 1);
+  REQUIRE(failed.has_value());
+  CHECK(failed->IsIOError());
+}
+
 TEST_CASE("Scoreboard: with no downstream link nothing is tracked", "[scoreboard]") {
   VolumeFixture fx;
   auto meta = fx.OpenOk(fx.Options(64 * kMiB, 64 * kKiB, {}));

@@ -117,6 +117,14 @@ class Scoreboard {
   // IOError (sticky) when metadata cannot be written; Aborted after Close().
   Status MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq = nullptr);
 
+  // MarkDirty for a thread that must not wait on the disk (the network
+  // thread): does the whole job when no metadata I/O is needed (every bit
+  // already set, or all its intent extents hot) and returns its Status.
+  // Returns nullopt when a metadata write would be needed; the caller then
+  // calls MarkDirty on a storage thread. Never blocks on I/O (it may briefly
+  // take the lock that allocates a bitmap page).
+  std::optional<Status> TryMarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq = nullptr);
+
   // The WriteSeq of the latest MarkDirty that has started.
   WriteSeq CurrentWriteSeq() const;
 
