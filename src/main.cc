@@ -18,6 +18,7 @@
 #include "blockrelay/config/site_config.h"
 #include "blockrelay/control/control_client.h"
 #include "control/status_format.h"
+#include "blockrelay/storage/inspect.h"
 #include "site/site.h"
 #include "util/logging.h"
 
@@ -136,6 +137,22 @@ int ShowStatus(const std::string& config_path, const std::string& socket,
   return kExitOk;
 }
 
+int Inspect(const std::string& config_path, bool json) {
+  auto config = config::LoadSiteConfig(config_path);
+  if (!config.ok()) return ConfigError(config.status());
+  auto report = storage::InspectVolumeMetadata(*config);
+  if (!report.ok()) {
+    fmt::print(stderr, "blockrelay: {}\n", report.status().message());
+    return kExitFailed;
+  }
+  if (json) {
+    fmt::print("{}\n", report->dump(2));
+  } else {
+    fmt::print("{}", storage::RenderInspectText(*report));
+  }
+  return kExitOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -166,6 +183,14 @@ int main(int argc, char** argv) {
       ->excludes(status_config_opt);
   status->add_flag("--json", status_json, "Print the raw JSON reply");
 
+  std::string inspect_config;
+  bool inspect_json = false;
+  auto* inspect = app.add_subcommand(
+      "inspect", "Print the metadata in data_dir (the daemon must be stopped)");
+  inspect->add_option("--config,-c", inspect_config, "Site configuration file")
+      ->required();
+  inspect->add_flag("--json", inspect_json, "Print JSON");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -187,5 +212,6 @@ int main(int argc, char** argv) {
   if (*run) return RunDaemon(config_path);
   if (*check) return CheckConfig(check_path);
   if (*status) return ShowStatus(status_config, status_socket, status_json);
+  if (*inspect) return Inspect(inspect_config, inspect_json);
   return kExitUsage;
 }

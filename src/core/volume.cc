@@ -5,12 +5,44 @@
 namespace blockrelay::core {
 
 Volume::Volume(std::string group, std::string name,
-               std::unique_ptr<storage::BlockStore> store, bool read_only)
+               std::unique_ptr<storage::BlockStore> store,
+               std::unique_ptr<storage::VolumeMetadata> metadata,
+               bool read_only)
     : group_(std::move(group)),
       name_(std::move(name)),
       store_(std::move(store)),
+      metadata_(std::move(metadata)),
+      tracks_writes_(metadata_ && !metadata_->scoreboard().slots().empty()),
       size_bytes_(store_->size_bytes()),
       read_only_(read_only) {}
+
+// The metadata goes first: its destructor may still call flush_backing,
+// which uses the store.
+Volume::~Volume() = default;
+
+Status Volume::MarkDirty(uint64_t offset, uint64_t length) {
+  if (!tracks_writes_ || length == 0) return Status::OK();
+  Status s = metadata_->scoreboard().MarkDirty(offset, length);
+  if (!s.ok()) {
+    ++errors_;
+    return s.WithContext(fmt::format("volume {}: scoreboard", name_));
+  }
+  return s;
+}
+
+Status Volume::FlushScoreboard() {
+  if (!metadata_) return Status::OK();
+  return metadata_->scoreboard().FlushBitmaps();
+}
+
+Status Volume::Close() {
+  if (!metadata_) return Status::OK();
+  if (!read_only()) {
+    Status s = Flush();
+    if (!s.ok()) return s;
+  }
+  return metadata_->Close();
+}
 
 Status Volume::CheckWritable() const {
   if (read_only_.load()) {
@@ -51,6 +83,12 @@ Status Volume::Read(uint64_t offset, std::span<std::byte> out) {
 Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
                      bool fua) {
   if (Status s = CheckWritable(); !s.ok()) return s;
+  if (Status s = MarkDirty(offset, data.size()); !s.ok()) return s;
+  return WriteMarked(offset, data, fua);
+}
+
+Status Volume::WriteMarked(uint64_t offset, std::span<const std::byte> data,
+                           bool fua) {
   Status s = store_->Write(offset, data, fua);
   // A failed FUA write may have left earlier cached writes unsynced too.
   if (!s.ok()) return RecordFailure(std::move(s), fua && !s.IsNoSpace());
@@ -62,7 +100,18 @@ Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
 std::optional<Status> Volume::TryWriteWithoutWaiting(
     uint64_t offset, std::span<const std::byte> data) {
   if (!store_->WritesAreBuffered()) return std::nullopt;
-  return Write(offset, data, /*fua=*/false);
+  if (Status s = CheckWritable(); !s.ok()) return s;
+  // Only the scoreboard's no-wait half may run here: a new intent extent
+  // needs a metadata sync, which belongs on a pool thread.
+  if (tracks_writes_ && data.size() > 0) {
+    auto marked = metadata_->scoreboard().TryMarkDirty(offset, data.size());
+    if (!marked) return std::nullopt;
+    if (!marked->ok()) {
+      ++errors_;
+      return marked->WithContext(fmt::format("volume {}: scoreboard", name_));
+    }
+  }
+  return WriteMarked(offset, data, /*fua=*/false);
 }
 
 bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
@@ -74,6 +123,7 @@ bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
 
 Status Volume::Trim(uint64_t offset, uint64_t length, bool fua) {
   if (Status s = CheckWritable(); !s.ok()) return s;
+  if (Status s = MarkDirty(offset, length); !s.ok()) return s;
   Status s = store_->Trim(offset, length, fua);
   if (!s.ok()) return RecordFailure(std::move(s), false);
   ++trims_;
@@ -83,6 +133,7 @@ Status Volume::Trim(uint64_t offset, uint64_t length, bool fua) {
 Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
                            bool fast_only, bool fua) {
   if (Status s = CheckWritable(); !s.ok()) return s;
+  if (Status s = MarkDirty(offset, length); !s.ok()) return s;
   Status s = store_->WriteZeroes(offset, length, may_trim, fast_only, fua);
   if (!s.ok()) {
     if (s.IsNotSupported()) return s;  // FAST_ZERO refused: nothing written

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
@@ -41,6 +43,11 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
                                          what, dir.string(), ec.message()));
     }
   }
+  // One process per data_dir: two would corrupt each other's metadata.
+  auto lock = io::LockDataDir(io::Env::Default(), site->config_.data_dir.string());
+  if (!lock.ok()) return lock.status().WithContext("data_dir");
+  site->lock_.emplace(std::move(lock).value());
+
   for (size_t g = 0; g < site->config_.groups.size(); ++g) {
     const auto& group = site->config_.groups[g];
     bool read_only = group.role == config::Role::kSecondary;
@@ -54,8 +61,30 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
         return store.status().WithContext(
             fmt::format("groups[{}].volumes[{}] ({})", g, v, vc.name));
       }
+      storage::BlockStore* raw_store = store->get();
+      storage::VolumeMetadataOptions mo;
+      mo.data_dir = site->config_.data_dir.string();
+      mo.group = group.name;
+      mo.volume = vc.name;
+      mo.size_bytes = raw_store->size_bytes();
+      mo.region_size_bytes = group.region_size_bytes;
+      mo.backing_path = vc.path.string();
+      for (const auto& d : group.downstream) {
+        mo.downstream.push_back(
+            {d.site, d.initial_sync == config::InitialSync::kNone});
+      }
+      mo.flush_backing = [raw_store] { return raw_store->Flush(); };
+      auto metadata = storage::VolumeMetadata::Open(mo);
+      if (!metadata.ok()) {
+        return metadata.status().WithContext(
+            fmt::format("groups[{}].volumes[{}] ({}) metadata", g, v, vc.name));
+      }
+      for (const auto& notice : (*metadata)->open_notices()) {
+        BR_LOG_INFO("site", "volume {}: {}", vc.name, notice);
+      }
       site->catalog_.Add(std::make_shared<core::Volume>(
-          group.name, vc.name, std::move(store).value(), read_only));
+          group.name, vc.name, std::move(store).value(),
+          std::move(metadata).value(), read_only));
     }
   }
   site->io_ = std::make_unique<core::IoExecutor>(site->config_.nbd.io_threads);
@@ -72,6 +101,8 @@ Status Site::Start() {
   }
   nbd_server_->Start();
   control_server_->Start();
+  flush_timer_.emplace(ctx_);
+  asio::co_spawn(ctx_, FlushScoreboardsPeriodically(), asio::detached);
   std::string where;
   if (config_.nbd.unix_socket) where += config_.nbd.unix_socket->string();
   if (auto tcp = nbd_server_->tcp_endpoint()) {
@@ -84,20 +115,41 @@ Status Site::Start() {
 }
 
 asio::awaitable<Status> Site::Shutdown() {
+  stopping_ = true;
+  if (flush_timer_) flush_timer_->cancel();
   if (control_server_) control_server_->Stop();
   if (nbd_server_) co_await nbd_server_->Shutdown();
+  // No request is in flight now: flush every volume, then close its
+  // metadata cleanly so the next start need not merge the intent log.
   Status first_error;
   for (const auto& volume : catalog_.volumes()) {
-    if (volume->read_only()) continue;
     core::Volume* v = volume.get();
-    Status s = co_await io_->Run([v] { return v->Flush(); });
+    Status s = co_await io_->Run([v] { return v->Close(); });
     if (!s.ok()) {
-      BR_LOG_ERROR("site", "flush of volume {} at shutdown failed: {}",
+      BR_LOG_ERROR("site", "closing volume {} at shutdown failed: {}",
                    volume->name(), s.ToString());
       if (first_error.ok()) first_error = s;
     }
   }
   co_return first_error;
+}
+
+asio::awaitable<void> Site::FlushScoreboardsPeriodically() {
+  constexpr auto kScoreboardFlushInterval = std::chrono::seconds(5);
+  while (!stopping_) {
+    flush_timer_->expires_after(kScoreboardFlushInterval);
+    auto [ec] = co_await flush_timer_->async_wait(
+        asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec || stopping_) co_return;
+    for (const auto& volume : catalog_.volumes()) {
+      core::Volume* v = volume.get();
+      Status s = co_await io_->Run([v] { return v->FlushScoreboard(); });
+      if (!s.ok()) {
+        BR_LOG_ERROR("site", "volume {}: scoreboard flush failed: {}",
+                     volume->name(), s.ToString());
+      }
+    }
+  }
 }
 
 nlohmann::json Site::StatusJson() const {
@@ -124,6 +176,27 @@ nlohmann::json Site::StatusJson() const {
           {"errors", c.errors},
       };
       if (auto err = v->sticky_error()) vol["error"] = err->message();
+      // Replication is not running yet: every link is in logging mode, its
+      // scoreboard slot collecting the regions the downstream lacks.
+      json vol_links = json::array();
+      if (const auto* sb = v->scoreboard()) {
+        if (Status h = sb->health(); !h.ok()) vol["error"] = h.message();
+        for (const auto& slot : sb->slots()) {
+          auto st = sb->StatsForSlot(slot.slot);
+          const config::DownstreamConfig* dc = nullptr;
+          for (const auto& d : group.downstream) {
+            if (d.site == slot.site) dc = &d;
+          }
+          vol_links.push_back(
+              {{"site", slot.site},
+               {"mode", dc ? config::ToString(dc->mode) : "unknown"},
+               {"state", "logging"},
+               {"dirty_regions", st.dirty_regions},
+               {"dirty_bytes", st.dirty_bytes}});
+        }
+        vol["intent_extents_in_use"] = sb->Stats().intent_extents_in_use;
+      }
+      vol["links"] = std::move(vol_links);
       volumes.push_back(std::move(vol));
     }
     json links = json::array();

@@ -9,16 +9,19 @@
 #pragma once
 
 #include <chrono>
+#include <optional>
 #include <memory>
 #include <vector>
 
 #include <asio/awaitable.hpp>
 #include <asio/io_context.hpp>
+#include <asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
 
 #include "blockrelay/config/site_config.h"
 #include "blockrelay/core/io_executor.h"
 #include "blockrelay/core/volume.h"
+#include "blockrelay/io/data_dir_lock.h"
 #include "blockrelay/status.h"
 #include "control/control_server.h"
 #include "nbd/server.h"
@@ -45,14 +48,20 @@ class Site {
  private:
   Site(config::SiteConfig config, asio::io_context& ctx);
   asio::awaitable<nlohmann::json> HandleControl(const nlohmann::json& request);
+  // Persists scoreboard bitmaps every kScoreboardFlushInterval so a crash
+  // recovers few intent extents.
+  asio::awaitable<void> FlushScoreboardsPeriodically();
 
   config::SiteConfig config_;
+  std::optional<io::DataDirLock> lock_;
   asio::io_context& ctx_;
   std::unique_ptr<core::IoExecutor> io_;
   nbd::VolumeCatalog catalog_;
   std::unique_ptr<nbd::Server> nbd_server_;
   std::unique_ptr<control::ControlServer> control_server_;
   std::chrono::steady_clock::time_point started_;
+  bool stopping_ = false;
+  std::optional<asio::steady_timer> flush_timer_;
 };
 
 }  // namespace blockrelay::site

@@ -2,8 +2,11 @@
 //
 // A write from a local NBD client and (later) a write applied from an
 // upstream site both go through Volume, so a site in the middle of a chain
-// forwards without special code. The volume owns its BlockStore, counts
-// traffic for status, and keeps a sticky error: once a flush of the backing
+// forwards without special code. Every write, trim and zeroing first marks
+// its regions dirty in the scoreboard (one slot per downstream link), and
+// reaches the BlockStore only once those bits are durable (DESIGN.md,
+// Invariant 1). The volume owns its BlockStore and metadata, counts traffic
+// for status, and keeps a sticky error: once a flush of the backing
 // store fails, the page cache may have dropped data we acknowledged, so every
 // later write and flush fails with the same error until an operator restarts
 // the site (LevelDB's background-error rule).
@@ -24,6 +27,7 @@
 
 #include "blockrelay/status.h"
 #include "blockrelay/storage/block_store.h"
+#include "blockrelay/storage/volume_metadata.h"
 
 namespace blockrelay::core {
 
@@ -39,8 +43,12 @@ struct VolumeCounters {
 
 class Volume {
  public:
+  // `metadata` may be null (no scoreboard: tests, or a volume without
+  // metadata); otherwise every write is tracked in its scoreboard.
   Volume(std::string group, std::string name,
-         std::unique_ptr<storage::BlockStore> store, bool read_only);
+         std::unique_ptr<storage::BlockStore> store,
+         std::unique_ptr<storage::VolumeMetadata> metadata, bool read_only);
+  ~Volume();
 
   const std::string& name() const { return name_; }
   const std::string& group() const { return group_; }
@@ -72,6 +80,19 @@ class Volume {
   Result<std::vector<storage::Extent>> BlockStatus(uint64_t offset,
                                                    uint64_t length);
 
+  // Persists the scoreboard's bitmaps (periodically, and when a link goes
+  // down). OK without metadata.
+  Status FlushScoreboard();
+  // Clean shutdown of the metadata: flush the store, then mark the
+  // scoreboard cleanly closed. REQUIRES: no other I/O in progress or after.
+  Status Close();
+
+  // The scoreboard, or nullptr without metadata.
+  const storage::Scoreboard* scoreboard() const {
+    return metadata_ ? &metadata_->scoreboard() : nullptr;
+  }
+  const storage::VolumeMetadata* metadata() const { return metadata_.get(); }
+
   VolumeCounters counters() const;
   // The sticky error, if a flush failed.
   std::optional<Status> sticky_error() const;
@@ -83,11 +104,18 @@ class Volume {
 
  private:
   Status CheckWritable() const;
+  // Scoreboard bits for [offset, offset+length) durable in every slot.
+  Status MarkDirty(uint64_t offset, uint64_t length);
+  // The store write, once the scoreboard bits are durable.
+  Status WriteMarked(uint64_t offset, std::span<const std::byte> data, bool fua);
   Status RecordFailure(Status s, bool sticky);
 
   const std::string group_;
   const std::string name_;
   const std::unique_ptr<storage::BlockStore> store_;
+  const std::unique_ptr<storage::VolumeMetadata> metadata_;
+  // Whether any downstream slot exists: without one there is nothing to mark.
+  const bool tracks_writes_;
   const uint64_t size_bytes_;
   std::atomic<bool> read_only_;
   std::atomic<int> nbd_clients_{0};
