@@ -171,7 +171,24 @@ asio::awaitable<void> Server::Shutdown() {
   for (auto& [id, weak] : sessions_) {
     if (auto s = weak.lock()) s->RequestStop();
   }
+  // Sessions finish their requests and send the replies. A client that does
+  // not read its replies would hold us forever: after a grace period the
+  // remaining sessions are cut (their requests still complete on disk).
+  constexpr auto kGracePeriod = std::chrono::seconds(10);
+  auto deadline = std::chrono::steady_clock::now() + kGracePeriod;
+  bool aborted = false;
   while (!sessions_.empty()) {
+    if (!aborted && std::chrono::steady_clock::now() >= deadline) {
+      BR_LOG_WARN("nbd", "{} client(s) still not done {} s after shutdown "
+                  "began; disconnecting them",
+                  sessions_.size(), kGracePeriod.count());
+      for (auto& [id, weak] : sessions_) {
+        if (auto s = weak.lock()) s->Abort();
+      }
+      aborted = true;
+    }
+    sessions_changed_.expires_at(aborted ? asio::steady_timer::time_point::max()
+                                         : deadline);
     co_await sessions_changed_.async_wait(kTuple);
   }
 }

@@ -66,6 +66,11 @@ void Session::RequestStop() {
   if (!volume_) socket_.close(ec);  // still negotiating: nothing to finish
 }
 
+void Session::Abort() {
+  RequestStop();
+  ::shutdown(socket_.native_handle(), SHUT_RDWR);
+}
+
 asio::awaitable<void> Session::Run() {
   auto self = shared_from_this();
   bool transmission = false;
@@ -230,7 +235,7 @@ asio::awaitable<void> Session::ReadRequests() {
     for (;;) {
       reader_waiting_.store(true);
       if (in_flight_.load() < kMaxInFlightRequests &&
-          in_flight_bytes_.load() < kMaxInFlightBytes) {
+          in_flight_bytes_.load() + unsent_bytes_.load() < kMaxInFlightBytes) {
         break;
       }
       co_await WaitForWake();
@@ -465,6 +470,7 @@ void Session::Send(OutMessage message) {
   {
     std::lock_guard lock(out_mu_);
     if (broken_.load()) return;
+    unsent_bytes_.fetch_add(MessageBytes(message));
     outbox_.push_back(std::move(message));
     if (sending_) return;  // the current sender will pick it up
     sending_ = true;
@@ -517,6 +523,7 @@ bool Session::SendQueuedNow() {
     size_t sent = front_sent_ + static_cast<size_t>(n);
     while (!outbox_.empty() && sent >= MessageBytes(outbox_.front())) {
       sent -= MessageBytes(outbox_.front());
+      unsent_bytes_.fetch_sub(MessageBytes(outbox_.front()));
       outbox_.pop_front();
     }
     front_sent_ = sent;
@@ -551,6 +558,7 @@ void Session::MarkBroken() {
   {
     std::lock_guard lock(out_mu_);
     broken_.store(true);
+    for (const auto& m : outbox_) unsent_bytes_.fetch_sub(MessageBytes(m));
     outbox_.clear();
     front_sent_ = 0;
     sending_ = false;  // only the sender calls this

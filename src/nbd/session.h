@@ -48,6 +48,11 @@ class Session : public std::enable_shared_from_this<Session> {
   // their replies are sent; then the connection closes. Network thread only.
   void RequestStop();
 
+  // Hard stop, for a client that does not read its replies: shuts the
+  // socket down so pending sends fail. Requests already running still
+  // finish (their writes land); their replies are dropped.
+  void Abort();
+
   uint64_t id() const { return id_; }
 
  private:
@@ -106,6 +111,10 @@ class Session : public std::enable_shared_from_this<Session> {
 
   std::atomic<size_t> in_flight_{0};
   std::atomic<size_t> in_flight_bytes_{0};
+  // Reply bytes queued but not yet written to the socket. They count
+  // against kMaxInFlightBytes too: a client that stops reading must not
+  // make us buffer its READ replies without bound.
+  std::atomic<size_t> unsent_bytes_{0};
   std::atomic<bool> reader_waiting_{false};
   std::atomic<bool> broken_{false};
 
