@@ -57,6 +57,9 @@ br_init() {
   need_cmd timeout python3 jq
   BR_TMP=$(mktemp -d -t "br-$BR_TEST_NAME.XXXXXX") || die "mktemp failed"
   BR_LOG=$BR_TMP/daemon.log
+  # Work inside the temp dir, so that files clients leave in their working
+  # directory (fio's *-verify.state) go away with it.
+  cd "$BR_TMP" || die "cd $BR_TMP failed"
   trap br_cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
@@ -80,6 +83,7 @@ br_cleanup() {
   fi
   # --one-file-system: never descend into something still mounted in here.
   if [ -n "${BR_TMP:-}" ] && [ -d "$BR_TMP" ]; then
+    cd / || true
     rm -rf --one-file-system "$BR_TMP" 2>/dev/null || log "could not remove $BR_TMP completely"
   fi
   exit "$rc"
