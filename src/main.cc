@@ -1,5 +1,6 @@
 // blockrelay: the command line. Subcommands map to the DESIGN.md CLI
 // contract. Exit codes: 0 done, 1 failed, 2 usage or config error.
+#include <malloc.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -42,6 +43,11 @@ int RunDaemon(const std::string& config_path) {
     return ConfigError(s);
   }
   ::signal(SIGPIPE, SIG_IGN);
+  // Request buffers of up to 64 MiB are allocated and freed per request on
+  // different threads. glibc would mmap/munmap each one (page faults, and
+  // TLB shootdowns across threads); keep them in the heap instead.
+  ::mallopt(M_MMAP_THRESHOLD, 128 << 20);
+  ::mallopt(M_TRIM_THRESHOLD, 256 << 20);
   asio::io_context ctx(1);
   auto site = site::Site::Open(std::move(config).value(), ctx);
   if (!site.ok()) {

@@ -128,9 +128,13 @@ asio::awaitable<void> Server::AcceptLoop(Acceptor& acceptor, std::string kind) {
       co_await pause.async_wait(kTuple);
       continue;
     }
+    // Big socket buffers let a 1 MiB READ reply or WRITE payload cross in
+    // few system calls (the kernel caps them at net.core.*mem_max).
+    asio::error_code opt_ec;
+    socket.set_option(asio::socket_base::send_buffer_size(4 << 20), opt_ec);
+    socket.set_option(asio::socket_base::receive_buffer_size(4 << 20), opt_ec);
     std::string peer = kind;
     if constexpr (std::is_same_v<Acceptor, asio::ip::tcp::acceptor>) {
-      asio::error_code opt_ec;
       socket.set_option(asio::ip::tcp::no_delay(true), opt_ec);
       auto remote = socket.remote_endpoint(opt_ec);
       if (!opt_ec) {

@@ -203,8 +203,15 @@ asio::awaitable<bool> Session::ReadExactly(std::span<std::byte> out) {
       continue;
     }
     if (out.size() - done >= kDirectReadBytes || read_buffer_.empty()) {
+      // asio's default completion conditions read at most 64 KiB per
+      // recv; ask for everything that is left instead.
+      const size_t want = out.size() - done;
       auto [ec, n] = co_await asio::async_read(
-          socket_, asio::buffer(out.data() + done, out.size() - done), kTuple);
+          socket_, asio::buffer(out.data() + done, want),
+          [want](const asio::error_code& e, size_t total) -> size_t {
+            return e ? 0 : want - total;
+          },
+          kTuple);
       if (ec) co_return false;
       done += n;
       continue;
@@ -271,7 +278,7 @@ asio::awaitable<void> Session::ReadRequests() {
     if (r.type == static_cast<uint16_t>(Command::kDisc)) {
       co_return;  // no reply; Run() drains and closes
     }
-    Bytes payload;
+    DataBuffer payload;
     if (has_payload) {
       payload.resize(r.length);
       if (!co_await ReadExactly(payload)) {
@@ -310,7 +317,7 @@ void Session::Finished(size_t payload_bytes) {
   WakeReader();
 }
 
-bool Session::TryExecuteInline(const Request& r, const Bytes& payload) {
+bool Session::TryExecuteInline(const Request& r, const DataBuffer& payload) {
   if (r.flags & kCmdFlagFua) return false;
   if (r.type == static_cast<uint16_t>(Command::kWrite)) {
     auto s = volume_->TryWriteWithoutWaiting(r.offset, payload);
@@ -325,7 +332,7 @@ bool Session::TryExecuteInline(const Request& r, const Bytes& payload) {
     return true;
   }
   if (r.type == static_cast<uint16_t>(Command::kRead)) {
-    Bytes data(r.length);
+    DataBuffer data(r.length);
     if (!volume_->ReadIfCached(r.offset, data)) return false;
     SendReadData(r, std::move(data));
     return true;
@@ -333,7 +340,7 @@ bool Session::TryExecuteInline(const Request& r, const Bytes& payload) {
   return false;
 }
 
-void Session::Execute(const Request& r, Bytes& payload) {
+void Session::Execute(const Request& r, DataBuffer& payload) {
   core::Volume& volume = *volume_;
   const bool fua = r.flags & kCmdFlagFua;
   Status s;
@@ -387,7 +394,7 @@ void Session::Execute(const Request& r, Bytes& payload) {
 }
 
 void Session::ExecuteRead(const Request& r) {
-  Bytes data(r.length);
+  DataBuffer data(r.length);
   Status s = volume_->Read(r.offset, data);
   if (!s.ok()) {
     BR_LOG_ERROR("nbd", "client {} ({}): READ at {}+{} failed: {}", id_, peer_,
@@ -398,7 +405,7 @@ void Session::ExecuteRead(const Request& r) {
   SendReadData(r, std::move(data));
 }
 
-void Session::SendReadData(const Request& r, Bytes data) {
+void Session::SendReadData(const Request& r, DataBuffer data) {
   Bytes header;
   if (state_.structured_replies) {
     if (r.length == 0) {
@@ -494,12 +501,14 @@ bool Session::SendQueuedNow() {
       // only push_back, which does not move existing elements.
       size_t skip = front_sent_;
       for (size_t i = 0; i < outbox_.size() && iov.size() + 2 <= kMaxBatchMessages * 2; ++i) {
-        for (Bytes* part : {&outbox_[i].header, &outbox_[i].data}) {
-          if (part->size() <= skip) {
-            skip -= part->size();
+        const std::span<std::byte> parts[] = {outbox_[i].header,
+                                               outbox_[i].data};
+        for (std::span<std::byte> part : parts) {
+          if (part.size() <= skip) {
+            skip -= part.size();
             continue;
           }
-          iov.push_back({part->data() + skip, part->size() - skip});
+          iov.push_back({part.data() + skip, part.size() - skip});
           skip = 0;
         }
       }

@@ -34,6 +34,29 @@ namespace blockrelay::nbd {
 
 class VolumeCatalog;
 
+// Allocator that leaves new elements uninitialised: request payloads and
+// read buffers are overwritten at once, and zero-filling a 32 MiB buffer
+// first would cost as much as the copy itself.
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// A data buffer: WRITE payloads and READ replies.
+using DataBuffer = std::vector<std::byte, DefaultInitAllocator<std::byte>>;
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
   using Socket = asio::generic::stream_protocol::socket;
@@ -58,7 +81,7 @@ class Session : public std::enable_shared_from_this<Session> {
  private:
   struct OutMessage {
     Bytes header;
-    Bytes data;  // READ payload, sent after header without a copy
+    DataBuffer data;  // READ payload, sent after header without a copy
   };
 
   asio::awaitable<bool> Handshake();
@@ -70,18 +93,18 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::awaitable<void> WaitForWake();
 
   // Pool thread: carries out one validated request and sends its reply.
-  void Execute(const Request& r, Bytes& payload);
+  void Execute(const Request& r, DataBuffer& payload);
   void ExecuteRead(const Request& r);
   // Network thread: carries out `r` at once if that cannot block on the
   // disk; false (nothing done) otherwise.
-  bool TryExecuteInline(const Request& r, const Bytes& payload);
+  bool TryExecuteInline(const Request& r, const DataBuffer& payload);
   void ExecuteBlockStatus(const Request& r);
 
   // Any thread.
   void Send(OutMessage message);
   void SendError(const Request& r, uint32_t error, std::string_view reason);
   void SendOk(const Request& r);
-  void SendReadData(const Request& r, Bytes data);
+  void SendReadData(const Request& r, DataBuffer data);
   void Finished(size_t payload_bytes);
   // Wakes the network-thread coroutine if it waits for capacity or drain.
   void WakeReader();

@@ -1265,7 +1265,9 @@ TEST_CASE_METHOD(ServerTest,
     last = now;
   }
   REQUIRE(settled);
-  CHECK(last <= 260 * kMiB);
+  // 256 MiB held by the daemon, plus what the kernel's socket buffers took
+  // (the daemon asks for 4 MiB, which Linux doubles).
+  CHECK(last <= (256 + 16) * kMiB);
   CHECK(last >= 128 * kMiB);
 }
 
