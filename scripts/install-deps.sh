@@ -37,7 +37,7 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
-echo "install-deps: installing ${#missing[@]} missing package(s): ${missing[*]}"
+echo "install-deps: ${#missing[@]} package(s) missing: ${missing[*]}"
 
 if [ "$(id -u)" -eq 0 ]; then
   SUDO=()

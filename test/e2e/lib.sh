@@ -109,7 +109,9 @@ br_free_port() {
 # on a Unix socket and on a free TCP port. --secondary adds a second group
 # with role "secondary" (exported read-only) holding volume NAME.
 # Sets BR_PORT, BR_SOCK, BR_VOL, BR_IMG, BR_URI (Unix) and BR_URI_TCP.
+BR_CONFIG_ARGS=()
 br_write_config() {
+  BR_CONFIG_ARGS=("$@")
   local size=256MiB vol=vol sec_name= sec_size=
   while [ $# -gt 0 ]; do
     case $1 in
@@ -158,8 +160,23 @@ br_write_config() {
 br_alive() { [ -n "$BR_PID" ] && kill -0 "$BR_PID" 2>/dev/null; }
 
 # Start the daemon in the background and wait (bounded) until
-# `blockrelay status` answers and the NBD socket exists.
+# `blockrelay status` answers and the NBD socket exists. If the port picked
+# by br_write_config was taken in the meantime (by anything on the machine),
+# write the config again with new ports and retry, a few times.
 br_start() {
+  local attempt
+  for attempt in 1 2 3; do
+    _br_start_once && return 0
+    if [ "$attempt" -lt 3 ] && tail -n 5 "$BR_LOG" | grep -q "Address already in use"; then
+      log "port taken by someone else; new ports, try $((attempt + 1))"
+      br_write_config "${BR_CONFIG_ARGS[@]}"
+      continue
+    fi
+    break
+  done
+  die "daemon did not start (see its log below)"
+}
+_br_start_once() {
   [ -z "$BR_PID" ] || die "br_start: daemon already running (pid $BR_PID)"
   echo "==== blockrelay run --config $BR_CONFIG ($(date +%T)) ====" >>"$BR_LOG"
   "$BR_BIN" run --config "$BR_CONFIG" >>"$BR_LOG" 2>&1 </dev/null &
@@ -170,7 +187,8 @@ br_start() {
     if ! br_alive; then
       wait "$BR_PID"; local rc=$?
       BR_PID=
-      die "daemon exited with status $rc before serving"
+      log "daemon exited with status $rc before serving"
+      return 1
     fi
     if "$BR_BIN" status --config "$BR_CONFIG" --json >"$BR_TMP/status.json" 2>/dev/null &&
        [ -S "$BR_SOCK" ]; then
@@ -179,7 +197,8 @@ br_start() {
     fi
     sleep 0.1
   done
-  die "daemon pid $BR_PID did not serve within ${BR_START_TIMEOUT}s"
+  log "daemon pid $BR_PID did not serve within ${BR_START_TIMEOUT}s"
+  return 1
 }
 
 # Stop the daemon this test started: SIGTERM (or $1), wait up to
