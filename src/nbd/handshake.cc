@@ -34,6 +34,17 @@ Result<bool> CheckClientFlags(uint32_t client_flags) {
   return (client_flags & kClientFlagNoZeroes) != 0;
 }
 
+namespace {
+
+// Appends one option reply (magic, option, type, payload) to `out`.
+void AppendOptionReply(Bytes& out, uint32_t option, uint32_t reply_type,
+                       std::span<const std::byte> payload = {}) {
+  auto reply = EncodeOptionReply(option, reply_type, payload);
+  out.insert(out.end(), reply.begin(), reply.end());
+}
+
+}  // namespace
+
 Negotiator::Negotiator(const ExportCatalog& catalog, bool no_zeroes)
     : catalog_(catalog), no_zeroes_(no_zeroes) {}
 
@@ -49,6 +60,12 @@ Negotiator::Outcome Negotiator::Error(uint32_t option, uint32_t type,
   out.reply = EncodeOptionError(option, type, message);
   out.log = fmt::format("option {} refused: {}", OptionName(option), message);
   return out;
+}
+
+Negotiator::Outcome Negotiator::UnknownExport(uint32_t option,
+                                              const std::string& name) {
+  return Error(option, kRepErrUnknown,
+               fmt::format("no export named \"{}\"", name));
 }
 
 Negotiator::Outcome Negotiator::HandleOversizedOption(uint32_t option,
@@ -98,12 +115,10 @@ Negotiator::Outcome Negotiator::HandleOption(uint32_t option,
       }
       Outcome out;
       for (const auto& e : catalog_.List()) {
-        auto server = EncodeRepServer(e.name, e.description);
-        auto reply = EncodeOptionReply(option, kRepServer, server);
-        out.reply.insert(out.reply.end(), reply.begin(), reply.end());
+        AppendOptionReply(out.reply, option, kRepServer,
+                          EncodeRepServer(e.name, e.description));
       }
-      auto ack = EncodeOptionReply(option, kRepAck);
-      out.reply.insert(out.reply.end(), ack.begin(), ack.end());
+      AppendOptionReply(out.reply, option, kRepAck);
       return out;
     }
     case kOptStartTls:
@@ -140,14 +155,10 @@ Negotiator::Outcome Negotiator::HandleInfoOrGo(
     return Error(option, kRepErrInvalid, request.status().message());
   }
   auto found = catalog_.Find(request->export_name);
-  if (!found) {
-    return Error(option, kRepErrUnknown,
-                 fmt::format("no export named \"{}\"", request->export_name));
-  }
+  if (!found) return UnknownExport(option, request->export_name);
   Outcome out;
   auto append_info = [&](const Bytes& info) {
-    auto reply = EncodeOptionReply(option, kRepInfo, info);
-    out.reply.insert(out.reply.end(), reply.begin(), reply.end());
+    AppendOptionReply(out.reply, option, kRepInfo, info);
   };
   bool sent_name = false, sent_description = false, sent_block_size = false;
   for (uint16_t type : request->info_types) {
@@ -168,8 +179,7 @@ Negotiator::Outcome Negotiator::HandleInfoOrGo(
                                   kMaxPayloadBytes));
   append_info(EncodeInfoExport(found->size_bytes,
                                TransmissionFlags(*found, structured_replies_)));
-  auto ack = EncodeOptionReply(option, kRepAck);
-  out.reply.insert(out.reply.end(), ack.begin(), ack.end());
+  AppendOptionReply(out.reply, option, kRepAck);
   if (option == kOptGo) {
     selected_ = *found;
     out.next = Next::kEnterTransmission;
@@ -194,10 +204,7 @@ Negotiator::Outcome Negotiator::HandleMetaContext(
     return Error(option, kRepErrInvalid, request.status().message());
   }
   auto found = catalog_.Find(request->export_name);
-  if (!found) {
-    return Error(option, kRepErrUnknown,
-                 fmt::format("no export named \"{}\"", request->export_name));
-  }
+  if (!found) return UnknownExport(option, request->export_name);
   bool match = false;
   if (request->queries.empty()) {
     // LIST with no queries means "all contexts"; SET with none selects none.
@@ -208,17 +215,15 @@ Negotiator::Outcome Negotiator::HandleMetaContext(
   }
   Outcome out;
   if (match) {
-    auto ctx = EncodeRepMetaContext(is_set ? kBaseAllocationId : 0,
-                                    kBaseAllocation);
-    auto reply = EncodeOptionReply(option, kRepMetaContext, ctx);
-    out.reply.insert(out.reply.end(), reply.begin(), reply.end());
+    AppendOptionReply(out.reply, option, kRepMetaContext,
+                      EncodeRepMetaContext(is_set ? kBaseAllocationId : 0,
+                                           kBaseAllocation));
   }
   if (is_set) {
     meta_context_export_ = found->name;
     base_allocation_ = match;
   }
-  auto ack = EncodeOptionReply(option, kRepAck);
-  out.reply.insert(out.reply.end(), ack.begin(), ack.end());
+  AppendOptionReply(out.reply, option, kRepAck);
   return out;
 }
 

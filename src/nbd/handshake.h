@@ -84,6 +84,7 @@ class Negotiator {
   Outcome HandleInfoOrGo(uint32_t option, std::span<const std::byte> payload);
   Outcome HandleMetaContext(uint32_t option, std::span<const std::byte> payload);
   Outcome Error(uint32_t option, uint32_t type, std::string message);
+  Outcome UnknownExport(uint32_t option, const std::string& name);
 
   const ExportCatalog& catalog_;
   bool no_zeroes_;
