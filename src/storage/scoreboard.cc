@@ -596,8 +596,9 @@ Status Scoreboard::Impl::FlushBitmaps() {
 
 Status Scoreboard::Impl::Close() {
   std::lock_guard<std::mutex> io_lock(io_mu);
-  if (closed.exchange(true)) return Status::OK();
+  bool again = closed.exchange(true);
   if (failed.load()) return FailureStatus();
+  if (again) return Status::OK();
   Status s = WritePagesLocked(UnflushedPages(), nullptr);
   if (!s.ok()) return s;
   // Every set bit is on disk now, so the intent log adds nothing: empty it

@@ -115,12 +115,15 @@ class FaultFile final : public io::RandomRWFile {
       env_->Log(fmt::format("frozen: discarded sync of {}", path_));
       return Status::OK();
     }
-    std::lock_guard<std::mutex> lock(state_->mu);
-    for (const PendingWrite& w : state_->pending) {
-      s = state_->target_rw->PWrite(w.offset, w.data);
-      if (!s.ok()) return s;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      for (const PendingWrite& w : state_->pending) {
+        s = state_->target_rw->PWrite(w.offset, w.data);
+        if (!s.ok()) return s;
+      }
+      state_->pending.clear();
     }
-    state_->pending.clear();
+    // Lock order: the env's mutex before a file's, never the other way.
     env_->CountSync();
     return target_->Sync();
   }

@@ -88,7 +88,9 @@ class FaultInjectionEnv final : public io::EnvWrapper {
   size_t unsynced_write_count() const;
   std::vector<std::string> InjectionLog() const;
 
-  struct FileState;  // per-path overlay, shared by the open handles
+  // Per-path overlay, shared by the open handles. Lock order: mu_ before a
+  // FileState's mutex.
+  struct FileState;
 
   // Internal: consulted by open files before each operation. Returns a
   // non-OK Status when a fault fires; sets *frozen when the disk is frozen.
