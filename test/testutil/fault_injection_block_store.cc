@@ -153,50 +153,37 @@ void FaultInjectionBlockStore::SetActive(bool active) {
   LogLocked(active ? "device active" : "device frozen");
 }
 
+void FaultInjectionBlockStore::CrashLocked(Survival survival, uint32_t sector_bytes,
+                                           std::mt19937_64* rng) {
+  for (const PendingWrite& w : pending_) {
+    std::string what = ApplySurvivors(
+        w.offset, w.data.size(), survival, sector_bytes, rng, [&](uint64_t lo, uint64_t hi) {
+          ApplyDurableLocked(lo, std::span<const std::byte>(w.data).subspan(lo - w.offset, hi - lo));
+        });
+    if (survival != Survival::kAll) {
+      LogLocked(fmt::format("power loss: write at {}+{}: {}", w.offset, w.data.size(), what));
+    }
+  }
+  pending_.clear();
+}
+
 void FaultInjectionBlockStore::ProcessCrash() {
   std::lock_guard<std::mutex> lock(mu_);
-  for (const PendingWrite& w : pending_) ApplyDurableLocked(w.offset, w.data);
   LogLocked(fmt::format("process crash: {} cached writes kept", pending_.size()));
-  pending_.clear();
+  CrashLocked(Survival::kAll, 0, nullptr);
 }
 
 void FaultInjectionBlockStore::PowerLoss(PowerLossMode mode, std::mt19937_64& rng,
                                          uint32_t sector_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (const PendingWrite& w : pending_) {
-    switch (mode) {
-      case PowerLossMode::kDropAll:
-        LogLocked(fmt::format("power loss: dropped write at {}+{}", w.offset, w.data.size()));
-        break;
-      case PowerLossMode::kDropRandom:
-        if (rng() & 1) {
-          ApplyDurableLocked(w.offset, w.data);
-          LogLocked(fmt::format("power loss: kept write at {}+{}", w.offset, w.data.size()));
-        } else {
-          LogLocked(fmt::format("power loss: dropped write at {}+{}", w.offset, w.data.size()));
-        }
-        break;
-      case PowerLossMode::kTear: {
-        std::string kept;
-        uint64_t lo = w.offset;
-        while (lo < w.end()) {
-          uint64_t hi = std::min(w.end(), (lo / sector_bytes + 1) * sector_bytes);
-          if (rng() & 1) {
-            ApplyDurableLocked(lo, std::span<const std::byte>(w.data).subspan(lo - w.offset,
-                                                                              hi - lo));
-            kept += '1';
-          } else {
-            kept += '0';
-          }
-          lo = hi;
-        }
-        LogLocked(fmt::format("power loss: tore write at {}+{}: sectors kept {}", w.offset,
-                              w.data.size(), kept));
-        break;
-      }
-    }
+  switch (mode) {
+    case PowerLossMode::kDropAll:
+      return CrashLocked(Survival::kNone, sector_bytes, &rng);
+    case PowerLossMode::kDropRandom:
+      return CrashLocked(Survival::kCoinFlip, sector_bytes, &rng);
+    case PowerLossMode::kTear:
+      return CrashLocked(Survival::kTornSectors, sector_bytes, &rng);
   }
-  pending_.clear();
 }
 
 void FaultInjectionBlockStore::FailNth(FaultOp op, int n, int errno_value) {

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "blockrelay/storage/block_store.h"
+#include "testutil/crash_model.h"
 #include "testutil/fault_injection_env.h"
 #include "testutil/power_switch.h"
 
@@ -82,6 +83,7 @@ class FaultInjectionBlockStore final : public storage::BlockStore {
   Status CheckRange(uint64_t offset, uint64_t length) const;
   Status WriteLocked(uint64_t offset, std::vector<std::byte> data, bool fua);
   void ApplyDurableLocked(uint64_t offset, std::span<const std::byte> data);
+  void CrashLocked(Survival survival, uint32_t sector_bytes, std::mt19937_64* rng);
   void LogLocked(std::string line);
 
   const uint64_t size_bytes_;

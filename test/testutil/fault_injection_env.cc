@@ -301,64 +301,35 @@ bool FaultInjectionEnv::active() const {
   return active_;
 }
 
-void FaultInjectionEnv::Crash(CrashMode mode, uint32_t sector_bytes, std::mt19937_64* rng) {
+void FaultInjectionEnv::Crash(Survival survival, uint32_t sector_bytes, std::mt19937_64* rng) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto log = [this](std::string line) { LogLocked(std::move(line)); };
   for (auto& [path, state] : files_) {
     std::lock_guard<std::mutex> state_lock(state->mu);
     for (const PendingWrite& w : state->pending) {
-      auto apply = [&](uint64_t lo, uint64_t hi) {
-        // The target file is only reachable through a writable handle, which
-        // must exist if there are pending writes.
-        state->target_rw
-            ->PWrite(lo, std::span<const std::byte>(w.data).subspan(lo - w.offset, hi - lo))
-            .IgnoreError();  // MemEnv/tmpfs writes do not fail in tests
-      };
-      switch (mode) {
-        case CrashMode::kApply:
-          apply(w.offset, w.end());
-          break;
-        case CrashMode::kDrop:
-          log(fmt::format("dropped unsynced write {} at {}+{}", path, w.offset, w.data.size()));
-          break;
-        case CrashMode::kDropRandom:
-          if ((*rng)() & 1) {
-            apply(w.offset, w.end());
-            log(fmt::format("kept unsynced write {} at {}+{}", path, w.offset, w.data.size()));
-          } else {
-            log(fmt::format("dropped unsynced write {} at {}+{}", path, w.offset, w.data.size()));
-          }
-          break;
-        case CrashMode::kTear: {
-          std::string kept;
-          uint64_t lo = w.offset;
-          while (lo < w.end()) {
-            uint64_t hi = std::min(w.end(), (lo / sector_bytes + 1) * sector_bytes);
-            if ((*rng)() & 1) {
-              apply(lo, hi);
-              kept += '1';
-            } else {
-              kept += '0';
-            }
-            lo = hi;
-          }
-          log(fmt::format("tore unsynced write {} at {}+{}: sectors kept {}", path, w.offset,
-                          w.data.size(), kept));
-          break;
-        }
+      std::string what = ApplySurvivors(
+          w.offset, w.data.size(), survival, sector_bytes, rng, [&](uint64_t lo, uint64_t hi) {
+            // Pending writes imply a writable handle. MemEnv and tmpfs
+            // writes do not fail in tests.
+            state->target_rw
+                ->PWrite(lo, std::span<const std::byte>(w.data).subspan(lo - w.offset, hi - lo))
+                .IgnoreError();
+          });
+      if (survival != Survival::kAll) {
+        LogLocked(fmt::format("crash: unsynced write {} at {}+{}: {}", path, w.offset,
+                              w.data.size(), what));
       }
     }
     state->pending.clear();
   }
 }
 
-void FaultInjectionEnv::ApplyUnsyncedWrites() { Crash(CrashMode::kApply, 0, nullptr); }
-void FaultInjectionEnv::DropUnsyncedWrites() { Crash(CrashMode::kDrop, 0, nullptr); }
+void FaultInjectionEnv::ApplyUnsyncedWrites() { Crash(Survival::kAll, 0, nullptr); }
+void FaultInjectionEnv::DropUnsyncedWrites() { Crash(Survival::kNone, 0, nullptr); }
 void FaultInjectionEnv::DropRandomUnsyncedWrites(std::mt19937_64& rng) {
-  Crash(CrashMode::kDropRandom, 0, &rng);
+  Crash(Survival::kCoinFlip, 0, &rng);
 }
 void FaultInjectionEnv::TearUnsyncedWrites(uint32_t sector_bytes, std::mt19937_64& rng) {
-  Crash(CrashMode::kTear, sector_bytes, &rng);
+  Crash(Survival::kTornSectors, sector_bytes, &rng);
 }
 
 void FaultInjectionEnv::FailNth(FaultOp op, int n, int errno_value) {

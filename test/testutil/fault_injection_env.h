@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "blockrelay/io/env.h"
+#include "testutil/crash_model.h"
 #include "testutil/power_switch.h"
 
 namespace blockrelay::testutil {
@@ -101,8 +102,7 @@ class FaultInjectionEnv final : public io::EnvWrapper {
   void CountSync();
 
  private:
-  enum class CrashMode { kApply, kDrop, kDropRandom, kTear };
-  void Crash(CrashMode mode, uint32_t sector_bytes, std::mt19937_64* rng);
+  void Crash(Survival survival, uint32_t sector_bytes, std::mt19937_64* rng);
   void LogLocked(std::string line);
 
   PowerSwitch* const power_;
