@@ -1,0 +1,715 @@
+#!/usr/bin/env bash
+# scripts/bench.sh — benchmark blockrelay against peer NBD servers with fio.
+#
+# This is a benchmark, not a test: ctest never runs it. It measures, it does
+# not pass or fail (it exits non-zero only when it cannot measure at all).
+#
+# What it does
+#   1. scripts/install-deps.sh when present (else: checks the tools exist and
+#      names what is missing), then builds blockrelay (RelWithDebInfo) in its
+#      own build dir, build-bench/ (--no-build skips this).
+#   2. mktemp -d a work dir on a real file system (/var/tmp by default, or the
+#      repository's file system; never tmpfs) and creates the backing files,
+#      each of --size (default 4GiB), with fallocate, then fills each
+#      completely once with fio (fio's random buffer contents, then fsync), so
+#      no server ever reads holes or writes into unwritten extents:
+#        disk.img         shared by every page-cache server (blockrelay*,
+#                         nbdkit-file, qemu-nbd-wb): filled with buffered 4 KiB
+#                         sequential writes, so the whole file sits in the page
+#                         cache in 4 KiB folios for the entire benchmark;
+#        disk-direct.img  for qemu-nbd-none (O_DIRECT): filled with O_DIRECT
+#                         1 MiB writes, never in the page cache.
+#      Why two files and 4 KiB folios: on this kernel (Linux 6.18, ext4 with
+#      large folios) a 4 KiB buffered write into a page-cache folio made by a
+#      large write or by readahead costs ~10x more (walks every buffer head
+#      of the folio: 15k vs 157k IOPS for fio psync straight on the file),
+#      and a folio keeps its size until evicted. O_DIRECT writes evict the
+#      cached pages they cover, so a shared file would change size classes
+#      behind the other servers' backs and each row would measure the page
+#      cache's history instead of the server. `fincore` of disk.img is
+#      logged before every run to show it stayed cached.
+#   3. For each round, each row (workload), each server (order rotated per
+#      round): `sync`, start the server fresh on its own Unix socket (or
+#      loopback TCP with --transport tcp), wait until it answers, run fio's
+#      nbd engine (--ioengine=nbd --uri=...) for --runtime seconds after a
+#      --ramp second warm-up, stop the server by PID (SIGTERM, then SIGKILL
+#      after 10 s). Nothing else is dropped between runs (no drop_caches).
+#   4. Medians per (row, server) over the rounds, printed as a markdown
+#      section ("## Latest run") with the machine description and the exact
+#      command line; --write-doc replaces that section in docs/benchmarks.md
+#      and keeps everything above it (the hand-written header) and every later
+#      "## " section (hand-written analysis).
+#
+# Servers (name -> start function; see SERVERS below):
+#   blockrelay           this tree's daemon, one volume, no downstream link
+#   blockrelay-logging   the same plus one downstream link to a closed
+#                        loopback port (issue 3: logging mode, every write
+#                        dirties the scoreboard once that exists)
+#   blockrelay-async     TODO (issue 4): second blockrelay on loopback as an
+#   blockrelay-sync      async / sync downstream. Not implemented yet: skipped.
+#   nbdkit-file          nbdkit file plugin (page cache, default threads)
+#   qemu-nbd-none        qemu-nbd -f raw --cache=none --aio=native -t -e 16
+#   qemu-nbd-wb          qemu-nbd -f raw --cache=writeback -t -e 16
+#   null                 nbdkit null: stores nothing, the floor (not a peer)
+# "best peer" on a row = the best of nbdkit-file, qemu-nbd-none, qemu-nbd-wb.
+#
+# Usage: bash scripts/bench.sh [options]      (as root)
+#   --rounds N        rounds (default 3)
+#   --runtime S       measured seconds per run (default 10)
+#   --ramp S          warm-up seconds per run, not measured (default 1)
+#   --quick           --rounds 1 --runtime 3
+#   --rows A,B        only these rows (see --list)
+#   --servers A,B     only these servers (see --list)
+#   --transport T     unix (default) or tcp (127.0.0.1)
+#   --size SIZE       backing file size for fallocate (default 4GiB)
+#   --io-threads N    blockrelay nbd.io_threads (default: the daemon's own)
+#   --workdir-base D  where to mktemp -d the work dir (default /var/tmp)
+#   --build-dir D     build dir (default build-bench)
+#   --no-build        use the existing binary in the build dir
+#   --write-doc       also write the "## Latest run" section to docs/benchmarks.md
+#   --keep            keep the work dir (fio JSON, server logs) and say where
+#   --list            list rows and servers and exit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+CMDLINE="bash scripts/bench.sh"
+for a in "$@"; do
+  if [[ $a =~ ^[A-Za-z0-9_./,:=+-]+$ ]]; then CMDLINE+=" $a"; else CMDLINE+=" $(printf '%q' "$a")"; fi
+done
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- rows ----
+# name|fio arguments|direction measured (read/write)
+ROW_DEFS=(
+  "randwrite-4k-qd1|--rw=randwrite --bs=4k --iodepth=1|write"
+  "randwrite-4k-qd32|--rw=randwrite --bs=4k --iodepth=32|write"
+  "randread-4k-qd32|--rw=randread --bs=4k --iodepth=32|read"
+  "seqwrite-1m-qd8|--rw=write --bs=1M --iodepth=8|write"
+  "seqread-1m-qd8|--rw=read --bs=1M --iodepth=8|read"
+  "randwrite-4k-qd32-fsync32|--rw=randwrite --bs=4k --iodepth=32 --fsync=32|write"
+  "randwrite-4k-qd1-fsync32|--rw=randwrite --bs=4k --iodepth=1 --fsync=32|write"
+)
+row_names() { local d; for d in "${ROW_DEFS[@]}"; do echo "${d%%|*}"; done; }
+row_field() {  # row_field NAME INDEX(1=args,2=dir)
+  local d; for d in "${ROW_DEFS[@]}"; do
+    if [ "${d%%|*}" = "$1" ]; then
+      local _n args dir
+      IFS='|' read -r _n args dir <<<"$d"
+      if [ "$2" = 1 ]; then echo "$args"; else echo "$dir"; fi
+      return 0
+    fi
+  done
+  return 1
+}
+
+# ------------------------------------------------------------- servers ----
+# name|start function|kind (blockrelay, variant, peer, floor)
+SERVER_DEFS=(
+  "blockrelay|start_blockrelay|blockrelay"
+  "blockrelay-logging|start_blockrelay_logging|variant"
+  "blockrelay-async|start_blockrelay_async|variant"
+  "blockrelay-sync|start_blockrelay_sync|variant"
+  "nbdkit-file|start_nbdkit_file|peer"
+  "qemu-nbd-none|start_qemu_nbd_none|peer"
+  "qemu-nbd-wb|start_qemu_nbd_wb|peer"
+  "null|start_null|floor"
+)
+server_names() { local d; for d in "${SERVER_DEFS[@]}"; do echo "${d%%|*}"; done; }
+server_field() {  # server_field NAME INDEX(1=function,2=kind)
+  local d; for d in "${SERVER_DEFS[@]}"; do
+    if [ "${d%%|*}" = "$1" ]; then
+      local _n fn kind
+      IFS='|' read -r _n fn kind <<<"$d"
+      if [ "$2" = 1 ]; then echo "$fn"; else echo "$kind"; fi
+      return 0
+    fi
+  done
+  return 1
+}
+
+# ------------------------------------------------------------- options ----
+ROUNDS=3
+RUNTIME=10
+RAMP=1
+TRANSPORT=unix
+SIZE=4GiB
+IO_THREADS=
+WORKDIR_BASE=/var/tmp
+BUILD_DIR=build-bench
+DO_BUILD=1
+WRITE_DOC=0
+KEEP=0
+ROWS=$(row_names | paste -sd, -)
+# Default: everything that is implemented (TODO variants are skipped anyway,
+# listing them keeps the "not implemented yet" visible in every run).
+SERVERS=$(server_names | paste -sd, -)
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --runtime) RUNTIME=$2; shift 2 ;;
+    --ramp) RAMP=$2; shift 2 ;;
+    --quick) ROUNDS=1; RUNTIME=3; shift ;;
+    --rows) ROWS=$2; shift 2 ;;
+    --servers) SERVERS=$2; shift 2 ;;
+    --transport) TRANSPORT=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --io-threads) IO_THREADS=$2; shift 2 ;;
+    --workdir-base) WORKDIR_BASE=$2; shift 2 ;;
+    --build-dir) BUILD_DIR=$2; shift 2 ;;
+    --no-build) DO_BUILD=0; shift ;;
+    --write-doc) WRITE_DOC=1; shift ;;
+    --keep) KEEP=1; shift ;;
+    --list)
+      echo "rows:"; for d in "${ROW_DEFS[@]}"; do IFS='|' read -r n a _ <<<"$d"; printf '  %-28s fio %s\n' "$n" "$a"; done
+      echo "servers:"; for d in "${SERVER_DEFS[@]}"; do IFS='|' read -r n _ k <<<"$d"; printf '  %-20s %s\n' "$n" "$k"; done
+      exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds: expected a positive integer"
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "--runtime: expected a positive integer"
+[[ $RAMP =~ ^[0-9]+$ ]] || die "--ramp: expected an integer"
+[ "$TRANSPORT" = unix ] || [ "$TRANSPORT" = tcp ] || die "--transport: unix or tcp"
+[ -z "$IO_THREADS" ] || [[ $IO_THREADS =~ ^[1-9][0-9]*$ ]] || die "--io-threads: expected a positive integer"
+IFS=, read -r -a ROW_LIST <<<"$ROWS"
+IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
+for r in "${ROW_LIST[@]}"; do row_field "$r" 1 >/dev/null || die "unknown row '$r' (see --list)"; done
+for s in "${SERVER_LIST[@]}"; do server_field "$s" 1 >/dev/null || die "unknown server '$s' (see --list)"; done
+[ "$(id -u)" -eq 0 ] || log "warning: not root; sync and the build may still work, the numbers were taken as root"
+
+# ------------------------------------------------------- deps and build ----
+if [ -x scripts/install-deps.sh ] || [ -f scripts/install-deps.sh ]; then
+  log "scripts/install-deps.sh"
+  bash scripts/install-deps.sh >&2 || die "scripts/install-deps.sh failed"
+else
+  log "scripts/install-deps.sh not found: only checking that the tools exist"
+fi
+missing=()
+for t in fio nbdkit qemu-nbd nbdinfo python3 cmake ninja g++ fallocate timeout git; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  die "missing tools: ${missing[*]} (Debian 12: fio nbdkit qemu-utils libnbd-bin python3 cmake ninja-build g++ util-linux coreutils git)"
+fi
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (Debian's fio has it)"
+nbdkit --dump-plugin file >/dev/null 2>&1 || die "nbdkit file plugin missing"
+nbdkit --dump-plugin null >/dev/null 2>&1 || die "nbdkit null plugin missing"
+
+BR_BIN=$REPO/$BUILD_DIR/blockrelay
+if [ "$DO_BUILD" = 1 ]; then
+  log "building blockrelay in $BUILD_DIR (RelWithDebInfo)"
+  timeout 3600 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2 \
+    || die "cmake failed"
+  timeout 3600 ninja -C "$BUILD_DIR" -j"$(nproc)" blockrelay >&2 || die "build failed"
+fi
+[ -x "$BR_BIN" ] || die "$BR_BIN missing (build it, or drop --no-build)"
+
+# ------------------------------------------------------------ work dir ----
+fs_type() {
+  findmnt -n -o FSTYPE --target "$1" 2>/dev/null || stat -f -c %T "$1" 2>/dev/null || echo unknown
+}
+is_memfs() { case "$(fs_type "$1")" in tmpfs|ramfs) return 0 ;; *) return 1 ;; esac; }
+if [ ! -d "$WORKDIR_BASE" ] || is_memfs "$WORKDIR_BASE"; then
+  log "$WORKDIR_BASE is missing or in memory ($(fs_type "$WORKDIR_BASE")); using the repository's file system"
+  WORKDIR_BASE=$REPO
+fi
+is_memfs "$WORKDIR_BASE" && die "no disk-backed directory for the work dir (both candidates are tmpfs)"
+WORK=$(mktemp -d "$WORKDIR_BASE/blockrelay-bench.XXXXXX")
+
+# PIDs we started and have not reaped yet: the only processes we ever signal.
+STARTED_PIDS=()
+forget_pid() {
+  local keep=() p
+  for p in "${STARTED_PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  STARTED_PIDS=("${keep[@]}")
+}
+cleanup() {
+  local rc=$? pid i
+  trap - EXIT INT TERM
+  for pid in "${STARTED_PIDS[@]+"${STARTED_PIDS[@]}"}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
+  if [ "$KEEP" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Stops one process we started: SIGTERM, up to 10 s, then SIGKILL; reaps it.
+stop_pid() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; forget_pid "$pid"; return 0; }
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "warning: pid $pid ignored SIGTERM for 10 s; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  forget_pid "$pid"
+}
+
+# A loopback port nothing listens on right now (bound, then closed).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+size_num=${SIZE%B}
+case "$size_num" in
+  *i) SIZE_BYTES=$(numfmt --from=iec-i "$size_num" 2>/dev/null) || SIZE_BYTES= ;;
+  *) SIZE_BYTES=$(numfmt --from=iec "$size_num" 2>/dev/null) || SIZE_BYTES= ;;
+esac
+[[ $SIZE_BYTES =~ ^[0-9]+$ ]] && [ $((SIZE_BYTES % 1048576)) = 0 ] && [ "$SIZE_BYTES" -gt 0 ] \
+  || die "--size: expected a whole number of MiB like 4GiB or 512MiB, got '$SIZE'"
+DISK=$WORK/disk.img
+DISK_DIRECT=$WORK/disk-direct.img
+log "work dir $WORK ($(fs_type "$WORK"), $(df -h --output=source,size,avail "$WORK" | tail -1 | tr -s ' '))"
+log "backing files: fallocate $SIZE each; disk.img filled with buffered 4k writes (page cache, 4 KiB folios), disk-direct.img with O_DIRECT 1M writes"
+fallocate -l "$SIZE_BYTES" "$DISK"
+timeout 1800 fio --name=precondition --filename="$DISK" --rw=write --bs=4k --ioengine=psync \
+  --size="$SIZE_BYTES" --end_fsync=1 --output-format=terse >/dev/null \
+  || die "preconditioning $DISK failed"
+if [[ ,$SERVERS, == *,qemu-nbd-none,* ]]; then
+  fallocate -l "$SIZE_BYTES" "$DISK_DIRECT"
+  timeout 1800 fio --name=precondition --filename="$DISK_DIRECT" --rw=write --bs=1M --direct=1 \
+    --ioengine=libaio --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null \
+    || die "preconditioning $DISK_DIRECT failed"
+fi
+sync
+# Percentage of disk.img in the page cache (fincore), or "?".
+cached_pct() {
+  local res
+  res=$(fincore -b -n -o RES "$DISK" 2>/dev/null | tr -d ' ') || res=
+  if [[ $res =~ ^[0-9]+$ ]]; then echo $((res * 100 / SIZE_BYTES)); else echo "?"; fi
+}
+
+# ------------------------------------------------------- start functions ----
+# Contract: start_X RUN_DIR starts one server process in the background on a
+# fresh endpoint, appends its PID to STARTED_PIDS, and sets SERVER_PID and
+# SERVER_URI. Return 0 when started, 2 when the server is not implemented
+# (it is then skipped for the whole run), anything else on failure. The
+# caller waits for the server to answer and stops it by PID afterwards.
+
+# Endpoint for this run: sets EP_SOCK (unix) or EP_PORT (tcp).
+new_endpoint() {
+  if [ "$TRANSPORT" = unix ]; then EP_SOCK=$1/nbd.sock; EP_PORT=
+  else EP_PORT=$(free_port); EP_SOCK=; fi
+}
+uri_for() {  # uri_for EXPORT_NAME
+  if [ "$TRANSPORT" = unix ]; then echo "nbd+unix:///$1?socket=$EP_SOCK"
+  else echo "nbd://127.0.0.1:$EP_PORT/$1"; fi
+}
+launch() {  # launch LOGFILE CMD...: background, record PID
+  local logf=$1; shift
+  "$@" >"$logf" 2>&1 </dev/null &
+  SERVER_PID=$!
+  STARTED_PIDS+=("$SERVER_PID")
+}
+
+# Writes a blockrelay site config for this run. $2 = JSON array of downstream
+# links (or empty for none).
+write_blockrelay_config() {
+  local dir=$1 downstream=$2 nbd links=""
+  if [ "$TRANSPORT" = unix ]; then nbd="\"unix_socket\": \"$EP_SOCK\""
+  else nbd="\"listen\": \"127.0.0.1:$EP_PORT\""; fi
+  if [ -n "$IO_THREADS" ]; then nbd="$nbd, \"io_threads\": $IO_THREADS"; fi
+  if [ -n "$downstream" ]; then links=",
+      \"downstream\": $downstream"; fi
+  cat >"$dir/site.json" <<EOF
+{
+  "site": "bench",
+  "data_dir": "$dir/data",
+  "control_socket": "$dir/control.sock",
+  "nbd": { $nbd },
+  "groups": [
+    {
+      "name": "bench",
+      "role": "primary",
+      "volumes": [ { "name": "data", "path": "$DISK", "size": "$SIZE_BYTES" } ]$links
+    }
+  ]
+}
+EOF
+  "$BR_BIN" check-config "$dir/site.json" >"$dir/check-config.log" 2>&1 || {
+    log "blockrelay refused the generated config:"; cat "$dir/check-config.log" >&2; return 1; }
+}
+
+start_blockrelay() {
+  new_endpoint "$1"
+  write_blockrelay_config "$1" "" || return 1
+  launch "$1/server.log" "$BR_BIN" run --config "$1/site.json"
+  SERVER_URI=$(uri_for data)
+}
+
+# Issue 3 rows: one downstream link that can never connect (a closed loopback
+# port), so the volume runs in logging mode. Today's daemon accepts the link
+# in its config without replicating; once the scoreboard exists every write
+# dirties it, and this row shows what that costs against "blockrelay".
+start_blockrelay_logging() {
+  new_endpoint "$1"
+  local closed_port; closed_port=$(free_port)
+  write_blockrelay_config "$1" \
+    "[ { \"site\": \"b\", \"address\": \"127.0.0.1:$closed_port\", \"mode\": \"async\" } ]" || return 1
+  launch "$1/server.log" "$BR_BIN" run --config "$1/site.json"
+  SERVER_URI=$(uri_for data)
+}
+
+# TODO(issue 4): start a second blockrelay process on loopback as site "b"
+# (role secondary, replication.listen on a free port, its own backing file of
+# the same size and kind), wait for it, then start site "a" with
+#   "downstream": [{"site": "b", "address": "127.0.0.1:<b's port>", "mode": "async"}]
+# and return a's PID/URI (track b's PID in STARTED_PIDS and stop it after the
+# run too). Goal: >= 0.85x blockrelay on every row. Also the issue's "bytes on
+# the wire vs bytes written" row (overwrite the same 1 MiB; goal <= 0.2x),
+# read from `blockrelay status --json` of both sites.
+start_blockrelay_async() {
+  log "blockrelay-async: not implemented yet (needs replication, issue 4); skipped"
+  return 2
+}
+
+# TODO(issue 4): as start_blockrelay_async with "mode": "sync". Goals: 4k
+# randwrite QD1 mean latency <= 2x blockrelay's, >= 0.7x IOPS on QD32 rows.
+start_blockrelay_sync() {
+  log "blockrelay-sync: not implemented yet (needs replication, issue 4); skipped"
+  return 2
+}
+
+start_nbdkit_file() {
+  new_endpoint "$1"
+  if [ "$TRANSPORT" = unix ]; then
+    launch "$1/server.log" nbdkit -f -U "$EP_SOCK" file file="$DISK"
+  else
+    launch "$1/server.log" nbdkit -f -i 127.0.0.1 -p "$EP_PORT" file file="$DISK"
+  fi
+  SERVER_URI=$(uri_for "")
+}
+
+start_qemu_nbd() {  # start_qemu_nbd DIR FILE CACHE-ARGS...
+  local dir=$1 file=$2; shift 2
+  new_endpoint "$dir"
+  local ep
+  if [ "$TRANSPORT" = unix ]; then ep=(-k "$EP_SOCK"); else ep=(-b 127.0.0.1 -p "$EP_PORT"); fi
+  # -t: keep serving after fio's probe connection ends; -e 16: connections.
+  launch "$dir/server.log" qemu-nbd -t -e 16 -f raw "$@" "${ep[@]}" "$file"
+  SERVER_URI=$(uri_for "")
+}
+# O_DIRECT: its own file (see the header: it would evict disk.img's pages).
+start_qemu_nbd_none() { start_qemu_nbd "$1" "$DISK_DIRECT" --cache=none --aio=native; }
+start_qemu_nbd_wb() { start_qemu_nbd "$1" "$DISK" --cache=writeback; }
+
+start_null() {
+  new_endpoint "$1"
+  if [ "$TRANSPORT" = unix ]; then
+    launch "$1/server.log" nbdkit -f -U "$EP_SOCK" null size="$SIZE_BYTES"
+  else
+    launch "$1/server.log" nbdkit -f -i 127.0.0.1 -p "$EP_PORT" null size="$SIZE_BYTES"
+  fi
+  SERVER_URI=$(uri_for "")
+}
+
+# Waits (at most 15 s) until the server answers an NBD handshake.
+wait_ready() {
+  local i
+  for i in $(seq 150); do
+    kill -0 "$SERVER_PID" 2>/dev/null || return 1
+    if timeout 5 nbdinfo --size "$SERVER_URI" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# ----------------------------------------------------------------- runs ----
+RESULTS=$WORK/results
+mkdir -p "$RESULTS"
+TSV=$RESULTS/runs.tsv
+printf 'round\trow\tserver\tjson\tload_before\tload_after\tstatus\tcached_pct\n' >"$TSV"
+declare -A SKIPPED=()
+MACHINE=$WORK/machine.txt
+
+{
+  echo "nproc=$(nproc)"
+  echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "memory_kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+  echo "memory=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+  echo "kernel=$(uname -srm)"
+  echo "workdir_fs=$(fs_type "$WORK") on $(df --output=source "$WORK" | tail -1)"
+  echo "fio=$(fio --version)"
+  echo "nbdkit=$(nbdkit --version | head -1)"
+  echo "qemu_nbd=$(qemu-nbd --version | head -1)"
+  echo "libnbd=$(nbdinfo --version 2>/dev/null | sed -n 2p)"
+  echo "blockrelay=$("$BR_BIN" --version 2>&1 | head -1)"
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [ -n "$(git status --porcelain -- src include CMakeLists.txt 2>/dev/null)" ]; then
+    commit="$commit (built from a working tree with uncommitted changes under src/, include/ or CMakeLists.txt)"
+  fi
+  echo "commit=$commit"
+  echo "transport=$TRANSPORT"
+  echo "size=$SIZE ($SIZE_BYTES bytes)"
+  echo "io_threads=${IO_THREADS:-daemon default}"
+  echo "rounds=$ROUNDS"
+  echo "runtime=$RUNTIME"
+  echo "ramp=$RAMP"
+  echo "cmdline=$CMDLINE"
+  echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} >"$MACHINE"
+
+loadavg1() { cut -d' ' -f1 /proc/loadavg; }
+nservers=${#SERVER_LIST[@]}
+total=$((ROUNDS * ${#ROW_LIST[@]} * nservers)); n=0
+log "$ROUNDS round(s) x ${#ROW_LIST[@]} row(s) x $nservers server(s), ${RAMP}+${RUNTIME} s per run, transport $TRANSPORT"
+for ((round = 1; round <= ROUNDS; round++)); do
+  for row in "${ROW_LIST[@]}"; do
+    row_args=$(row_field "$row" 1)
+    for ((i = 0; i < nservers; i++)); do
+      server=${SERVER_LIST[$(((i + round - 1) % nservers))]}
+      n=$((n + 1))
+      [ -n "${SKIPPED[$server]:-}" ] && continue
+      run_dir=$WORK/run
+      rm -rf "$run_dir"; mkdir -p "$run_dir"
+      timeout 600 sync || log "warning: sync took over 600 s"
+      fn=$(server_field "$server" 1)
+      SERVER_PID=; SERVER_URI=
+      set +e; "$fn" "$run_dir"; rc=$?; set -e
+      if [ "$rc" = 2 ]; then SKIPPED[$server]=1; continue; fi
+      if [ "$rc" != 0 ] || ! wait_ready; then
+        log "warning: $server did not start (round $round, $row); its log:"
+        tail -20 "$run_dir/server.log" >&2 2>/dev/null || true
+        [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID"
+        printf '%s\t%s\t%s\t-\t-\t-\tstart-failed\t-\n' "$round" "$row" "$server" >>"$TSV"
+        continue
+      fi
+      json=$RESULTS/r$round-$row-$server.json
+      cached=$(cached_pct)
+      lb=$(loadavg1)
+      log "[$n/$total] round $round $row $server"
+      # shellcheck disable=SC2086  # row_args is a list of fio options
+      timeout $((RUNTIME + RAMP + 120)) fio --name="$row" --ioengine=nbd --uri="$SERVER_URI" \
+        $row_args --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+        --lat_percentiles=1 --output-format=json >"$json" 2>"$json.err" &
+      fio_pid=$!; STARTED_PIDS+=("$fio_pid")
+      set +e; wait "$fio_pid"; frc=$?; set -e
+      forget_pid "$fio_pid"
+      la=$(loadavg1)
+      stop_pid "$SERVER_PID"
+      status=ok
+      if [ "$frc" != 0 ]; then
+        status=fio-failed-$frc
+        log "warning: fio failed ($frc) on $server $row:"; tail -5 "$json.err" >&2 || true
+      fi
+      cp "$run_dir/server.log" "$RESULTS/r$round-$row-$server.server.log" 2>/dev/null || true
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$server" "$json" "$lb" "$la" "$status" "$cached" >>"$TSV"
+    done
+  done
+done
+rm -rf "$WORK/run"
+echo "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$MACHINE"
+echo "skipped=$(printf '%s ' "${!SKIPPED[@]}")" >>"$MACHINE"
+echo "servers=$SERVERS" >>"$MACHINE"
+echo "rows=$ROWS" >>"$MACHINE"
+
+# --------------------------------------------------------------- report ----
+REPORT=$WORK/report.md
+python3 - "$TSV" "$MACHINE" "$REPORT" <<'PY'
+import json, statistics, sys
+
+tsv, machine_path, out_path = sys.argv[1:4]
+machine = {}
+for line in open(machine_path):
+    k, _, v = line.rstrip("\n").partition("=")
+    machine[k] = v
+rows_order = machine["rows"].split(",")
+servers_order = machine["servers"].split(",")
+skipped = machine.get("skipped", "").split()
+PEERS = ["nbdkit-file", "qemu-nbd-none", "qemu-nbd-wb"]
+READ_ROWS = {"randread-4k-qd32", "seqread-1m-qd8"}
+
+def load_fio(path):
+    text = open(path, errors="replace").read()
+    i = text.find("{")  # fio's nbd engine prints a line before the JSON
+    if i < 0:
+        raise ValueError("no JSON")
+    return json.loads(text[i:])
+
+samples = {}   # (row, server) -> list of dicts
+loads, failures, cached_pcts = [], [], []
+with open(tsv) as f:
+    next(f)
+    for line in f:
+        rnd, row, server, path, lb, la, status, cached = line.rstrip("\n").split("\t")
+        if cached.isdigit():
+            cached_pcts.append(int(cached))
+        if status != "ok":
+            why = ""
+            try:
+                errs = [l.strip() for l in open(path + ".err") if l.strip().startswith("fio:")
+                        and "connected to NBD server" not in l]
+                why = f" (`{errs[0]}`)" if errs else ""
+            except OSError:
+                pass
+            failures.append(f"round {rnd} {row} {server}: {status}{why}")
+            continue
+        loads += [float(lb), float(la)]
+        try:
+            job = load_fio(path)["jobs"][0]
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"round {rnd} {row} {server}: unreadable fio JSON ({e})")
+            continue
+        d = job["read" if row in READ_ROWS else "write"]
+        lat = d["lat_ns"]
+        s = {
+            "iops": d["iops"],
+            "mbs": d["bw_bytes"] / 1e6,
+            "lat_us": lat["mean"] / 1e3,
+            "p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1e3,
+            "wpf": None,
+        }
+        sync_ios = job.get("sync", {}).get("total_ios", 0)
+        if sync_ios:
+            s["wpf"] = d["total_ios"] / sync_ios
+        if job.get("error"):
+            failures.append(f"round {rnd} {row} {server}: fio error {job['error']}")
+        samples.setdefault((row, server), []).append(s)
+
+def med(key, xs):
+    vals = [x[key] for x in xs if x[key] is not None]
+    return statistics.median(vals) if vals else None
+
+def fmt(v, digits=0):
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+out = []
+w = out.append
+w("## Latest run")
+w("")
+w(f"Started {machine['started']}, finished {machine.get('finished', '?')} (UTC). "
+  f"Command: `{machine['cmdline']}`")
+w("")
+w("| machine | |")
+w("| --- | --- |")
+for key, label in [("nproc", "cores (nproc)"), ("cpu", "CPU"), ("memory", "memory"),
+                   ("kernel", "kernel"), ("workdir_fs", "work dir file system"),
+                   ("fio", "fio"), ("libnbd", "libnbd"), ("nbdkit", "nbdkit"),
+                   ("qemu_nbd", "qemu-nbd"), ("blockrelay", "blockrelay"),
+                   ("commit", "git commit")]:
+    w(f"| {label} | {machine.get(key, '?')} |")
+if loads:
+    w(f"| load average (1 min) during the runs | min {min(loads):.2f}, "
+      f"median {statistics.median(loads):.2f}, max {max(loads):.2f} |")
+w("")
+w(f"Setup: transport {machine['transport']}; backing files of {machine['size']} "
+  "(fallocate, then filled completely once with data, so no holes or unwritten extents): "
+  "one shared by the page-cache servers, filled with buffered 4 KiB writes so it is cached in 4 KiB folios"
+  + (f" (before each run {min(cached_pcts)}-{max(cached_pcts)} % of it was in the page cache)" if cached_pcts else "")
+  + ", and one for qemu-nbd-none, filled with O_DIRECT writes (see the header of scripts/bench.sh for why); "
+  "each server started fresh for every run and stopped by PID after it; "
+  f"{machine['rounds']} round(s), {machine['ramp']} s warm-up + {machine['runtime']} s measured per run; "
+  "servers interleaved within each row, order rotated per round; `sync` before every run; "
+  f"blockrelay nbd.io_threads: {machine['io_threads']}. "
+  "Numbers are medians over the rounds (each column separately). "
+  "Latency is fio's total latency (submission + completion) of the row's reads or writes. "
+  "spread = (max - min) / median of IOPS over the rounds. "
+  "x best peer = IOPS / the best IOPS of nbdkit-file, qemu-nbd-none and qemu-nbd-wb on that row; "
+  "null (nbdkit null plugin, stores nothing) is the floor, not a peer.")
+w("")
+w("| row | server | IOPS | MB/s | mean lat (us) | p99 lat (us) | spread | writes/flush | x best peer |")
+w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+summary, variant_lines = [], []
+for row in rows_order:
+    peer_iops = [med("iops", samples[(row, p)]) for p in PEERS if (row, p) in samples]
+    best = max(peer_iops) if peer_iops else None
+    best_name = None
+    for p in PEERS:
+        if (row, p) in samples and med("iops", samples[(row, p)]) == best:
+            best_name = p
+    base = med("iops", samples[(row, "blockrelay")]) if (row, "blockrelay") in samples else None
+    for server in servers_order:
+        xs = samples.get((row, server))
+        if not xs:
+            continue
+        iops = med("iops", xs)
+        spread = (max(x["iops"] for x in xs) - min(x["iops"] for x in xs)) / iops * 100 if iops else 0
+        ratio = f"{iops / best:.2f}x" if best else "-"
+        label = server + (" (floor)" if server == "null" else "")
+        if server == "blockrelay":
+            label = "**blockrelay**"
+            ratio = f"**{ratio}**"
+            if best:
+                summary.append((row, iops / best, best_name))
+        if server.startswith("blockrelay-") and base:
+            variant_lines.append((row, server, iops / base))
+        w(f"| {row} | {label} | {fmt(iops)} | {fmt(med('mbs', xs), 1)} | "
+          f"{fmt(med('lat_us', xs), 1)} | {fmt(med('p99_us', xs))} | {spread:.0f}% | "
+          f"{fmt(med('wpf', xs), 2)} | {ratio} |")
+w("")
+if summary:
+    below = [f"{r} ({x:.2f}x of {b})" for r, x, b in summary if x < 1.0]
+    w(f"blockrelay at or above 1.0x the best peer on {len(summary) - len(below)} of {len(summary)} rows."
+      + (f" Below on: {'; '.join(below)}." if below else ""))
+    w("")
+if variant_lines:
+    w("Variants against blockrelay without a link (median IOPS ratio; issue 3's goal for "
+      "blockrelay-logging is >= 0.95x on every row; today's daemon does not replicate yet, "
+      "so this only shows the cost of the config):")
+    w("")
+    w("| row | variant | x blockrelay |")
+    w("| --- | --- | ---: |")
+    for row, server, x in variant_lines:
+        w(f"| {row} | {server} | {x:.2f}x |")
+    w("")
+w("Notes:")
+w("- randwrite-4k-qd32-fsync32: fio 3.33 keeps issuing flushes at iodepth > 1 until the first one "
+  "completes (fixed in fio 3.38), so the real flush rate depends on each server's flush latency: "
+  "see writes/flush (write ios / flush ios from fio's JSON). It is not the same workload for every "
+  "server; randwrite-4k-qd1-fsync32 is the exact one (32.00 writes per flush).")
+size_bytes = int(machine["size"].split("(")[1].split()[0])
+fits = size_bytes < int(machine.get("memory_kib", "0")) * 1024 // 2
+w("- qemu-nbd-none opens the file with O_DIRECT: its reads and writes go to the disk; the others "
+  "use the page cache" + (" (the backing file fits in memory, so their reads rarely touch the disk)"
+                          if fits else "") + ".")
+if skipped:
+    w(f"- Not implemented yet, skipped: {', '.join(sorted(skipped))}.")
+if failures:
+    w("- Failed runs (not in the medians): " + "; ".join(failures) + ".")
+w("")
+open(out_path, "w").write("\n".join(out))
+PY
+
+cat "$REPORT"
+
+if [ "$WRITE_DOC" = 1 ]; then
+  DOC=docs/benchmarks.md
+  mkdir -p docs
+  python3 - "$DOC" "$REPORT" <<'PY'
+import os, sys
+doc, report = sys.argv[1:3]
+new = open(report).read().rstrip("\n") + "\n"
+if os.path.exists(doc):
+    lines = open(doc).read().splitlines(keepends=True)
+else:
+    lines = ["# Benchmarks\n", "\n", "Written by scripts/bench.sh --write-doc.\n", "\n"]
+start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == "## Latest run"), None)
+if start is None:
+    head, tail = lines, []
+    if head and head[-1].strip():
+        head.append("\n")
+else:
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    head, tail = lines[:start], lines[end:]
+text = "".join(head) + new + ("\n" + "".join(tail) if tail else "")
+open(doc, "w").write(text)
+PY
+  log "wrote the \"## Latest run\" section of $DOC"
+fi
