@@ -7,6 +7,7 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <asio/co_spawn.hpp>
@@ -143,6 +144,85 @@ int ShowStatus(const std::string& config_path, const std::string& socket,
   return kExitOk;
 }
 
+// Polls the site until every link of `group` (or just `link`) is caught
+// up: tests and scripts use it instead of sleeps.
+int WaitCaughtUp(const std::string& config_path, const std::string& socket,
+                 const std::string& group, const std::string& link,
+                 double timeout_seconds, bool json) {
+  int exit_code = kExitOk;
+  auto path = ResolveSocket(config_path, socket, exit_code);
+  if (!path) return exit_code;
+  nlohmann::json request = {{"command", "wait"}, {"group", group}};
+  if (!link.empty()) request["link"] = link;
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_seconds));
+  nlohmann::json last;
+  for (;;) {
+    auto reply = control::Call(*path, request, std::chrono::seconds(10));
+    if (!reply.ok()) {
+      fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+      return kExitFailed;
+    }
+    if (!reply->value("ok", false)) {
+      fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+      return kExitFailed;
+    }
+    last = *reply;
+    if (reply->value("caught_up", false)) break;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      if (json) fmt::print("{}\n", last.dump(2));
+      fmt::print(stderr, "blockrelay: group {}{} not caught up after {} s:\n",
+                 group, link.empty() ? "" : " link " + link, timeout_seconds);
+      for (const auto& l : last["links"]) {
+        if (!link.empty() && l.value("site", "") != link) continue;
+        fmt::print(stderr, "  link {}: {}, {} bytes queued, lag {:.1f} s{}\n",
+                   l.value("site", "?"), l.value("state", "?"),
+                   l.value("queue_bytes", 0ull), l.value("lag_seconds", 0.0),
+                   l.contains("last_error")
+                       ? ", last error: " + l["last_error"].get<std::string>()
+                       : "");
+      }
+      return kExitFailed;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (json) {
+    fmt::print("{}\n", last.dump(2));
+  } else {
+    fmt::print("group {}{}: caught up\n", group, link.empty() ? "" : " link " + link);
+  }
+  return kExitOk;
+}
+
+// pause / resume GROUP --link SITE.
+int PauseOrResume(const std::string& command, const std::string& config_path,
+                  const std::string& socket, const std::string& group,
+                  const std::string& link, bool json) {
+  int exit_code = kExitOk;
+  auto path = ResolveSocket(config_path, socket, exit_code);
+  if (!path) return exit_code;
+  auto reply = control::Call(
+      *path, {{"command", command}, {"group", group}, {"link", link}},
+      std::chrono::seconds(10));
+  if (!reply.ok()) {
+    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+    return kExitFailed;
+  }
+  if (!reply->value("ok", false)) {
+    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+    return kExitFailed;
+  }
+  if (json) {
+    fmt::print("{}\n", reply->dump(2));
+  } else {
+    fmt::print("group {} link {}: {} (state {})\n", group, link,
+               reply->value("paused", false) ? "paused" : "resumed",
+               reply->value("state", "?"));
+  }
+  return kExitOk;
+}
+
 int Inspect(const std::string& config_path, bool json) {
   auto config = config::LoadSiteConfig(config_path);
   if (!config.ok()) return ConfigError(config.status());
@@ -189,6 +269,43 @@ int main(int argc, char** argv) {
       ->excludes(status_config_opt);
   status->add_flag("--json", status_json, "Print the raw JSON reply");
 
+  std::string wait_config, wait_socket, wait_group, wait_link;
+  double wait_timeout = 60;
+  bool wait_json = false;
+  auto* wait = app.add_subcommand(
+      "wait", "Wait until a group's downstream links are caught up");
+  wait->add_option("group", wait_group, "Consistency group name")->required();
+  wait->add_option("--link,-l", wait_link, "Only this downstream site");
+  wait->add_option("--timeout,-t", wait_timeout,
+                   "Give up after this many seconds (exit 1)")
+      ->check(CLI::PositiveNumber);
+  auto* wait_config_opt =
+      wait->add_option("--config,-c", wait_config, "Site configuration file");
+  wait->add_option("--socket,-s", wait_socket, "Control socket path")
+      ->excludes(wait_config_opt);
+  wait->add_flag("--json", wait_json, "Print the links' JSON");
+
+  // pause / resume share their options.
+  struct LinkCommand {
+    CLI::App* app = nullptr;
+    std::string config, socket, group, link;
+    bool json = false;
+  };
+  LinkCommand pause_cmd, resume_cmd;
+  for (auto* lc : {&pause_cmd, &resume_cmd}) {
+    const bool is_pause = lc == &pause_cmd;
+    lc->app = app.add_subcommand(
+        is_pause ? "pause" : "resume",
+        is_pause ? "Stop replicating to a downstream site (writes are logged "
+                   "in the scoreboard)"
+                 : "Reconnect a paused link; it resyncs what changed");
+    lc->app->add_option("group", lc->group, "Consistency group name")->required();
+    lc->app->add_option("--link,-l", lc->link, "Downstream site")->required();
+    auto* cfg = lc->app->add_option("--config,-c", lc->config, "Site configuration file");
+    lc->app->add_option("--socket,-s", lc->socket, "Control socket path")->excludes(cfg);
+    lc->app->add_flag("--json", lc->json, "Print the JSON reply");
+  }
+
   std::string inspect_config;
   bool inspect_json = false;
   auto* inspect = app.add_subcommand(
@@ -219,5 +336,15 @@ int main(int argc, char** argv) {
   if (*check) return CheckConfig(check_path);
   if (*status) return ShowStatus(status_config, status_socket, status_json);
   if (*inspect) return Inspect(inspect_config, inspect_json);
+  for (auto* lc : {&pause_cmd, &resume_cmd}) {
+    if (*lc->app) {
+      return PauseOrResume(lc == &pause_cmd ? "pause" : "resume", lc->config,
+                           lc->socket, lc->group, lc->link, lc->json);
+    }
+  }
+  if (*wait) {
+    return WaitCaughtUp(wait_config, wait_socket, wait_group, wait_link,
+                        wait_timeout, wait_json);
+  }
   return kExitUsage;
 }

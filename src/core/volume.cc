@@ -20,9 +20,10 @@ Volume::Volume(std::string group, std::string name,
 // which uses the store.
 Volume::~Volume() = default;
 
-Status Volume::MarkDirty(uint64_t offset, uint64_t length) {
+Status Volume::MarkDirty(uint64_t offset, uint64_t length,
+                         storage::WriteSeq* wseq) {
   if (!tracks_writes_ || length == 0) return Status::OK();
-  Status s = metadata_->scoreboard().MarkDirty(offset, length);
+  Status s = metadata_->scoreboard().MarkDirty(offset, length, wseq);
   if (!s.ok()) {
     ++errors_;
     return s.WithContext(fmt::format("volume {}: scoreboard", name_));
@@ -44,8 +45,17 @@ Status Volume::Close() {
   return metadata_->Close();
 }
 
-Status Volume::CheckWritable() const {
-  if (read_only_.load()) {
+void Volume::Capture(CapturedOp op, uint64_t offset, uint64_t length,
+                     std::span<const std::byte> data, storage::WriteSeq wseq,
+                     bool fua, WriteContext* ctx) {
+  if (!sink_) return;
+  auto ticket = sink_->Captured(index_in_group_, op, offset, length, data,
+                                wseq, fua);
+  if (ctx) ctx->ticket = ticket;
+}
+
+Status Volume::CheckWritable(const WriteContext* ctx) const {
+  if (read_only_.load() && !(ctx && ctx->from_upstream)) {
     return Status::PermissionDenied(
         fmt::format("volume {} is read-only (role secondary)", name_));
   }
@@ -81,10 +91,27 @@ Status Volume::Read(uint64_t offset, std::span<std::byte> out) {
 }
 
 Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
-                     bool fua) {
-  if (Status s = CheckWritable(); !s.ok()) return s;
-  if (Status s = MarkDirty(offset, data.size()); !s.ok()) return s;
-  return WriteMarked(offset, data, fua);
+                     bool fua, WriteContext* ctx) {
+  if (Status s = CheckWritable(ctx); !s.ok()) return s;
+  RangeGuard range(sink_ ? &ranges_ : nullptr, offset, data.size());
+  storage::WriteSeq wseq = 0;
+  if (Status s = MarkDirty(offset, data.size(), &wseq); !s.ok()) return s;
+  Status s = WriteMarked(offset, data, fua);
+  if (s.ok()) Capture(CapturedOp::kWrite, offset, data.size(), data, wseq, fua, ctx);
+  return s;
+}
+
+Status Volume::ReadForResync(
+    uint64_t offset, std::span<std::byte> out,
+    const std::function<void(storage::WriteSeq)>& with_data) {
+  RangeGuard range(&ranges_, offset, out.size());
+  // Every write that got a WriteSeq <= as_of and touches this range has
+  // finished: writes take the range before MarkDirty numbers them.
+  const storage::WriteSeq as_of =
+      metadata_ ? metadata_->scoreboard().CurrentWriteSeq() : 0;
+  Status s = Read(offset, out);
+  if (s.ok()) with_data(as_of);
+  return s;
 }
 
 Status Volume::WriteMarked(uint64_t offset, std::span<const std::byte> data,
@@ -98,20 +125,26 @@ Status Volume::WriteMarked(uint64_t offset, std::span<const std::byte> data,
 }
 
 std::optional<Status> Volume::TryWriteWithoutWaiting(
-    uint64_t offset, std::span<const std::byte> data) {
+    uint64_t offset, std::span<const std::byte> data, WriteContext* ctx) {
   if (!store_->WritesAreBuffered()) return std::nullopt;
-  if (Status s = CheckWritable(); !s.ok()) return s;
+  if (Status s = CheckWritable(ctx); !s.ok()) return s;
+  if (sink_ && !ranges_.TryLock(offset, data.size())) return std::nullopt;
+  RangeGuard range(sink_ ? &ranges_ : nullptr, offset, data.size(),
+                   RangeGuard::Adopt{});
   // Only the scoreboard's no-wait half may run here: a new intent extent
   // needs a metadata sync, which belongs on a pool thread.
+  storage::WriteSeq wseq = 0;
   if (tracks_writes_ && data.size() > 0) {
-    auto marked = metadata_->scoreboard().TryMarkDirty(offset, data.size());
+    auto marked = metadata_->scoreboard().TryMarkDirty(offset, data.size(), &wseq);
     if (!marked) return std::nullopt;
     if (!marked->ok()) {
       ++errors_;
       return marked->WithContext(fmt::format("volume {}: scoreboard", name_));
     }
   }
-  return WriteMarked(offset, data, /*fua=*/false);
+  Status s = WriteMarked(offset, data, /*fua=*/false);
+  if (s.ok()) Capture(CapturedOp::kWrite, offset, data.size(), data, wseq, false, ctx);
+  return s;
 }
 
 bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
@@ -121,19 +154,25 @@ bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
   return true;
 }
 
-Status Volume::Trim(uint64_t offset, uint64_t length, bool fua) {
-  if (Status s = CheckWritable(); !s.ok()) return s;
-  if (Status s = MarkDirty(offset, length); !s.ok()) return s;
+Status Volume::Trim(uint64_t offset, uint64_t length, bool fua,
+                    WriteContext* ctx) {
+  if (Status s = CheckWritable(ctx); !s.ok()) return s;
+  RangeGuard range(sink_ ? &ranges_ : nullptr, offset, length);
+  storage::WriteSeq wseq = 0;
+  if (Status s = MarkDirty(offset, length, &wseq); !s.ok()) return s;
   Status s = store_->Trim(offset, length, fua);
   if (!s.ok()) return RecordFailure(std::move(s), false);
   ++trims_;
+  Capture(CapturedOp::kTrim, offset, length, {}, wseq, fua, ctx);
   return s;
 }
 
 Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
-                           bool fast_only, bool fua) {
-  if (Status s = CheckWritable(); !s.ok()) return s;
-  if (Status s = MarkDirty(offset, length); !s.ok()) return s;
+                           bool fast_only, bool fua, WriteContext* ctx) {
+  if (Status s = CheckWritable(ctx); !s.ok()) return s;
+  RangeGuard range(sink_ ? &ranges_ : nullptr, offset, length);
+  storage::WriteSeq wseq = 0;
+  if (Status s = MarkDirty(offset, length, &wseq); !s.ok()) return s;
   Status s = store_->WriteZeroes(offset, length, may_trim, fast_only, fua);
   if (!s.ok()) {
     if (s.IsNotSupported()) return s;  // FAST_ZERO refused: nothing written
@@ -141,10 +180,11 @@ Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
   }
   ++writes_;
   bytes_written_ += length;
+  Capture(CapturedOp::kZero, offset, length, {}, wseq, fua, ctx);
   return s;
 }
 
-Status Volume::Flush() {
+Status Volume::Flush(WriteContext* ctx) {
   if (failed_.load(std::memory_order_acquire)) {
     std::lock_guard lock(failure_mu_);
     return *failure_;
@@ -152,6 +192,7 @@ Status Volume::Flush() {
   Status s = store_->Flush();
   if (!s.ok()) return RecordFailure(std::move(s), true);
   ++flushes_;
+  if (sink_ && ctx) ctx->ticket = sink_->Flushed();
   return s;
 }
 

@@ -299,14 +299,12 @@ asio::awaitable<void> Session::ReadRequests() {
     // durable, or a read the page cache holds. Everything else, and every
     // request while others are in flight, goes to the pool.
     if (in_flight_.load() == 1 && r.length <= kInlineMaxBytes &&
-        TryExecuteInline(r, payload)) {
-      Finished(accounted);
+        TryExecuteInline(r, payload, accounted)) {
       continue;
     }
     asio::post(io_.executor(),
                [self, r, accounted, payload = std::move(payload)]() mutable {
-                 self->Execute(r, payload);
-                 self->Finished(accounted);
+                 self->Execute(r, payload, accounted);
                });
   }
 }
@@ -317,31 +315,60 @@ void Session::Finished(size_t payload_bytes) {
   WakeReader();
 }
 
-bool Session::TryExecuteInline(const Request& r, const DataBuffer& payload) {
+bool Session::TryExecuteInline(const Request& r, const DataBuffer& payload,
+                               size_t accounted) {
   if (r.flags & kCmdFlagFua) return false;
   if (r.type == static_cast<uint16_t>(Command::kWrite)) {
-    auto s = volume_->TryWriteWithoutWaiting(r.offset, payload);
+    core::WriteContext ctx;
+    auto s = volume_->TryWriteWithoutWaiting(r.offset, payload, &ctx);
     if (!s) return false;
-    if (s->ok()) {
-      SendOk(r);
-    } else {
-      BR_LOG_ERROR("nbd", "client {} ({}): WRITE at {}+{} failed: {}", id_,
-                   peer_, r.offset, r.length, s->ToString());
-      SendError(r, ToNbdError(*s), s->message());
-    }
+    Complete(r, std::move(*s), ctx.ticket, /*durable=*/false, accounted);
     return true;
   }
   if (r.type == static_cast<uint16_t>(Command::kRead)) {
     DataBuffer data(r.length);
     if (!volume_->ReadIfCached(r.offset, data)) return false;
     SendReadData(r, std::move(data));
+    Finished(accounted);
     return true;
   }
   return false;
 }
 
-void Session::Execute(const Request& r, DataBuffer& payload) {
+void Session::Complete(const Request& r, Status s,
+                       core::ReplicationSink::Ticket ticket, bool durable,
+                       size_t accounted) {
+  core::ReplicationSink* sink = volume_->replication();
+  if (s.ok() && ticket != 0 && sink && sink->RepliesWait()) {
+    // The reply waits until the sync downstreams have the write (durably,
+    // for FLUSH and FUA): DESIGN.md, Invariant 4.
+    auto self = shared_from_this();
+    sink->WhenAcknowledged(ticket, durable,
+                           [self, r, accounted](Status acked) {
+                             self->Reply(r, acked);
+                             self->Finished(accounted);
+                           });
+    return;
+  }
+  Reply(r, s);
+  Finished(accounted);
+}
+
+void Session::Reply(const Request& r, const Status& s) {
+  if (s.ok()) {
+    SendOk(r);
+    return;
+  }
+  if (!s.IsNotSupported()) {
+    BR_LOG_ERROR("nbd", "client {} ({}): {} at {}+{} failed: {}", id_, peer_,
+                 CommandName(r.type), r.offset, r.length, s.ToString());
+  }
+  SendError(r, ToNbdError(s), s.message());
+}
+
+void Session::Execute(const Request& r, DataBuffer& payload, size_t accounted) {
   core::Volume& volume = *volume_;
+  core::WriteContext ctx;
   const bool fua = r.flags & kCmdFlagFua;
   Status s;
   // ValidateRequest() accepts zero-length TRIM, WRITE_ZEROES and CACHE; they
@@ -353,28 +380,31 @@ void Session::Execute(const Request& r, DataBuffer& payload) {
                       r.type == static_cast<uint16_t>(Command::kCache));
   if (no_op) {
     SendOk(r);
+    Finished(accounted);
     return;
   }
   switch (static_cast<Command>(r.type)) {
     case Command::kRead:
       ExecuteRead(r);
+      Finished(accounted);
       return;
     case Command::kBlockStatus:
       ExecuteBlockStatus(r);
+      Finished(accounted);
       return;
     case Command::kWrite:
-      s = volume.Write(r.offset, payload, fua);
+      s = volume.Write(r.offset, payload, fua, &ctx);
       break;
     case Command::kFlush:
-      s = volume.Flush();
+      s = volume.Flush(&ctx);
       break;
     case Command::kTrim:
-      s = volume.Trim(r.offset, r.length, fua);
+      s = volume.Trim(r.offset, r.length, fua, &ctx);
       break;
     case Command::kWriteZeroes:
       s = volume.WriteZeroes(r.offset, r.length,
                              /*may_trim=*/!(r.flags & kCmdFlagNoHole),
-                             /*fast_only=*/r.flags & kCmdFlagFastZero, fua);
+                             /*fast_only=*/r.flags & kCmdFlagFastZero, fua, &ctx);
       break;
     case Command::kCache:
       s = volume.Cache(r.offset, r.length);
@@ -382,15 +412,9 @@ void Session::Execute(const Request& r, DataBuffer& payload) {
     case Command::kDisc:
       break;  // handled by the reader
   }
-  if (s.ok()) {
-    SendOk(r);
-    return;
-  }
-  if (!s.IsNotSupported()) {
-    BR_LOG_ERROR("nbd", "client {} ({}): {} at {}+{} failed: {}", id_, peer_,
-                 CommandName(r.type), r.offset, r.length, s.ToString());
-  }
-  SendError(r, ToNbdError(s), s.message());
+  const bool durable =
+      fua || r.type == static_cast<uint16_t>(Command::kFlush);
+  Complete(r, std::move(s), ctx.ticket, durable, accounted);
 }
 
 void Session::ExecuteRead(const Request& r) {

@@ -92,12 +92,19 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::awaitable<bool> Discard(uint64_t length);
   asio::awaitable<void> WaitForWake();
 
-  // Pool thread: carries out one validated request and sends its reply.
-  void Execute(const Request& r, DataBuffer& payload);
+  // Pool thread: carries out one validated request; its reply follows,
+  // then Finished(accounted).
+  void Execute(const Request& r, DataBuffer& payload, size_t accounted);
   void ExecuteRead(const Request& r);
   // Network thread: carries out `r` at once if that cannot block on the
   // disk; false (nothing done) otherwise.
-  bool TryExecuteInline(const Request& r, const DataBuffer& payload);
+  bool TryExecuteInline(const Request& r, const DataBuffer& payload,
+                        size_t accounted);
+  // Replies to a write-path request with status `s`, first waiting for the
+  // sync downstreams when the volume has any, then calls Finished().
+  void Complete(const Request& r, Status s, core::ReplicationSink::Ticket ticket,
+                bool durable, size_t accounted);
+  void Reply(const Request& r, const Status& s);
   void ExecuteBlockStatus(const Request& r);
 
   // Any thread.

@@ -8,6 +8,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "replication/link.h"
 #include "util/logging.h"
 
 namespace blockrelay::site {
@@ -48,9 +49,12 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
   if (!lock.ok()) return lock.status().WithContext("data_dir");
   site->lock_.emplace(std::move(lock).value());
 
+  site->io_ = std::make_unique<core::IoExecutor>(site->config_.nbd.io_threads);
+  std::vector<replication::ReceiverTarget> targets;
   for (size_t g = 0; g < site->config_.groups.size(); ++g) {
     const auto& group = site->config_.groups[g];
     bool read_only = group.role == config::Role::kSecondary;
+    std::vector<std::shared_ptr<core::Volume>> group_volumes;
     for (size_t v = 0; v < group.volumes.size(); ++v) {
       const auto& vc = group.volumes[v];
       storage::FileBlockStoreOptions options;
@@ -82,12 +86,29 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
       for (const auto& notice : (*metadata)->open_notices()) {
         BR_LOG_INFO("site", "volume {}: {}", vc.name, notice);
       }
-      site->catalog_.Add(std::make_shared<core::Volume>(
+      auto volume = std::make_shared<core::Volume>(
           group.name, vc.name, std::move(store).value(),
-          std::move(metadata).value(), read_only));
+          std::move(metadata).value(), read_only);
+      site->catalog_.Add(volume);
+      group_volumes.push_back(std::move(volume));
+    }
+    replication::ReplicationGroup* onward = nullptr;
+    if (!group.downstream.empty()) {
+      site->replication_.push_back(std::make_unique<replication::ReplicationGroup>(
+          ctx, *site->io_, site->config_.site, group, group_volumes));
+      onward = site->replication_.back().get();
+    }
+    if (group.role == config::Role::kSecondary) {
+      targets.push_back({&group, group_volumes, onward});
     }
   }
-  site->io_ = std::make_unique<core::IoExecutor>(site->config_.nbd.io_threads);
+  if (!targets.empty()) {
+    auto receiver = replication::Receiver::Open(
+        ctx, *site->io_, site->config_.site, site->config_.data_dir.string(),
+        std::move(targets));
+    if (!receiver.ok()) return receiver.status();
+    site->receiver_ = std::move(receiver).value();
+  }
   return site;
 }
 
@@ -99,8 +120,22 @@ Status Site::Start() {
   if (Status s = control_server_->Listen(config_.control_socket); !s.ok()) {
     return s;
   }
+  if (receiver_) {
+    if (!config_.replication.listen) {
+      return Status::InvalidArgument(
+          "replication.listen: a site with a secondary group must listen for "
+          "its upstream");
+    }
+    if (Status s = receiver_->Listen(*config_.replication.listen); !s.ok()) {
+      return s;
+    }
+  }
   nbd_server_->Start();
   control_server_->Start();
+  if (receiver_) receiver_->Start();
+  for (auto& g : replication_) g->Start();
+  sweep_timer_.emplace(ctx_);
+  asio::co_spawn(ctx_, SweepLinksPeriodically(), asio::detached);
   flush_timer_.emplace(ctx_);
   asio::co_spawn(ctx_, FlushScoreboardsPeriodically(), asio::detached);
   std::string where;
@@ -118,7 +153,11 @@ asio::awaitable<Status> Site::Shutdown() {
   stopping_ = true;
   if (flush_timer_) flush_timer_->cancel();
   if (control_server_) control_server_->Stop();
+  if (sweep_timer_) sweep_timer_->cancel();
+  // NBD first: replies still waiting for a sync downstream need the links.
   if (nbd_server_) co_await nbd_server_->Shutdown();
+  if (receiver_) co_await receiver_->Stop();
+  for (auto& g : replication_) co_await g->Stop();
   // No request is in flight now: flush every volume, then close its
   // metadata cleanly so the next start need not merge the intent log.
   Status first_error;
@@ -152,6 +191,80 @@ asio::awaitable<void> Site::FlushScoreboardsPeriodically() {
   }
 }
 
+asio::awaitable<void> Site::SweepLinksPeriodically() {
+  while (!stopping_) {
+    sweep_timer_->expires_after(std::chrono::seconds(1));
+    auto [ec] = co_await sweep_timer_->async_wait(
+        asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec || stopping_) co_return;
+    for (auto& g : replication_) {
+      for (auto& link : g->links()) link->Sweep();
+    }
+  }
+}
+
+replication::ReplicationGroup* Site::FindReplicationGroup(
+    const std::string& name) const {
+  for (const auto& g : replication_) {
+    if (g->name() == name) return g.get();
+  }
+  return nullptr;
+}
+
+nlohmann::json Site::WaitReply(const nlohmann::json& request) {
+  if (!request.contains("group") || !request["group"].is_string()) {
+    return control::ErrorReply("wait: \"group\" (a string) is required");
+  }
+  const std::string group = request["group"].get<std::string>();
+  std::optional<std::string> link;
+  if (request.contains("link")) {
+    if (!request["link"].is_string()) {
+      return control::ErrorReply("wait: \"link\" must be a string");
+    }
+    link = request["link"].get<std::string>();
+  }
+  const config::GroupConfig* gc = nullptr;
+  for (const auto& g : config_.groups) {
+    if (g.name == group) gc = &g;
+  }
+  if (!gc) {
+    return control::ErrorReply(
+        fmt::format("site {} has no group \"{}\"", config_.site, group));
+  }
+  auto* rg = FindReplicationGroup(group);
+  if (!rg) {
+    if (link) {
+      return control::ErrorReply(fmt::format(
+          "group {} has no downstream link to site \"{}\"", group, *link));
+    }
+    return {{"caught_up", true}, {"links", nlohmann::json::array()}};
+  }
+  auto caught_up = rg->CaughtUp(link);
+  if (!caught_up.ok()) return control::ErrorReply(caught_up.status().message());
+  return {{"caught_up", *caught_up}, {"links", rg->LinksJson()}};
+}
+
+nlohmann::json Site::PauseReply(const nlohmann::json& request, bool pause) {
+  const char* what = pause ? "pause" : "resume";
+  if (!request.contains("group") || !request["group"].is_string() ||
+      !request.contains("link") || !request["link"].is_string()) {
+    return control::ErrorReply(fmt::format(
+        "{}: \"group\" and \"link\" (strings) are required", what));
+  }
+  const std::string group = request["group"].get<std::string>();
+  const std::string link = request["link"].get<std::string>();
+  auto* rg = FindReplicationGroup(group);
+  replication::Link* l = rg ? rg->FindLink(link) : nullptr;
+  if (!l) {
+    return control::ErrorReply(fmt::format(
+        "site {} has no group \"{}\" with a downstream link to site \"{}\"",
+        config_.site, group, link));
+  }
+  if (pause) l->Pause(); else l->Resume();
+  return {{"group", group}, {"link", link}, {"paused", l->paused()},
+          {"state", replication::LinkStateName(l->state())}};
+}
+
 nlohmann::json Site::StatusJson() const {
   using nlohmann::json;
   json groups = json::array();
@@ -176,9 +289,8 @@ nlohmann::json Site::StatusJson() const {
           {"errors", c.errors},
       };
       if (auto err = v->sticky_error()) vol["error"] = err->message();
-      // Replication is not running yet: every link is in logging mode, its
-      // scoreboard slot collecting the regions the downstream lacks.
       json vol_links = json::array();
+      auto* rg = FindReplicationGroup(group.name);
       if (const auto* sb = v->scoreboard()) {
         if (Status h = sb->health(); !h.ok()) vol["error"] = h.message();
         for (const auto& slot : sb->slots()) {
@@ -190,7 +302,9 @@ nlohmann::json Site::StatusJson() const {
           vol_links.push_back(
               {{"site", slot.site},
                {"mode", dc ? config::ToString(dc->mode) : "unknown"},
-               {"state", "logging"},
+               {"state", rg && rg->FindLink(slot.site)
+                             ? replication::LinkStateName(rg->FindLink(slot.site)->state())
+                             : "logging"},
                {"dirty_regions", st.dirty_regions},
                {"dirty_bytes", st.dirty_bytes}});
         }
@@ -200,16 +314,18 @@ nlohmann::json Site::StatusJson() const {
       volumes.push_back(std::move(vol));
     }
     json links = json::array();
-    for (const auto& d : group.downstream) {
-      links.push_back({{"site", d.site},
-                       {"address", d.address.ToString()},
-                       {"mode", config::ToString(d.mode)}});
+    auto* rg = FindReplicationGroup(group.name);
+    if (rg) links = rg->LinksJson();
+    json entry = {{"name", group.name},
+                  {"role", config::ToString(group.role)},
+                  {"region_size_bytes", group.region_size_bytes},
+                  {"volumes", std::move(volumes)},
+                  {"downstream", std::move(links)}};
+    if (receiver_) {
+      json up = receiver_->UpstreamJson(group.name);
+      if (!up.is_null()) entry["upstream"] = std::move(up);
     }
-    groups.push_back({{"name", group.name},
-                      {"role", config::ToString(group.role)},
-                      {"region_size_bytes", group.region_size_bytes},
-                      {"volumes", std::move(volumes)},
-                      {"downstream", std::move(links)}});
+    groups.push_back(std::move(entry));
   }
   auto uptime = std::chrono::duration_cast<std::chrono::seconds>(
                     std::chrono::steady_clock::now() - started_).count();
@@ -227,11 +343,17 @@ asio::awaitable<nlohmann::json> Site::HandleControl(
   if (command == "status") {
     co_return StatusJson();
   }
+  if (command == "wait") {
+    co_return WaitReply(request);
+  }
+  if (command == "pause" || command == "resume") {
+    co_return PauseReply(request, command == "pause");
+  }
   if (command == "version") {
     co_return nlohmann::json{{"version", BLOCKRELAY_VERSION}};
   }
   co_return control::ErrorReply(fmt::format(
-      "unknown command \"{}\"; known: status, version", command));
+      "unknown command \"{}\"; known: status, wait, pause, resume, version", command));
 }
 
 }  // namespace blockrelay::site

@@ -26,6 +26,8 @@
 #include "control/control_server.h"
 #include "nbd/server.h"
 #include "nbd/volume_catalog.h"
+#include "replication/receiver.h"
+#include "replication/replication_group.h"
 
 namespace blockrelay::site {
 
@@ -51,6 +53,11 @@ class Site {
   // Persists scoreboard bitmaps every kScoreboardFlushInterval so a crash
   // recovers few intent extents.
   asio::awaitable<void> FlushScoreboardsPeriodically();
+  // Clears scoreboard bits of caught-up links and samples throughput.
+  asio::awaitable<void> SweepLinksPeriodically();
+  replication::ReplicationGroup* FindReplicationGroup(const std::string& name) const;
+  nlohmann::json WaitReply(const nlohmann::json& request);
+  nlohmann::json PauseReply(const nlohmann::json& request, bool pause);
 
   config::SiteConfig config_;
   std::optional<io::DataDirLock> lock_;
@@ -62,6 +69,10 @@ class Site {
   std::chrono::steady_clock::time_point started_;
   bool stopping_ = false;
   std::optional<asio::steady_timer> flush_timer_;
+  std::optional<asio::steady_timer> sweep_timer_;
+  // One per group with downstream links, in config order.
+  std::vector<std::unique_ptr<replication::ReplicationGroup>> replication_;
+  std::unique_ptr<replication::Receiver> receiver_;
 };
 
 }  // namespace blockrelay::site

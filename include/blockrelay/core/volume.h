@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -25,6 +26,8 @@
 #include <string>
 #include <vector>
 
+#include "blockrelay/core/range_lock.h"
+#include "blockrelay/core/replication_sink.h"
 #include "blockrelay/status.h"
 #include "blockrelay/storage/block_store.h"
 #include "blockrelay/storage/volume_metadata.h"
@@ -39,6 +42,15 @@ struct VolumeCounters {
   uint64_t flushes = 0;
   uint64_t trims = 0;
   uint64_t errors = 0;
+};
+
+// Per-call options of the write path.
+struct WriteContext {
+  // Applied by the replication receiver: allowed on a read-only (secondary)
+  // volume, which no local client may write.
+  bool from_upstream = false;
+  // Out: the replication ticket to wait on before replying (0: none).
+  ReplicationSink::Ticket ticket = 0;
 };
 
 class Volume {
@@ -62,18 +74,46 @@ class Volume {
   // REQUIRES (all I/O): the range lies within size_bytes(); the NBD session
   // validates requests before calling.
   Status Read(uint64_t offset, std::span<std::byte> out);
-  Status Write(uint64_t offset, std::span<const std::byte> data, bool fua);
-  Status Trim(uint64_t offset, uint64_t length, bool fua);
+  Status Write(uint64_t offset, std::span<const std::byte> data, bool fua,
+               WriteContext* ctx = nullptr);
+  Status Trim(uint64_t offset, uint64_t length, bool fua,
+              WriteContext* ctx = nullptr);
   Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
-                     bool fast_only, bool fua);
-  Status Flush();
+                     bool fast_only, bool fua, WriteContext* ctx = nullptr);
+  Status Flush(WriteContext* ctx = nullptr);
+
+  // Connects the volume to its group's replication: from now on every
+  // write is ordered against overlapping ones and handed to `sink` with
+  // index `index`. Call once, before the volume serves I/O.
+  void AttachReplication(ReplicationSink* sink, uint32_t index) {
+    sink_ = sink;
+    index_in_group_ = index;
+  }
+  ReplicationSink* replication() const { return sink_; }
+
+  // Resync: reads [offset, offset+out.size()) while no write to it is in
+  // flight and, still holding the range, calls with_data(as_of): as_of is
+  // the scoreboard WriteSeq the data is current to (for MarkClean once the
+  // downstream has it). Holding the range orders the resync data before
+  // any later write to those bytes in the replication stream.
+  Status ReadForResync(uint64_t offset, std::span<std::byte> out,
+                       const std::function<void(storage::WriteSeq)>& with_data);
+  // Runs fn(current WriteSeq) if no write is in flight on this volume;
+  // false otherwise. For clearing a caught-up link's leftover bits.
+  template <typename Fn>
+  bool IfNoWriteInFlight(Fn&& fn) {
+    return ranges_.IfIdle([&] {
+      fn(metadata_ ? metadata_->scoreboard().CurrentWriteSeq() : 0);
+    });
+  }
 
   // For the network thread, which must not wait on the disk: carries out a
   // write without FUA only when that cannot block (buffered store, volume
   // writable, scoreboard bits already durable). nullopt: nothing was done,
   // use Write() on a pool thread.
   std::optional<Status> TryWriteWithoutWaiting(uint64_t offset,
-                                               std::span<const std::byte> data);
+                                               std::span<const std::byte> data,
+                                               WriteContext* ctx = nullptr);
   // Reads only from the page cache; false: nothing read, use Read().
   bool ReadIfCached(uint64_t offset, std::span<std::byte> out);
   Status Cache(uint64_t offset, uint64_t length);
@@ -92,6 +132,10 @@ class Volume {
     return metadata_ ? &metadata_->scoreboard() : nullptr;
   }
   const storage::VolumeMetadata* metadata() const { return metadata_.get(); }
+  // For the replication links, which clear bits as downstreams acknowledge.
+  storage::Scoreboard* mutable_scoreboard() {
+    return metadata_ ? &metadata_->scoreboard() : nullptr;
+  }
 
   VolumeCounters counters() const;
   // The sticky error, if a flush failed.
@@ -103,9 +147,13 @@ class Volume {
   int nbd_clients() const { return nbd_clients_.load(); }
 
  private:
-  Status CheckWritable() const;
+  Status CheckWritable(const WriteContext* ctx) const;
   // Scoreboard bits for [offset, offset+length) durable in every slot.
-  Status MarkDirty(uint64_t offset, uint64_t length);
+  Status MarkDirty(uint64_t offset, uint64_t length, storage::WriteSeq* wseq);
+  // Hands a completed write to the sink, if any.
+  void Capture(CapturedOp op, uint64_t offset, uint64_t length,
+               std::span<const std::byte> data, storage::WriteSeq wseq,
+               bool fua, WriteContext* ctx);
   // The store write, once the scoreboard bits are durable.
   Status WriteMarked(uint64_t offset, std::span<const std::byte> data, bool fua);
   Status RecordFailure(Status s, bool sticky);
@@ -119,6 +167,10 @@ class Volume {
   const uint64_t size_bytes_;
   std::atomic<bool> read_only_;
   std::atomic<int> nbd_clients_{0};
+  ReplicationSink* sink_ = nullptr;
+  uint32_t index_in_group_ = 0;
+  // Engaged only with a sink: see RangeLock.
+  RangeLock ranges_;
 
   std::atomic<uint64_t> bytes_read_{0}, bytes_written_{0}, reads_{0},
       writes_{0}, flushes_{0}, trims_{0}, errors_{0};

@@ -1,0 +1,114 @@
+// GroupJournal: the downstream site's log of received write groups.
+//
+// A downstream applies each group of writes atomically and in order
+// (DESIGN.md, Invariant 3). It first appends the group's WRITE_GROUP frame,
+// exactly as received (header + payload, checksum included), to this
+// journal; once the journal is synced the group is applied to the volumes.
+// After a crash of the downstream, Open() returns every group appended after
+// the last Reset(), and the receiver applies them again before it accepts a
+// connection: a write applied twice in order leaves the same bytes, so the
+// volumes end at a group boundary whatever the crash interrupted.
+//
+// File layout (data_dir/journal-<group>.log; integers little-endian):
+//   two 512-byte header slots at offsets 0 and 512, written alternately:
+//     u32 magic "BRJH" | u16 version (1) | u16 reserved (0) | u64 counter
+//     (>= 1) | u64 applied_group_seq | u64 xxh3-64 of the preceding 24 bytes
+//     | zeros up to 512
+//   the valid slot with the higher counter wins; a torn slot is ignored; a
+//   slot whose checksum holds but whose version is not 1 is refused
+//   (NotSupported). Each update goes to the slot that did not win, so a torn
+//   update leaves the winner intact.
+//   then, from offset 4096, WRITE_GROUP frames back to back (see
+//   protocol.h); the first frame that is short or fails its checksum ends
+//   the log (a torn tail: it was never acknowledged as durable, because
+//   durability is only acknowledged after Sync()). A checksum cannot tell a
+//   torn tail from a damaged frame in the middle of the log: either ends it.
+// A new journal is written whole to <path>.tmp, synced and renamed over
+// <path> (then the directory is synced), so an existing <path> always has a
+// durable header slot.
+//
+// Thread safety: none; the receiver calls it from one pool thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "blockrelay/io/env.h"
+#include "blockrelay/status.h"
+#include "replication/protocol.h"
+
+namespace blockrelay::replication {
+
+class GroupJournal {
+ public:
+  struct Recovered {
+    // applied_group_seq from the winning header slot (0 for a new journal).
+    uint64_t applied_group_seq = 0;
+    // Whole frames (header + payload) appended after the last Reset(), in
+    // order, each already checked with DecodeFrameHeader/DecodeFrame.
+    std::vector<Bytes> frames;
+    // Bytes after the last good frame that were dropped as a torn tail.
+    uint64_t torn_tail_bytes = 0;
+  };
+
+  // Opens `path`, creating it (with an empty log) when missing, and reads
+  // what must be replayed. Refuses (Corruption, naming the file) when
+  // neither header slot is valid in an existing file, or when a frame in
+  // the log is not a WRITE_GROUP, and NotSupported for a header of another
+  // format version. A torn tail is not an error: it is cut off (the file
+  // truncated after the last good frame, and synced) and counted in
+  // torn_tail_bytes. REQUIRES: recovered != nullptr; it is overwritten.
+  static Result<std::unique_ptr<GroupJournal>> Open(io::Env& env,
+                                                    const std::string& path,
+                                                    Recovered* recovered);
+
+  // Errors of Append, Sync and Reset are sticky: after the first one (an
+  // I/O error from the file), every later call returns it, because after a
+  // failed write or fsync the file no longer says what was durable. The
+  // journal must be reopened once the operator has fixed the cause. Messages
+  // start with "journal <path>: ".
+
+  // Appends one encoded WRITE_GROUP frame (buffered; not durable until
+  // Sync()). REQUIRES: `frame` is one whole frame as EncodeWriteGroup wrote
+  // it or DecodeFrame accepted it; a frame whose header does not announce a
+  // WRITE_GROUP of exactly that size is refused (InvalidArgument, not
+  // sticky, nothing written).
+  Status Append(std::span<const std::byte> frame);
+  // Makes everything appended so far durable.
+  Status Sync();
+  // Everything appended so far has been applied and the volumes flushed:
+  // records applied_group_seq in the other header slot, syncs, then drops
+  // the log (the file shrinks back to its header) and syncs again. A crash
+  // inside Reset leaves either the old slot and the frames, or the new slot
+  // with or without the frames; replaying frames that are already applied
+  // is harmless (same bytes, same order).
+  Status Reset(uint64_t applied_group_seq);
+
+  // Log bytes appended since the last Reset().
+  uint64_t log_bytes() const { return end_ - kLogStart; }
+  uint64_t applied_group_seq() const { return applied_group_seq_; }
+  const std::string& path() const { return file_->path(); }
+
+  static constexpr uint64_t kLogStart = 4096;
+
+ private:
+  GroupJournal(std::unique_ptr<io::RandomRWFile> file, uint32_t slot,
+               uint64_t counter, uint64_t applied_group_seq, uint64_t end);
+  // Writes the slot that did not win with counter_ + 1 and syncs it; on
+  // success that slot becomes the winner.
+  Status WriteHeader(uint64_t applied_group_seq);
+  // Records the first I/O error (sticky) and returns it with context.
+  Status Fail(const Status& s, const std::string& what);
+
+  std::unique_ptr<io::RandomRWFile> file_;
+  uint32_t slot_;     // 0 or 1: the newest valid header slot
+  uint64_t counter_;  // of that slot
+  uint64_t applied_group_seq_;
+  uint64_t end_;      // file offset where the next frame goes
+  Status error_;      // sticky: the first failed write, sync or truncate
+};
+
+}  // namespace blockrelay::replication

@@ -1,0 +1,680 @@
+#include "replication/link.h"
+
+#include <algorithm>
+
+#include <asio/co_spawn.hpp>
+#include <asio/connect.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/ip/tcp.hpp>
+#include <asio/use_awaitable.hpp>
+#include <fmt/format.h>
+
+#include "replication/replication_group.h"
+#include "util/logging.h"
+
+namespace blockrelay::replication {
+
+namespace {
+constexpr auto kAsTuple = asio::experimental::as_tuple(asio::use_awaitable);
+constexpr auto kMinBackoff = std::chrono::milliseconds(100);
+constexpr auto kMaxBackoff = std::chrono::seconds(5);
+constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
+// Resync reads this much at a time (contiguous dirty regions) and keeps at
+// most kResyncWindowBytes unacknowledged.
+constexpr uint64_t kResyncChunkBytes = 1ull << 20;
+constexpr uint64_t kResyncWindowEntries = 16;
+
+bool AllZero(std::span<const std::byte> data) {
+  for (std::byte b : data) {
+    if (b != std::byte{0}) return false;
+  }
+  return true;
+}
+}  // namespace
+
+const char* LinkStateName(LinkState state) {
+  switch (state) {
+    case LinkState::kConnecting: return "connecting";
+    case LinkState::kResyncing: return "resyncing";
+    case LinkState::kReplicating: return "replicating";
+    case LinkState::kLogging: return "logging";
+  }
+  return "?";
+}
+
+// One TCP connection to the downstream and everything that lives as long.
+struct Link::Connection {
+  explicit Connection(asio::io_context& ctx, std::chrono::milliseconds keepalive)
+      : stream(ctx), wake(ctx), watchdog(stream, keepalive) {}
+  Stream stream;
+  std::string peer;
+  asio::steady_timer wake;  // writer and resync walker wait on it
+  Watchdog watchdog;        // closes the stream when the peer goes quiet
+  bool broken = false;
+  std::deque<Entry> queue;  // sent or to send; popped when durable
+  uint64_t queue_bytes = 0;
+  uint64_t next_link_seq = 1;
+  uint64_t acked_received = 0;  // link_seq
+  uint64_t acked_durable = 0;   // link_seq
+  size_t sent = 0;  // entries at the front of `queue` already sent
+  uint64_t max_sent_link_seq = 0;
+  uint64_t resync_unacked = 0;  // resync entries not yet durable
+  bool resync_done = false;
+  int coroutines = 0;  // reader, writer, resync still running
+  asio::steady_timer* done_signal = nullptr;
+};
+
+Link::Link(ReplicationGroup& group, const config::DownstreamConfig& config)
+    : group_(group), config_(config) {
+  for (size_t v = 0; v < group_.volumes().size(); ++v) {
+    int slot = -1;
+    if (const auto* sb = group_.volumes()[v]->scoreboard()) {
+      for (const auto& s : sb->slots()) {
+        if (s.site == config_.site) slot = static_cast<int>(s.slot);
+      }
+    }
+    slots_.push_back(slot);
+  }
+}
+
+Link::~Link() = default;
+
+int Link::SlotFor(size_t v) const { return slots_[v]; }
+
+void Link::Start() {
+  retry_timer_.emplace(group_.context());
+  stopped_.emplace(group_.context());
+  running_ = true;
+  rate_sample_time_ = std::chrono::steady_clock::now();
+  asio::co_spawn(group_.context(), Run(), asio::detached);
+}
+
+asio::awaitable<void> Link::Stop() {
+  stopping_ = true;
+  if (retry_timer_) retry_timer_->cancel();
+  if (conn_) Break(*conn_, "site is shutting down");
+  if (connecting_) {
+    std::error_code ignored;
+    connecting_->stream.close(ignored);
+  }
+  while (running_) {
+    stopped_->expires_after(std::chrono::milliseconds(20));
+    co_await stopped_->async_wait(kAsTuple);
+  }
+}
+
+void Link::SetState(LinkState s) {
+  if (s == state_) return;
+  BR_LOG_INFO("replication", "group {} link to {}: {} -> {}", group_.name(),
+              config_.site, LinkStateName(state_), LinkStateName(s));
+  state_ = s;
+  group_.CheckWaiters();
+}
+
+bool Link::AnyDirty() const {
+  for (size_t v = 0; v < slots_.size(); ++v) {
+    const auto* sb = group_.volumes()[v]->scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    if (sb->NextDirtyRegion(static_cast<uint32_t>(slots_[v]), 0)) return true;
+  }
+  return false;
+}
+
+void Link::Pause() {
+  if (paused_) return;
+  paused_ = true;
+  BR_LOG_INFO("replication", "group {} link to {}: paused by the operator",
+              group_.name(), config_.site);
+  if (conn_) Break(*conn_, "paused by the operator");
+  if (connecting_) {
+    std::error_code ignored;
+    connecting_->stream.close(ignored);
+  }
+}
+
+void Link::Resume() {
+  if (!paused_) return;
+  paused_ = false;
+  BR_LOG_INFO("replication", "group {} link to {}: resumed by the operator",
+              group_.name(), config_.site);
+  if (retry_timer_) retry_timer_->cancel();
+}
+
+asio::awaitable<void> Link::Run() {
+  auto backoff = kMinBackoff;
+  while (!stopping_) {
+    if (paused_) {
+      SetState(LinkState::kLogging);
+      retry_timer_->expires_at(std::chrono::steady_clock::time_point::max());
+      co_await retry_timer_->async_wait(kAsTuple);
+      backoff = kMinBackoff;
+      continue;
+    }
+    auto c = std::make_shared<Connection>(
+        group_.context(), std::chrono::milliseconds(config_.keepalive_ms));
+    connecting_ = c.get();
+    Status s = co_await Connect(*c);
+    connecting_ = nullptr;
+    if (stopping_) break;
+    if (paused_) continue;
+    if (!s.ok()) {
+      if (last_error_ != s.message()) {
+        BR_LOG_WARN("replication", "group {} link to {} ({}): {}; logging "
+                    "writes in the scoreboard, retrying", group_.name(),
+                    config_.site, config_.address.ToString(), s.message());
+      }
+      last_error_ = s.message();
+      SetState(LinkState::kLogging);
+      retry_timer_->expires_after(backoff);
+      co_await retry_timer_->async_wait(kAsTuple);
+      backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
+      continue;
+    }
+    backoff = kMinBackoff;
+    last_error_.clear();
+    ++connects_;
+    co_await Serve(c);
+    if (stopping_) break;
+    BR_LOG_WARN("replication", "group {} link to {}: connection lost ({}); "
+                "logging writes in the scoreboard", group_.name(),
+                config_.site, last_error_);
+    SetState(LinkState::kLogging);
+    // The bitmap matters now that the link is down: persist it.
+    for (const auto& v : group_.volumes()) {
+      core::Volume* vol = v.get();
+      Status fs = co_await group_.io().Run([vol] { return vol->FlushScoreboard(); });
+      if (!fs.ok()) {
+        BR_LOG_ERROR("replication", "volume {}: scoreboard flush after link "
+                     "loss failed: {}", vol->name(), fs.ToString());
+      }
+    }
+    retry_timer_->expires_after(kMinBackoff);
+    co_await retry_timer_->async_wait(kAsTuple);
+  }
+  running_ = false;
+}
+
+asio::awaitable<Status> Link::Connect(Connection& c) {
+  asio::ip::tcp::resolver resolver(group_.context());
+  auto [rec, endpoints] = co_await resolver.async_resolve(
+      config_.address.host, std::to_string(config_.address.port), kAsTuple);
+  if (rec) {
+    co_return Status::IOError(fmt::format("cannot resolve {}: {}",
+                                          config_.address.host, rec.message()));
+  }
+  Watchdog handshake_deadline(c.stream, kHandshakeTimeout);
+  handshake_deadline.Arm();
+  auto [cec, ep] = co_await asio::async_connect(c.stream, endpoints, kAsTuple);
+  if (cec) {
+    co_return Status::IOError(fmt::format("cannot connect to {}: {}",
+                                          config_.address.ToString(),
+                                          handshake_deadline.fired() ? "timed out" : cec.message()));
+  }
+  c.stream.set_option(asio::ip::tcp::no_delay(true));
+  c.peer = fmt::format("site {} at {}", config_.site, config_.address.ToString());
+
+  Hello hello;
+  hello.site = group_.local_site();
+  hello.group = group_.name();
+  hello.region_size_bytes = group_.config().region_size_bytes;
+  for (const auto& v : group_.volumes()) {
+    hello.volumes.push_back({v->name(), v->size_bytes()});
+  }
+  Bytes out;
+  EncodeHello(hello, out);
+  if (Status s = co_await WriteFrameBytes(c.stream, out, c.peer); !s.ok()) co_return s;
+  auto frame = co_await ReadFrame(c.stream, c.peer);
+  if (!frame.ok()) {
+    co_return handshake_deadline.fired()
+        ? Status::IOError(fmt::format("{} did not answer HELLO within {} s",
+                                      c.peer, kHandshakeTimeout.count()))
+        : frame.status();
+  }
+  auto decoded = frame->Decode();
+  if (!decoded.ok()) co_return decoded.status();
+  if (auto* err = std::get_if<ErrorFrame>(&*decoded)) {
+    co_return Status::IOError(fmt::format("{} refused: {}", c.peer, err->message));
+  }
+  auto* reply = std::get_if<HelloReply>(&*decoded);
+  if (!reply) {
+    co_return Status::Corruption(fmt::format(
+        "{} answered HELLO with {}", c.peer, FrameTypeName(frame->header.type)));
+  }
+  if (reply->result != HelloResult::kAccepted) {
+    co_return Status::IOError(fmt::format("{} refused the connection ({}): {}",
+                                          c.peer, HelloResultName(reply->result),
+                                          reply->message));
+  }
+  if (reply->site != config_.site) {
+    co_return Status::InvalidArgument(fmt::format(
+        "{} says it is site \"{}\", not \"{}\"; check the address in the "
+        "config", c.peer, reply->site, config_.site));
+  }
+  peer_site_ = reply->site;
+  co_return Status::OK();
+}
+
+asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
+  conn_ = c;
+  asio::steady_timer done(group_.context());
+  c->done_signal = &done;
+  c->watchdog.Arm();
+  stream_start_seq_ = group_.StartStreaming(this);
+  streaming_ = true;
+  acked_received_group_seq_ = acked_durable_group_seq_ = stream_start_seq_ - 1;
+  const bool resync = AnyDirty();
+  SetState(resync ? LinkState::kResyncing : LinkState::kReplicating);
+  BR_LOG_INFO("replication", "group {} link to {}: connected to {}{}",
+              group_.name(), config_.site, c->peer,
+              resync ? "; resyncing the regions marked while it was away" : "");
+  c->coroutines = resync ? 3 : 2;
+  asio::co_spawn(group_.context(), ReadLoop(c), asio::detached);
+  asio::co_spawn(group_.context(), WriteLoop(c), asio::detached);
+  if (resync) asio::co_spawn(group_.context(), ResyncLoop(c), asio::detached);
+  else c->resync_done = true;
+  while (c->coroutines > 0) {
+    done.expires_at(std::chrono::steady_clock::time_point::max());
+    co_await done.async_wait(kAsTuple);
+  }
+  c->done_signal = nullptr;
+  group_.StopStreaming(this);
+  streaming_ = false;
+  {
+    std::lock_guard lock(group_.mu_);
+    incoming_.clear();
+    incoming_bytes_ = 0;
+  }
+  conn_.reset();
+  resync_regions_left_ = resync_bytes_left_ = 0;
+  // Whatever was queued stays dirty in the scoreboard: the next connection
+  // resyncs it.
+}
+
+void Link::Break(Connection& c, const std::string& why) {
+  if (c.broken) return;
+  c.broken = true;
+  if (!stopping_ || last_error_.empty()) last_error_ = why;
+  std::error_code ignored;
+  c.stream.shutdown(asio::socket_base::shutdown_both, ignored);
+  c.stream.close(ignored);
+  c.wake.cancel();
+}
+
+void Link::Wake() {
+  if (conn_) conn_->wake.cancel();
+}
+
+void Link::DeliverLocked(std::shared_ptr<const SealedGroup> group) {
+  incoming_bytes_ += group->footprint();
+  incoming_.push_back(std::move(group));
+}
+
+void Link::TakeIncoming(Connection& c) {
+  std::vector<std::shared_ptr<const SealedGroup>> taken;
+  {
+    std::lock_guard lock(group_.mu_);
+    taken.swap(incoming_);
+    incoming_bytes_ = 0;
+  }
+  for (auto& g : taken) {
+    c.queue_bytes += g->footprint();
+    c.queue.push_back(Entry{std::move(g), c.next_link_seq++, false});
+  }
+}
+
+asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
+  const auto ping_every = std::chrono::milliseconds(config_.keepalive_ms / 3);
+  auto last_send = std::chrono::steady_clock::now();
+  uint64_t nonce = 0;
+  size_t next = 0;  // index in c->queue of the first entry not sent
+  Bytes out;
+  while (!c->broken) {
+    TakeIncoming(*c);
+    if (c->queue_bytes > config_.max_queue_bytes) {
+      Break(*c, fmt::format("{} bytes waiting for acknowledgement exceed "
+                            "max_queue ({} bytes)", c->queue_bytes,
+                            config_.max_queue_bytes));
+      break;
+    }
+    // Entries before c->sent were sent; acknowledgements pop from the front.
+    next = c->sent;
+    out.clear();
+    uint64_t data_bytes = 0;
+    for (; next < c->queue.size() && out.size() < (4u << 20); ++next) {
+      Entry& e = c->queue[next];
+      EncodeWriteGroup(e.group->ToFrame(e.link_seq), out);
+      e.sent = true;
+      ++c->sent;
+      c->max_sent_link_seq = e.link_seq;
+      data_bytes += e.group->data.size();
+      if (e.group->flags & kGroupResync) resync_bytes_sent_ += e.group->data.size();
+      ++groups_sent_;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (out.empty() && now - last_send >= ping_every) {
+      EncodePing(Ping{++nonce}, out);
+    }
+    if (!out.empty()) {
+      Status s = co_await WriteFrameBytes(c->stream, out, c->peer);
+      if (!s.ok()) {
+        Break(*c, s.message());
+        break;
+      }
+      bytes_sent_ += data_bytes;
+      wire_bytes_sent_ += out.size();
+      last_send = std::chrono::steady_clock::now();
+      continue;  // more may have arrived meanwhile
+    }
+    c->wake.expires_after(ping_every);
+    co_await c->wake.async_wait(kAsTuple);
+  }
+  if (--c->coroutines == 0 && c->done_signal) c->done_signal->cancel();
+}
+
+asio::awaitable<void> Link::ReadLoop(std::shared_ptr<Connection> c) {
+  FrameReader reader(c->stream, c->peer);
+  while (!c->broken) {
+    auto frame = co_await reader.Next();
+    if (!frame.ok()) {
+      Break(*c, c->watchdog.fired()
+                    ? fmt::format("no word from {} for {} ms (keepalive)",
+                                  c->peer, config_.keepalive_ms)
+                    : frame.status().message());
+      break;
+    }
+    c->watchdog.Arm();
+    auto decoded = frame->Decode();
+    if (!decoded.ok()) {
+      Break(*c, decoded.status().message());
+      break;
+    }
+    if (auto* ack = std::get_if<GroupAck>(&*decoded)) {
+      if (ack->received_seq > c->max_sent_link_seq || ack->durable_seq < c->acked_durable ||
+          ack->received_seq < c->acked_received) {
+        Break(*c, fmt::format("{} acknowledged group {} (durable {}), but only "
+                              "groups up to {} were sent and {} was already "
+                              "acknowledged", c->peer, ack->received_seq,
+                              ack->durable_seq, c->max_sent_link_seq,
+                              c->acked_received));
+        break;
+      }
+      HandleAck(*c, *ack);
+    } else if (std::holds_alternative<Pong>(*decoded)) {
+      // Alive; the watchdog was rearmed above.
+    } else if (auto* err = std::get_if<ErrorFrame>(&*decoded)) {
+      Break(*c, fmt::format("{} reported an error: {}", c->peer, err->message));
+      break;
+    } else {
+      Break(*c, fmt::format("{} sent an unexpected {} frame", c->peer,
+                            FrameTypeName(frame->header.type)));
+      break;
+    }
+  }
+  c->watchdog.Disarm();
+  if (--c->coroutines == 0 && c->done_signal) c->done_signal->cancel();
+}
+
+void Link::HandleAck(Connection& c, const GroupAck& ack) {
+  c.acked_received = ack.received_seq;
+  c.acked_durable = ack.durable_seq;
+  for (const auto& e : c.queue) {
+    if (e.link_seq > ack.received_seq) break;
+    if (e.group->group_seq > acked_received_group_seq_) {
+      acked_received_group_seq_ = e.group->group_seq;
+    }
+  }
+  const bool widen = state_ == LinkState::kReplicating;
+  while (!c.queue.empty() && c.queue.front().link_seq <= ack.durable_seq) {
+    Entry& e = c.queue.front();
+    Clean(*e.group, widen && !(e.group->flags & kGroupResync));
+    if (e.group->flags & kGroupResync) {
+      if (c.resync_unacked > 0) --c.resync_unacked;
+    } else if (e.group->group_seq > acked_durable_group_seq_) {
+      acked_durable_group_seq_ = e.group->group_seq;
+    }
+    c.queue_bytes -= std::min(c.queue_bytes, e.group->footprint());
+    c.queue.pop_front();
+    if (c.sent > 0) --c.sent;
+  }
+  c.wake.cancel();  // the resync walker may wait for its window
+  group_.CheckWaiters();
+}
+
+void Link::Clean(const SealedGroup& g, bool widen) {
+  for (const auto& op : g.ops) {
+    core::Volume& v = *group_.volumes()[op.volume];
+    storage::Scoreboard* sb = v.mutable_scoreboard();
+    const int slot = slots_[op.volume];
+    if (!sb || slot < 0) continue;
+    uint64_t begin = op.offset, end = op.offset + op.length;
+    if (widen) {
+      // Replicating: the rest of these regions was already in sync, so the
+      // write's whole regions may be cleared (Scoreboard::MarkClean).
+      const uint64_t rs = sb->region_size_bytes();
+      begin = begin / rs * rs;
+      end = std::min(v.size_bytes(), (end + rs - 1) / rs * rs);
+    }
+    sb->MarkClean(static_cast<uint32_t>(slot), begin, end - begin, op.wseq);
+  }
+}
+
+asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
+  resync_started_ = std::chrono::steady_clock::now();
+  uint64_t regions_sent = 0;
+  // What is left: counted once at the start, decremented as we go.
+  resync_regions_left_ = resync_bytes_left_ = 0;
+  for (size_t v = 0; v < slots_.size(); ++v) {
+    const auto* sb = group_.volumes()[v]->scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    auto st = sb->StatsForSlot(static_cast<uint32_t>(slots_[v]));
+    resync_regions_left_ += st.dirty_regions;
+    resync_bytes_left_ += st.dirty_bytes;
+  }
+  resync_total_bytes_ = resync_bytes_left_;
+  for (size_t v = 0; v < slots_.size() && !c->broken; ++v) {
+    core::Volume* vol = group_.volumes()[v].get();
+    const auto* sb = vol->scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+    const uint64_t rs = sb->region_size_bytes();
+    const uint64_t regions = sb->region_count();
+    uint64_t r = 0;
+    while (!c->broken) {
+      auto first = sb->NextDirtyRegion(slot, r);
+      if (!first) break;
+      // Contiguous dirty regions, up to kResyncChunkBytes.
+      uint64_t last = *first;
+      while (last + 1 < regions && (last + 2 - *first) * rs <= std::max(rs, kResyncChunkBytes) &&
+             sb->IsDirty(slot, last + 1)) {
+        ++last;
+      }
+      r = last + 1;
+      const uint64_t offset = *first * rs;
+      const uint64_t length = std::min(vol->size_bytes(), r * rs) - offset;
+      while (!c->broken && c->resync_unacked >= kResyncWindowEntries) {
+        c->wake.expires_after(std::chrono::milliseconds(100));
+        co_await c->wake.async_wait(kAsTuple);
+      }
+      if (c->broken) break;
+      // Counted before the read delivers it: its acknowledgement may come
+      // before this coroutine resumes.
+      ++c->resync_unacked;
+      auto data = std::make_shared<SealedGroup>();
+      data->flags = kGroupResync;
+      data->data.resize(length);
+      data->opened = std::chrono::steady_clock::now();
+      SealedGroup* raw = data.get();
+      ReplicationGroup* grp = &group_;
+      Link* self = this;
+      const uint32_t vindex = static_cast<uint32_t>(v);
+      std::shared_ptr<const SealedGroup>* keep = new std::shared_ptr<const SealedGroup>(data);
+      Status s = co_await group_.io().Run([vol, raw, grp, self, vindex, offset, length, keep] {
+        Status st = vol->ReadForResync(
+            offset, std::span<std::byte>(raw->data.data(), length),
+            [&](storage::WriteSeq as_of) {
+              CapturedOp op;
+              op.volume = vindex;
+              op.offset = offset;
+              op.length = length;
+              op.wseq = as_of;
+              if (AllZero(raw->data)) {
+                op.type = OpType::kZero;
+                raw->data.clear();
+              } else {
+                op.type = OpType::kWrite;
+              }
+              raw->ops.push_back(op);
+              raw->bytes_written = length;
+              grp->DeliverResync(self, *keep);
+            });
+        delete keep;
+        return st;
+      });
+      if (!s.ok()) {
+        --c->resync_unacked;
+        BR_LOG_ERROR("replication", "group {} link to {}: resync read of "
+                     "volume {} at {}+{} failed: {}", group_.name(), config_.site,
+                     vol->name(), offset, length, s.ToString());
+        Break(*c, "resync read failed: " + s.message());
+        break;
+      }
+      const uint64_t n = r - *first;
+      regions_sent += n;
+      resync_regions_left_ -= std::min(resync_regions_left_, n);
+      resync_bytes_left_ -= std::min(resync_bytes_left_, length);
+      c->wake.cancel();
+    }
+  }
+  // The pass is complete once everything it sent is durable downstream.
+  while (!c->broken && c->resync_unacked > 0) {
+    c->wake.expires_after(std::chrono::milliseconds(100));
+    co_await c->wake.async_wait(kAsTuple);
+  }
+  if (!c->broken) {
+    c->resync_done = true;
+    resync_regions_left_ = resync_bytes_left_ = 0;
+    const double secs = std::chrono::duration<double>(
+        std::chrono::steady_clock::now() - resync_started_).count();
+    BR_LOG_INFO("replication", "group {} link to {}: resync finished, {} "
+                "region(s) sent in {:.1f} s", group_.name(), config_.site,
+                regions_sent, secs);
+    SetState(LinkState::kReplicating);
+  }
+  if (--c->coroutines == 0 && c->done_signal) c->done_signal->cancel();
+}
+
+void Link::Sweep() {
+  // Throughput sample.
+  const auto now = std::chrono::steady_clock::now();
+  const double dt = std::chrono::duration<double>(now - rate_sample_time_).count();
+  if (dt >= 1.0) {
+    throughput_ = (bytes_sent_ - rate_sample_bytes_) / dt;
+    rate_sample_bytes_ = bytes_sent_;
+    rate_sample_time_ = now;
+  }
+  if (state_ != LinkState::kReplicating || !conn_ || !conn_->queue.empty()) return;
+  {
+    std::lock_guard lock(group_.mu_);
+    if (!incoming_.empty()) return;
+  }
+  for (size_t v = 0; v < slots_.size(); ++v) {
+    core::Volume* vol = group_.volumes()[v].get();
+    storage::Scoreboard* sb = vol->mutable_scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+    if (!sb->NextDirtyRegion(slot, 0)) continue;
+    // No write in flight, none waiting in the open group, none unacked:
+    // every write numbered up to now is durable downstream.
+    vol->IfNoWriteInFlight([&](storage::WriteSeq current) {
+      if (!group_.OpenGroupEmpty()) return;
+      sb->MarkClean(slot, 0, vol->size_bytes(), current);
+    });
+  }
+}
+
+bool Link::LagExceeded() const {
+  if (!config_.max_lag_bytes && !config_.max_lag_ms) return false;
+  if (!conn_) return false;
+  uint64_t bytes = 0;
+  std::chrono::steady_clock::time_point oldest = std::chrono::steady_clock::now();
+  for (const auto& e : conn_->queue) bytes += e.group->bytes_written;
+  if (!conn_->queue.empty()) oldest = conn_->queue.front().group->opened;
+  {
+    std::lock_guard lock(group_.mu_);
+    for (const auto& g : incoming_) bytes += g->bytes_written;
+    if (conn_->queue.empty() && !incoming_.empty()) oldest = incoming_.front()->opened;
+  }
+  if (config_.max_lag_bytes && bytes > *config_.max_lag_bytes) return true;
+  if (config_.max_lag_ms &&
+      std::chrono::steady_clock::now() - oldest >
+          std::chrono::milliseconds(*config_.max_lag_ms)) {
+    return true;
+  }
+  return false;
+}
+
+bool Link::CaughtUp() const {
+  if (state_ != LinkState::kReplicating || !conn_) return false;
+  if (!conn_->queue.empty()) return false;
+  std::lock_guard lock(group_.mu_);
+  return incoming_.empty();
+}
+
+nlohmann::json Link::Json() const {
+  const auto now = std::chrono::steady_clock::now();
+  uint64_t queue_bytes = 0, queue_groups = 0, lag_bytes = 0;
+  double lag_seconds = 0;
+  uint64_t acked_link_seq = 0;
+  if (conn_) {
+    queue_bytes = conn_->queue_bytes;
+    queue_groups = conn_->queue.size();
+    for (const auto& e : conn_->queue) lag_bytes += e.group->data.size();
+    if (!conn_->queue.empty()) {
+      lag_seconds = std::chrono::duration<double>(now - conn_->queue.front().group->opened).count();
+    }
+    acked_link_seq = conn_->acked_durable;
+  }
+  {
+    std::lock_guard lock(group_.mu_);
+    queue_bytes += incoming_bytes_;
+    queue_groups += incoming_.size();
+    for (const auto& g : incoming_) lag_bytes += g->data.size();
+    if (!incoming_.empty() && lag_seconds == 0) {
+      lag_seconds = std::chrono::duration<double>(now - incoming_.front()->opened).count();
+    }
+  }
+  nlohmann::json j = {
+      {"site", config_.site},
+      {"address", config_.address.ToString()},
+      {"mode", config::ToString(config_.mode)},
+      {"state", LinkStateName(state_)},
+      {"queue_bytes", queue_bytes},
+      {"queue_groups", queue_groups},
+      {"max_queue_bytes", config_.max_queue_bytes},
+      {"lag_bytes", lag_bytes},
+      {"lag_seconds", lag_seconds},
+      {"last_acked_seq", acked_durable_group_seq_},
+      {"last_acked_link_seq", acked_link_seq},
+      {"bytes_sent", bytes_sent_},
+      {"wire_bytes_sent", wire_bytes_sent_},
+      {"groups_sent", groups_sent_},
+      {"resync_bytes_sent", resync_bytes_sent_},
+      {"throughput_bytes_per_sec", static_cast<uint64_t>(throughput_)},
+      {"connects", connects_},
+      {"paused", paused_},
+  };
+  if (state_ == LinkState::kResyncing) {
+    const double secs = std::chrono::duration<double>(now - resync_started_).count();
+    const uint64_t done = resync_total_bytes_ - std::min(resync_total_bytes_, resync_bytes_left_);
+    const double rate = secs > 0 ? done / secs : 0;
+    j["resync"] = {{"regions_left", resync_regions_left_},
+                   {"bytes_left", resync_bytes_left_},
+                   {"rate_bytes_per_sec", static_cast<uint64_t>(rate)},
+                   {"eta_seconds", rate > 0 ? resync_bytes_left_ / rate : -1.0}};
+  }
+  if (!last_error_.empty()) j["last_error"] = last_error_;
+  return j;
+}
+
+}  // namespace blockrelay::replication

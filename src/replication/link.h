@@ -1,0 +1,147 @@
+// Link: this site's replication to one downstream site of one group.
+//
+// States (docs/replication.md):
+//   connecting   first attempt after start-up, nothing known yet
+//   resyncing    connected; new writes stream, and the regions the
+//                scoreboard marked while the link was down are being sent
+//   replicating  connected, streaming, nothing left from before
+//   logging      not connected (refused, unreachable, queue overflow, cut):
+//                writes only mark the scoreboard; reconnects with back-off
+//
+// One connection at a time; it has one reader coroutine (acknowledgements,
+// pongs) and one writer coroutine (groups, resync data, pings), both on the
+// network thread, plus the resync walker, whose reads run on pool threads.
+// Queue entries stay until the downstream acknowledges them durably; then
+// their scoreboard bits are cleared (Scoreboard::MarkClean with the write's
+// WriteSeq, so a newer write to the same extent keeps its bit).
+//
+// Thread safety: network thread only, except incoming_, which the group
+// fills under its mutex (ReplicationGroup::mu_) from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <asio/awaitable.hpp>
+#include <asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
+#include "blockrelay/config/site_config.h"
+#include "replication/frame_io.h"
+#include "replication/write_group.h"
+
+namespace blockrelay::replication {
+
+class ReplicationGroup;
+
+enum class LinkState { kConnecting, kResyncing, kReplicating, kLogging };
+const char* LinkStateName(LinkState state);
+
+class Link {
+ public:
+  Link(ReplicationGroup& group, const config::DownstreamConfig& config);
+  ~Link();
+
+  void Start();
+  asio::awaitable<void> Stop();
+
+  // Operator's pause: drops the connection and stays in logging mode
+  // (writes only mark the scoreboard) until Resume(), which reconnects at
+  // once and resyncs what changed. Not kept across a restart.
+  void Pause();
+  void Resume();
+  bool paused() const { return paused_; }
+
+  const std::string& site() const { return config_.site; }
+  bool is_sync() const { return config_.mode == config::LinkMode::kSync; }
+  LinkState state() const { return state_; }
+  bool streaming() const { return streaming_; }
+  uint64_t stream_start_seq() const { return stream_start_seq_; }
+  // Highest group_seq the downstream holds (received) / holds durably.
+  uint64_t acked_group_seq(bool durable) const {
+    return durable ? acked_durable_group_seq_ : acked_received_group_seq_;
+  }
+  // Replicating, and every group sealed so far is durable downstream.
+  bool CaughtUp() const;
+  // Behind by more than max_lag (bytes not durably acknowledged, or the age
+  // of the oldest of them). False without max_lag.
+  bool LagExceeded() const;
+  nlohmann::json Json() const;
+
+  // Called by the group under its mutex: a sealed group for this link, or
+  // resync data read while its range was held.
+  void DeliverLocked(std::shared_ptr<const SealedGroup> group);
+  // Network thread: something was delivered.
+  void Wake();
+  // Network thread, periodically: clears bits left set by streamed writes
+  // once nothing is outstanding.
+  void Sweep();
+
+ private:
+  struct Entry {
+    std::shared_ptr<const SealedGroup> group;
+    uint64_t link_seq = 0;
+    bool sent = false;
+  };
+  struct Connection;
+
+  asio::awaitable<void> Run();
+  asio::awaitable<Status> Connect(Connection& c);
+  asio::awaitable<void> Serve(std::shared_ptr<Connection> c);
+  asio::awaitable<void> ReadLoop(std::shared_ptr<Connection> c);
+  asio::awaitable<void> WriteLoop(std::shared_ptr<Connection> c);
+  asio::awaitable<void> ResyncLoop(std::shared_ptr<Connection> c);
+  void HandleAck(Connection& c, const GroupAck& ack);
+  void Clean(const SealedGroup& group, bool widen);
+  void Break(Connection& c, const std::string& why);
+  void SetState(LinkState s);
+  void TakeIncoming(Connection& c);
+  // Scoreboard slot of this link in volume `v`, or -1.
+  int SlotFor(size_t v) const;
+  bool AnyDirty() const;
+
+  ReplicationGroup& group_;
+  const config::DownstreamConfig config_;
+  std::vector<int> slots_;  // per volume of the group
+
+  LinkState state_ = LinkState::kConnecting;
+  bool stopping_ = false;
+  bool paused_ = false;
+  bool streaming_ = false;
+  uint64_t stream_start_seq_ = 0;
+  uint64_t acked_received_group_seq_ = 0;
+  uint64_t acked_durable_group_seq_ = 0;
+  std::shared_ptr<Connection> conn_;
+  Connection* connecting_ = nullptr;
+  std::optional<asio::steady_timer> retry_timer_;
+  bool running_ = false;
+  std::optional<asio::steady_timer> stopped_;
+
+  // GUARDED_BY(group_.mu_)
+  std::vector<std::shared_ptr<const SealedGroup>> incoming_;
+  uint64_t incoming_bytes_ = 0;
+
+  // Status.
+  std::string last_error_;
+  std::string peer_site_;
+  uint64_t bytes_sent_ = 0;        // write data sent, resync included
+  uint64_t wire_bytes_sent_ = 0;   // frame bytes
+  uint64_t groups_sent_ = 0;
+  uint64_t resync_bytes_sent_ = 0;
+  uint64_t resync_regions_left_ = 0;
+  uint64_t resync_bytes_left_ = 0;
+  uint64_t resync_total_bytes_ = 0;
+  std::chrono::steady_clock::time_point resync_started_;
+  uint64_t connects_ = 0;
+  // For the throughput figure: bytes_sent_ sampled about once a second.
+  std::chrono::steady_clock::time_point rate_sample_time_;
+  uint64_t rate_sample_bytes_ = 0;
+  double throughput_ = 0;
+};
+
+}  // namespace blockrelay::replication

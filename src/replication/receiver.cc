@@ -1,0 +1,696 @@
+#include "replication/receiver.h"
+
+#include <atomic>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/use_awaitable.hpp>
+#include <fmt/format.h>
+
+#include "replication/frame_io.h"
+#include "replication/replication_group.h"
+#include "util/logging.h"
+
+namespace blockrelay::replication {
+
+namespace {
+constexpr auto kAsTuple = asio::experimental::as_tuple(asio::use_awaitable);
+constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
+// How often waiting groups are synced and applied, and how many bytes may
+// wait before that happens at once.
+constexpr auto kSyncInterval = std::chrono::milliseconds(5);
+constexpr uint64_t kSyncBatchBytes = 4ull << 20;
+// Appends up to this size are done on the network thread (page cache).
+constexpr size_t kInlineAppendBytes = 256u << 10;
+// The journal is emptied (volumes flushed first) past this size, and when
+// the link has been idle for kIdleReset.
+constexpr uint64_t kJournalResetBytes = 64ull << 20;
+constexpr auto kIdleReset = std::chrono::seconds(1);
+// How long a quiet upstream may stay connected (it pings every
+// keepalive/3; its keepalive is at most 10 minutes).
+constexpr auto kReceiveTimeout = std::chrono::minutes(10);
+
+// An ERROR frame's message, cut to what the protocol carries.
+ErrorFrame MakeError(const std::string& message) {
+  return ErrorFrame{100, message.substr(0, kMaxStringBytes)};
+}
+
+std::string VolumeNames(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+}  // namespace
+
+struct Receiver::GroupState {
+  ReceiverTarget target;
+  std::unique_ptr<GroupJournal> journal;
+  // Two locks, so that appending (what a sync link's writer waits for)
+  // never waits behind a journal sync or the apply:
+  //   append_mu: journal appends and `pending`; held briefly, except
+  //              while the journal is reset (rare);
+  //   apply_mu:  syncing and applying, one batch at a time, in order.
+  // Lock order: apply_mu, then append_mu.
+  std::mutex apply_mu;
+  std::mutex append_mu;
+  struct Pending {
+    uint64_t conn_id;
+    uint64_t link_seq;
+    Bytes frame;
+  };
+  std::vector<Pending> pending;   // GUARDED_BY(append_mu)
+  uint64_t pending_bytes = 0;     // GUARDED_BY(append_mu)
+  uint64_t applied_group_seq = 0; // GUARDED_BY(apply_mu)
+  std::atomic<uint64_t> applied_group_seq_seen{0};  // for status and HELLO
+  uint64_t pending_bytes_hint() {
+    std::lock_guard lock(append_mu);
+    return pending_bytes;
+  }
+  std::chrono::steady_clock::time_point last_apply;  // GUARDED_BY(apply_mu)
+  // An append, sync or apply failed; refuse until restart.
+  std::atomic<bool> failed{false};
+  Status failure;  // GUARDED_BY(append_mu)
+  void Fail(const Status& s) {
+    std::lock_guard lock(append_mu);
+    if (failure.ok()) failure = s;
+    failed = true;
+  }
+  Status failure_status() {
+    std::lock_guard lock(append_mu);
+    return failure;
+  }
+
+  // Network thread.
+  std::weak_ptr<Conn> active;
+  std::string state = "waiting";  // waiting, connected, refused, error
+  std::string peer;
+  std::string last_error;
+  uint64_t groups_received = 0;
+  uint64_t bytes_received = 0;
+  uint64_t replayed_groups = 0;
+};
+
+struct Receiver::Conn {
+  explicit Conn(asio::ip::tcp::socket s)
+      : stream(std::move(s)), wake(stream.get_executor()),
+        ticker(stream.get_executor()), watchdog(stream, kReceiveTimeout) {}
+  Stream stream;
+  asio::steady_timer wake;
+  asio::steady_timer ticker;
+  Watchdog watchdog;
+  uint64_t id = 0;
+  std::string peer;
+  GroupState* group = nullptr;
+  bool closed = false;
+  uint64_t last_link_seq = 0;
+  uint64_t received = 0;
+  uint64_t durable = 0;
+  uint64_t acked_received = 0, acked_durable = 0;
+  std::vector<uint64_t> pongs;
+  std::string error;  // sent as ERROR before closing
+  void Close() {
+    if (closed) return;
+    closed = true;
+    std::error_code ignored;
+    stream.shutdown(asio::socket_base::shutdown_both, ignored);
+    stream.close(ignored);
+    wake.cancel();
+    ticker.cancel();
+  }
+};
+
+HelloCheck CheckHello(const Hello& hello, const std::string& local_site,
+                      const std::vector<ReceiverTarget>& targets) {
+  HelloCheck out;
+  const ReceiverTarget* target = nullptr;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (targets[i].config->name == hello.group) {
+      target = &targets[i];
+      out.target = i;
+    }
+  }
+  auto refuse = [&](HelloResult r, std::string msg) {
+    out.result = r;
+    out.message = std::move(msg);
+    return out;
+  };
+  if (!target) {
+    return refuse(HelloResult::kUnknownGroup,
+                  fmt::format("site {} has no secondary group \"{}\"",
+                              local_site, hello.group));
+  }
+  const auto& cfg = *target->config;
+  if (!cfg.upstream || cfg.upstream->site != hello.site) {
+    return refuse(HelloResult::kWrongSite,
+                  fmt::format("group {} on site {} takes writes only from its "
+                              "configured upstream{}, not from site {}",
+                              cfg.name, local_site,
+                              cfg.upstream ? " (site " + cfg.upstream->site + ")" : "",
+                              hello.site));
+  }
+  if (hello.region_size_bytes != cfg.region_size_bytes) {
+    return refuse(HelloResult::kMismatch,
+                  fmt::format("group {}: region_size is {} bytes on site {} but "
+                              "{} on site {}", cfg.name, cfg.region_size_bytes,
+                              local_site, hello.region_size_bytes, hello.site));
+  }
+  std::vector<std::string> ours, theirs;
+  for (const auto& v : target->volumes) ours.push_back(v->name());
+  for (const auto& v : hello.volumes) theirs.push_back(v.name);
+  if (ours.size() != theirs.size()) {
+    return refuse(HelloResult::kMismatch,
+                  fmt::format("group {} has {} volume(s) on site {} ({}) but {} "
+                              "on site {} ({})", cfg.name, ours.size(), local_site,
+                              VolumeNames(ours), theirs.size(), hello.site,
+                              VolumeNames(theirs)));
+  }
+  for (size_t i = 0; i < ours.size(); ++i) {
+    if (ours[i] != theirs[i]) {
+      return refuse(HelloResult::kMismatch,
+                    fmt::format("group {}: volume {} is \"{}\" on site {} but "
+                                "\"{}\" on site {}", cfg.name, i, ours[i],
+                                local_site, theirs[i], hello.site));
+    }
+    const uint64_t size = target->volumes[i]->size_bytes();
+    if (size != hello.volumes[i].size_bytes) {
+      return refuse(HelloResult::kMismatch,
+                    fmt::format("group {}: volume {} is {} bytes on site {} but "
+                                "{} bytes on site {}", cfg.name, ours[i], size,
+                                local_site, hello.volumes[i].size_bytes,
+                                hello.site));
+    }
+  }
+  return out;
+}
+
+Status CheckWriteGroup(const WriteGroup& group, const ReceiverTarget& target) {
+  for (size_t i = 0; i < group.ops.size(); ++i) {
+    const Op& op = group.ops[i];
+    if (op.volume >= target.volumes.size()) {
+      return Status::Corruption(fmt::format(
+          "WRITE_GROUP {} op {}: volume index {} but the group has {} volume(s)",
+          group.link_seq, i, op.volume, target.volumes.size()));
+    }
+    const uint64_t size = target.volumes[op.volume]->size_bytes();
+    if (op.offset > size || op.length > size - op.offset) {
+      return Status::Corruption(fmt::format(
+          "WRITE_GROUP {} op {}: {}+{} lies beyond the end of volume {} ({} "
+          "bytes)", group.link_seq, i, op.offset, op.length,
+          target.volumes[op.volume]->name(), size));
+    }
+  }
+  return Status::OK();
+}
+
+Receiver::Receiver(asio::io_context& ctx, core::IoExecutor& io,
+                   std::string local_site)
+    : ctx_(ctx), io_(io), local_site_(std::move(local_site)) {}
+
+Receiver::~Receiver() = default;
+
+Status Receiver::ApplyFrame(GroupState& g, const Bytes& frame) {
+  std::span<const std::byte> bytes(frame);
+  auto header = DecodeFrameHeader(bytes.first(kFrameHeaderBytes));
+  if (!header.ok()) return header.status();
+  auto decoded = DecodeFrame(*header, bytes.first(kFrameHeaderBytes),
+                             bytes.subspan(kFrameHeaderBytes));
+  if (!decoded.ok()) return decoded.status();
+  auto* group = std::get_if<WriteGroup>(&*decoded);
+  if (!group) return Status::Corruption("journal holds a frame that is not a WRITE_GROUP");
+  if (Status s = CheckWriteGroup(*group, g.target); !s.ok()) return s;
+  if (g.target.onward) g.target.onward->BeginApply();
+  Status result;
+  for (const Op& op : group->ops) {
+    core::Volume& v = *g.target.volumes[op.volume];
+    core::WriteContext ctx;
+    ctx.from_upstream = true;
+    Status s;
+    switch (op.type) {
+      case OpType::kWrite:
+        s = v.Write(op.offset, op.data, /*fua=*/false, &ctx);
+        break;
+      case OpType::kTrim:
+        s = op.length ? v.Trim(op.offset, op.length, false, &ctx) : Status::OK();
+        break;
+      case OpType::kZero:
+        s = op.length ? v.WriteZeroes(op.offset, op.length, /*may_trim=*/true,
+                                      /*fast_only=*/false, false, &ctx)
+                      : Status::OK();
+        break;
+    }
+    if (!s.ok()) {
+      result = s.WithContext(fmt::format("applying group {} to volume {} at {}+{}",
+                                         group->group_seq, v.name(), op.offset,
+                                         op.length));
+      break;
+    }
+  }
+  if (g.target.onward) g.target.onward->EndApply();
+  if (result.ok() && group->group_seq > g.applied_group_seq) {
+    g.applied_group_seq = group->group_seq;
+    g.applied_group_seq_seen = group->group_seq;
+  }
+  return result;
+}
+
+Status Receiver::AppendFrame(GroupState& g, uint64_t conn_id,
+                             uint64_t link_seq, Bytes& frame) {
+  std::lock_guard lock(g.append_mu);
+  if (!g.failure.ok()) return g.failure;
+  if (Status s = g.journal->Append(frame); !s.ok()) {
+    g.failure = s;
+    g.failed = true;
+    return s;
+  }
+  g.pending_bytes += frame.size();
+  g.pending.push_back({conn_id, link_seq, std::move(frame)});
+  return Status::OK();
+}
+
+Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
+                              uint64_t* durable_link_seq) {
+  std::lock_guard apply_lock(g.apply_mu);
+  if (g.failed) return g.failure_status();
+  std::vector<GroupState::Pending> batch;
+  {
+    std::lock_guard lock(g.append_mu);
+    batch.swap(g.pending);
+    g.pending_bytes = 0;
+  }
+  if (!batch.empty()) {
+    // Everything in `batch` was appended before this sync starts.
+    if (Status s = g.journal->Sync(); !s.ok()) {
+      g.Fail(s);
+      return s;
+    }
+    for (const auto& p : batch) {
+      if (Status s = ApplyFrame(g, p.frame); !s.ok()) {
+        // The group stays in the journal: a restart applies it again once
+        // the volume accepts writes.
+        g.Fail(s);
+        return s;
+      }
+      if (p.conn_id == conn_id) *durable_link_seq = p.link_seq;
+    }
+    g.last_apply = std::chrono::steady_clock::now();
+  }
+  const bool idle = std::chrono::steady_clock::now() - g.last_apply >= kIdleReset;
+  std::unique_lock lock(g.append_mu);
+  const uint64_t log_bytes = g.journal->log_bytes();
+  if (g.pending.empty() &&
+      (log_bytes > kJournalResetBytes || (idle && log_bytes > 0))) {
+    // Everything journaled is applied; once the volumes are durable the
+    // journal is not needed any more. Appends wait meanwhile.
+    for (const auto& v : g.target.volumes) {
+      if (Status s = v->Flush(); !s.ok()) {
+        lock.unlock();
+        g.Fail(s);
+        return s;
+      }
+    }
+    if (Status s = g.journal->Reset(g.applied_group_seq); !s.ok()) {
+      lock.unlock();
+      g.Fail(s);
+      return s;
+    }
+  }
+  return Status::OK();
+}
+
+Result<std::unique_ptr<Receiver>> Receiver::Open(
+    asio::io_context& ctx, core::IoExecutor& io, std::string local_site,
+    const std::string& data_dir, std::vector<ReceiverTarget> targets) {
+  std::unique_ptr<Receiver> r(new Receiver(ctx, io, std::move(local_site)));
+  for (auto& t : targets) {
+    auto g = std::make_unique<GroupState>();
+    g->target = t;
+    const std::string path = data_dir + "/journal-" + t.config->name + ".log";
+    GroupJournal::Recovered recovered;
+    auto journal = GroupJournal::Open(*io::Env::Default(), path, &recovered);
+    if (!journal.ok()) {
+      return journal.status().WithContext(fmt::format("group {}", t.config->name));
+    }
+    g->journal = std::move(journal).value();
+    g->applied_group_seq = recovered.applied_group_seq;
+    g->applied_group_seq_seen = recovered.applied_group_seq;
+    if (recovered.torn_tail_bytes > 0) {
+      BR_LOG_WARN("replication", "group {}: journal {} ended in a torn record "
+                  "({} bytes dropped; it was never acknowledged as durable)",
+                  t.config->name, path, recovered.torn_tail_bytes);
+    }
+    // Replay: apply again, in order, every group journaled since the last
+    // reset. Applying a group twice leaves the same bytes.
+    for (const auto& frame : recovered.frames) {
+      if (Status s = ApplyFrame(*g, frame); !s.ok()) {
+        return s.WithContext(fmt::format("group {}: replaying journal {}",
+                                         t.config->name, path));
+      }
+    }
+    if (!recovered.frames.empty()) {
+      for (const auto& v : t.volumes) {
+        if (Status s = v->Flush(); !s.ok()) return s;
+      }
+      if (Status s = g->journal->Reset(g->applied_group_seq); !s.ok()) return s;
+      BR_LOG_INFO("replication", "group {}: replayed {} write group(s) from "
+                  "journal {}; volumes now at group {}", t.config->name,
+                  recovered.frames.size(), path, g->applied_group_seq);
+    }
+    g->replayed_groups = recovered.frames.size();
+    g->last_apply = std::chrono::steady_clock::now();
+    r->groups_.push_back(std::move(g));
+  }
+  r->targets_ = std::move(targets);
+  return r;
+}
+
+Status Receiver::Listen(const config::Endpoint& endpoint) {
+  std::error_code ec;
+  asio::ip::tcp::resolver resolver(ctx_);
+  auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port),
+                                  asio::ip::tcp::resolver::passive, ec);
+  if (ec || results.empty()) {
+    return Status::InvalidArgument(fmt::format(
+        "replication.listen: cannot resolve {}: {}", endpoint.ToString(),
+        ec ? ec.message() : "no address"));
+  }
+  auto ep = results.begin()->endpoint();
+  acceptor_.emplace(ctx_);
+  acceptor_->open(ep.protocol(), ec);
+  if (!ec) acceptor_->set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) acceptor_->bind(ep, ec);
+  if (!ec) acceptor_->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    return Status::IOError(fmt::format("replication.listen: cannot listen on "
+                                       "{}: {}", endpoint.ToString(), ec.message()),
+                           ec.value());
+  }
+  return Status::OK();
+}
+
+void Receiver::Start() {
+  if (acceptor_) asio::co_spawn(ctx_, Accept(), asio::detached);
+}
+
+asio::awaitable<void> Receiver::Stop() {
+  stopping_ = true;
+  if (acceptor_) {
+    std::error_code ignored;
+    acceptor_->close(ignored);
+  }
+  for (auto& w : conns_) {
+    if (auto c = w.lock()) c->Close();
+  }
+  asio::steady_timer t(ctx_);
+  while (active_coroutines_ > 0) {
+    t.expires_after(std::chrono::milliseconds(10));
+    co_await t.async_wait(kAsTuple);
+  }
+  // Apply what is journaled so the volumes are current at shutdown.
+  for (auto& g : groups_) {
+    GroupState* gs = g.get();
+    Status s = co_await io_.Run([gs] {
+      uint64_t ignored = 0;
+      return SyncAndApply(*gs, 0, &ignored);
+    });
+    if (!s.ok()) {
+      BR_LOG_ERROR("replication", "group {}: applying journaled groups at "
+                   "shutdown failed: {}", gs->target.config->name, s.ToString());
+    }
+  }
+}
+
+asio::awaitable<void> Receiver::Accept() {
+  ++active_coroutines_;
+  while (!stopping_) {
+    auto [ec, socket] = co_await acceptor_->async_accept(kAsTuple);
+    if (ec) {
+      if (stopping_) break;
+      BR_LOG_WARN("replication", "accept failed: {}", ec.message());
+      continue;
+    }
+    asio::co_spawn(ctx_, Serve(std::move(socket)), asio::detached);
+  }
+  --active_coroutines_;
+}
+
+asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
+  ++active_coroutines_;
+  auto c = std::make_shared<Conn>(std::move(socket));
+  c->id = next_conn_id_++;
+  c->peer = PeerName(c->stream);
+  conns_.push_back(c);
+  std::error_code ignored;
+  c->stream.set_option(asio::ip::tcp::no_delay(true), ignored);
+  Watchdog handshake(c->stream, kHandshakeTimeout);
+  handshake.Arm();
+  auto frame = co_await ReadFrame(c->stream, c->peer);
+  handshake.Disarm();
+  std::optional<Hello> hello;
+  if (frame.ok()) {
+    auto decoded = frame->Decode();
+    if (decoded.ok() && std::holds_alternative<Hello>(*decoded)) {
+      hello = std::get<Hello>(*decoded);
+    } else {
+      BR_LOG_WARN("replication", "connection from {}: expected HELLO, got {}",
+                  c->peer, decoded.ok() ? FrameTypeName(frame->header.type)
+                                        : decoded.status().message());
+    }
+  } else {
+    BR_LOG_WARN("replication", "connection from {}: {}", c->peer,
+                handshake.fired() ? "no HELLO within 10 s" : frame.status().message());
+    if (frame.status().IsNotSupported() || frame.status().IsCorruption()) {
+      Bytes out;
+      EncodeError(MakeError(frame.status().message()), out);
+      co_await WriteFrameBytes(c->stream, out, c->peer);
+    }
+  }
+  if (!hello) {
+    c->Close();
+    --active_coroutines_;
+    co_return;
+  }
+  HelloCheck check = CheckHello(*hello, local_site_, targets_);
+  HelloReply reply;
+  reply.site = local_site_;
+  reply.result = check.result;
+  reply.message = check.message.substr(0, kMaxStringBytes);
+  GroupState* g = nullptr;
+  if (check.result == HelloResult::kAccepted) {
+    g = groups_[check.target].get();
+    if (g->failed) {
+      reply.result = HelloResult::kBusy;
+      reply.message = fmt::format("site {} cannot apply writes to group {}: {}",
+                                  local_site_, hello->group,
+                                  g->failure_status().message())
+                          .substr(0, kMaxStringBytes);
+    }
+    reply.applied_group_seq = g->applied_group_seq_seen.load();
+  }
+  Bytes out;
+  EncodeHelloReply(reply, out);
+  Status ws = co_await WriteFrameBytes(c->stream, out, c->peer);
+  if (reply.result != HelloResult::kAccepted) {
+    BR_LOG_ERROR("replication", "refused site {} ({}) for group {}: {}",
+                 hello->site, c->peer, hello->group, reply.message);
+    for (auto& gs : groups_) {
+      if (gs->target.config->name == hello->group) {
+        gs->state = "refused";
+        gs->last_error = reply.message;
+        gs->peer = c->peer;
+      }
+    }
+    c->Close();
+    --active_coroutines_;
+    co_return;
+  }
+  if (!ws.ok()) {
+    c->Close();
+    --active_coroutines_;
+    co_return;
+  }
+  // One upstream connection per group: a newer one replaces an older one
+  // (whose peer may have gone without a FIN).
+  if (auto old = g->active.lock()) {
+    BR_LOG_INFO("replication", "group {}: new connection from {} replaces the "
+                "one from {}", g->target.config->name, c->peer, old->peer);
+    old->Close();
+  }
+  g->active = c;
+  g->state = "connected";
+  g->peer = c->peer;
+  g->last_error.clear();
+  c->group = g;
+  BR_LOG_INFO("replication", "group {}: upstream site {} connected from {}",
+              g->target.config->name, hello->site, c->peer);
+  asio::co_spawn(ctx_, AckWriter(c), asio::detached);
+  asio::co_spawn(ctx_, SyncTicker(c), asio::detached);
+  c->watchdog.Arm();
+
+  FrameReader reader(c->stream, c->peer);
+  while (!c->closed) {
+    auto f = co_await reader.Next();
+    if (!f.ok()) {
+      if (!c->closed && !f.status().IsIOError()) c->error = f.status().message();
+      if (!c->closed) g->last_error = f.status().message();
+      break;
+    }
+    c->watchdog.Arm();
+    auto decoded = f->Decode();
+    if (!decoded.ok()) {
+      c->error = decoded.status().message();
+      break;
+    }
+    if (auto* ping = std::get_if<Ping>(&*decoded)) {
+      c->pongs.push_back(ping->nonce);
+      c->wake.cancel();
+      continue;
+    }
+    auto* wg = std::get_if<WriteGroup>(&*decoded);
+    if (!wg) {
+      c->error = fmt::format("unexpected {} frame after HELLO",
+                             FrameTypeName(f->header.type));
+      break;
+    }
+    Status s = CheckNextLinkSeq(c->last_link_seq, wg->link_seq);
+    if (s.ok()) s = CheckWriteGroup(*wg, g->target);
+    if (!s.ok()) {
+      c->error = s.message();
+      break;
+    }
+    c->last_link_seq = wg->link_seq;
+    ++g->groups_received;
+    for (const auto& op : wg->ops) g->bytes_received += op.data.size();
+    const bool durable = wg->flags & kGroupDurable;
+    const uint64_t link_seq = wg->link_seq;
+    const uint64_t conn_id = c->id;
+    Bytes* frame_bytes = &f->bytes;
+    uint64_t durable_seq = 0;
+    uint64_t* durable_out = &durable_seq;
+    // A small append goes straight to the page cache from here, unless
+    // the journal is being reset; a durable group also needs the sync.
+    bool appended = false;
+    if (!durable && frame_bytes->size() <= kInlineAppendBytes &&
+        g->append_mu.try_lock()) {
+      g->append_mu.unlock();
+      s = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
+      appended = true;
+    }
+    if (!appended) {
+      s = co_await io_.Run([g, frame_bytes, durable, link_seq, conn_id, durable_out] {
+        Status st = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
+        if (st.ok() && (durable || g->pending_bytes_hint() >= kSyncBatchBytes)) {
+          st = SyncAndApply(*g, conn_id, durable_out);
+        }
+        return st;
+      });
+    }
+    if (!s.ok()) {
+      BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
+      c->error = fmt::format("site {} cannot take writes for group {}: {}",
+                             local_site_, g->target.config->name, s.message());
+      g->last_error = c->error;
+      break;
+    }
+    c->received = link_seq;
+    if (durable_seq > c->durable) c->durable = durable_seq;
+    c->wake.cancel();
+  }
+  if (!c->error.empty() && !c->closed) {
+    BR_LOG_ERROR("replication", "group {}: closing connection from {}: {}",
+                 g->target.config->name, c->peer, c->error);
+    Bytes err;
+    EncodeError(MakeError(c->error), err);
+    co_await WriteFrameBytes(c->stream, err, c->peer);
+  }
+  c->watchdog.Disarm();
+  c->Close();
+  if (g->active.lock() == c || g->active.expired()) {
+    g->state = "waiting";
+  }
+  BR_LOG_INFO("replication", "group {}: upstream connection from {} closed",
+              g->target.config->name, c->peer);
+  --active_coroutines_;
+}
+
+asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
+  ++active_coroutines_;
+  GroupState* g = c->group;
+  while (!c->closed) {
+    c->ticker.expires_after(kSyncInterval);
+    co_await c->ticker.async_wait(kAsTuple);
+    if (c->closed) break;
+    uint64_t durable_seq = 0;
+    uint64_t* durable_out = &durable_seq;
+    const uint64_t conn_id = c->id;
+    Status s = co_await io_.Run([g, conn_id, durable_out] {
+      return SyncAndApply(*g, conn_id, durable_out);
+    });
+    if (!s.ok()) {
+      BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
+      c->error = s.message();
+      g->last_error = s.message();
+      c->Close();
+      break;
+    }
+    if (durable_seq > c->durable) {
+      c->durable = durable_seq;
+      c->wake.cancel();
+    }
+  }
+  --active_coroutines_;
+}
+
+asio::awaitable<void> Receiver::AckWriter(std::shared_ptr<Conn> c) {
+  ++active_coroutines_;
+  Bytes out;
+  while (!c->closed) {
+    out.clear();
+    for (uint64_t nonce : c->pongs) EncodePong(Pong{nonce}, out);
+    c->pongs.clear();
+    // durable never passes received: the journal is synced up to what was
+    // appended, and appended is acknowledged first.
+    const uint64_t durable = std::min(c->durable, c->received);
+    if (c->received != c->acked_received || durable != c->acked_durable) {
+      EncodeGroupAck(GroupAck{c->received, durable}, out);
+      c->acked_received = c->received;
+      c->acked_durable = durable;
+    }
+    if (!out.empty()) {
+      Status s = co_await WriteFrameBytes(c->stream, out, c->peer);
+      if (!s.ok()) {
+        c->Close();
+        break;
+      }
+      continue;
+    }
+    c->wake.expires_at(std::chrono::steady_clock::time_point::max());
+    co_await c->wake.async_wait(kAsTuple);
+  }
+  --active_coroutines_;
+}
+
+nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
+  for (const auto& g : groups_) {
+    if (g->target.config->name != group) continue;
+    nlohmann::json j = {
+        {"site", g->target.config->upstream ? g->target.config->upstream->site : ""},
+        {"state", g->state},
+        {"peer", g->peer},
+        {"groups_received", g->groups_received},
+        {"bytes_received", g->bytes_received},
+        {"replayed_groups", g->replayed_groups},
+    };
+    j["applied_group_seq"] = g->applied_group_seq_seen.load();
+    {
+      std::lock_guard lock(g->append_mu);
+      j["journal_bytes"] = g->journal->log_bytes();
+      if (!g->failure.ok()) j["error"] = g->failure.message();
+    }
+    if (!g->last_error.empty()) j["last_error"] = g->last_error;
+    return j;
+  }
+  return nullptr;
+}
+
+}  // namespace blockrelay::replication

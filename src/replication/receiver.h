@@ -1,0 +1,115 @@
+// Receiver: the downstream end of replication, on `replication.listen`.
+//
+// For every secondary group of this site it accepts one upstream
+// connection at a time from the group's configured upstream site, checks
+// its HELLO (CheckHello), and then, for each WRITE_GROUP frame:
+//   1. appends the frame to the group's journal (GroupJournal) and
+//      acknowledges it as received (what a sync link waits for);
+//   2. soon after (at a durable group, every kSyncInterval, or once
+//      kSyncBatchBytes are waiting) syncs the journal, applies the waiting
+//      groups to the volumes in order, and acknowledges them as durable
+//      (what clears the upstream's scoreboard and answers FLUSH/FUA).
+// Writes are applied through core::Volume like local ones, so a group with
+// its own downstream links forwards them (chains), one upstream group never
+// split across two of its own (ReplicationGroup::BeginApply).
+// A group only reaches the volumes after its journal record is durable, so
+// a crash of this site at any point leaves the volumes at a group boundary
+// once Open() has replayed the journal.
+//
+// Threads: connections are coroutines on the network thread; journal and
+// volume I/O run on the IoExecutor under the group's mutex.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <asio/awaitable.hpp>
+#include <asio/io_context.hpp>
+#include <asio/ip/tcp.hpp>
+#include <nlohmann/json.hpp>
+
+#include "blockrelay/config/site_config.h"
+#include "blockrelay/core/io_executor.h"
+#include "blockrelay/core/volume.h"
+#include "blockrelay/io/env.h"
+#include "replication/journal.h"
+#include "replication/protocol.h"
+
+namespace blockrelay::replication {
+
+class ReplicationGroup;
+
+// A secondary group as the receiver sees it.
+struct ReceiverTarget {
+  const config::GroupConfig* config = nullptr;
+  std::vector<std::shared_ptr<core::Volume>> volumes;  // config order
+  ReplicationGroup* onward = nullptr;  // this site's own links, if any
+};
+
+struct HelloCheck {
+  HelloResult result = HelloResult::kAccepted;
+  std::string message;
+  size_t target = 0;  // index into the targets when accepted
+};
+
+// Decides whether `hello` may push into one of `targets` of site
+// `local_site`. Pure: the message names what differs on which site.
+HelloCheck CheckHello(const Hello& hello, const std::string& local_site,
+                      const std::vector<ReceiverTarget>& targets);
+
+// Checks a decoded WRITE_GROUP against the target before it is journaled:
+// volume indexes and ranges. Corruption naming the op otherwise.
+Status CheckWriteGroup(const WriteGroup& group, const ReceiverTarget& target);
+
+class Receiver {
+ public:
+  // Opens each target's journal in `data_dir` and replays what it holds
+  // (blocking; at start-up, before anything is served).
+  static Result<std::unique_ptr<Receiver>> Open(
+      asio::io_context& ctx, core::IoExecutor& io, std::string local_site,
+      const std::string& data_dir, std::vector<ReceiverTarget> targets);
+  ~Receiver();
+
+  Status Listen(const config::Endpoint& endpoint);
+  void Start();
+  asio::awaitable<void> Stop();
+
+  // Upstream connection state of `group`, for status; null if not a target.
+  nlohmann::json UpstreamJson(const std::string& group) const;
+
+ private:
+  struct GroupState;
+  struct Conn;
+  Receiver(asio::io_context& ctx, core::IoExecutor& io, std::string local_site);
+  asio::awaitable<void> Accept();
+  asio::awaitable<void> Serve(asio::ip::tcp::socket socket);
+  asio::awaitable<void> SyncTicker(std::shared_ptr<Conn> c);
+  asio::awaitable<void> AckWriter(std::shared_ptr<Conn> c);
+  // REQUIRES: g.apply_mu held, or start-up.
+  static Status ApplyFrame(GroupState& g, const Bytes& frame);
+  // Appends a received frame to the journal (takes append_mu).
+  static Status AppendFrame(GroupState& g, uint64_t conn_id, uint64_t link_seq,
+                            Bytes& frame);
+  // Syncs the journal and applies what was appended, in order (takes
+  // apply_mu); resets the journal when it is large or idle. Sets
+  // *durable_link_seq to the last applied frame of connection `conn_id`.
+  static Status SyncAndApply(GroupState& g, uint64_t conn_id,
+                             uint64_t* durable_link_seq);
+
+  asio::io_context& ctx_;
+  core::IoExecutor& io_;
+  const std::string local_site_;
+  std::vector<std::unique_ptr<GroupState>> groups_;
+  std::vector<ReceiverTarget> targets_;
+  std::optional<asio::ip::tcp::acceptor> acceptor_;
+  std::vector<std::weak_ptr<Conn>> conns_;
+  bool stopping_ = false;
+  int active_coroutines_ = 0;
+  uint64_t next_conn_id_ = 1;
+};
+
+}  // namespace blockrelay::replication
