@@ -87,6 +87,14 @@ class GroupJournal {
   // is harmless (same bytes, same order).
   Status Reset(uint64_t applied_group_seq);
 
+  // Records applied_group_seq durably without dropping the log: after a
+  // restart, frames with group_seq <= it are known to be done (the
+  // upstream's disk queue uses this to drop acknowledged groups lazily).
+  Status RecordApplied(uint64_t applied_group_seq) {
+    if (!error_.ok()) return error_;
+    return WriteHeader(applied_group_seq);
+  }
+
   // Log bytes appended since the last Reset().
   uint64_t log_bytes() const { return end_ - kLogStart; }
   uint64_t applied_group_seq() const { return applied_group_seq_; }

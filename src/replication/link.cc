@@ -1,6 +1,9 @@
 #include "replication/link.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdio>
 
 #include <asio/co_spawn.hpp>
 #include <asio/connect.hpp>
@@ -10,6 +13,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "blockrelay/io/env.h"
 #include "replication/replication_group.h"
 #include "util/logging.h"
 
@@ -39,6 +43,7 @@ const char* LinkStateName(LinkState state) {
     case LinkState::kResyncing: return "resyncing";
     case LinkState::kReplicating: return "replicating";
     case LinkState::kLogging: return "logging";
+    case LinkState::kQueuing: return "queuing";
   }
   return "?";
 }
@@ -61,6 +66,7 @@ struct Link::Connection {
   uint64_t max_sent_link_seq = 0;
   uint64_t resync_unacked = 0;  // resync entries not yet durable
   bool resync_done = false;
+  uint64_t peer_applied_group_seq = 0;  // from HELLO_REPLY
   int coroutines = 0;  // reader, writer, resync still running
   asio::steady_timer* done_signal = nullptr;
 };
@@ -87,6 +93,14 @@ void Link::Start() {
   stopped_.emplace(group_.context());
   running_ = true;
   rate_sample_time_ = std::chrono::steady_clock::now();
+  if (disk_mode()) {
+    // A disk queue keeps every write from now on, connected or not.
+    stream_start_seq_ = group_.StartStreaming(this);
+    capturing_ = true;
+    disk_wake_.emplace(group_.context());
+    disk_loop_running_ = true;
+    asio::co_spawn(group_.context(), DiskLoop(), asio::detached);
+  }
   asio::co_spawn(group_.context(), Run(), asio::detached);
 }
 
@@ -98,7 +112,8 @@ asio::awaitable<void> Link::Stop() {
     std::error_code ignored;
     connecting_->stream.close(ignored);
   }
-  while (running_) {
+  if (disk_wake_) disk_wake_->cancel();
+  while (running_ || disk_loop_running_) {
     stopped_->expires_after(std::chrono::milliseconds(20));
     co_await stopped_->async_wait(kAsTuple);
   }
@@ -145,7 +160,7 @@ asio::awaitable<void> Link::Run() {
   auto backoff = kMinBackoff;
   while (!stopping_) {
     if (paused_) {
-      SetState(LinkState::kLogging);
+      SetState(disk_mode() && capturing_ ? LinkState::kQueuing : LinkState::kLogging);
       retry_timer_->expires_at(std::chrono::steady_clock::time_point::max());
       co_await retry_timer_->async_wait(kAsTuple);
       backoff = kMinBackoff;
@@ -165,7 +180,7 @@ asio::awaitable<void> Link::Run() {
                     config_.site, config_.address.ToString(), s.message());
       }
       last_error_ = s.message();
-      SetState(LinkState::kLogging);
+      SetState(disk_mode() && capturing_ ? LinkState::kQueuing : LinkState::kLogging);
       retry_timer_->expires_after(backoff);
       co_await retry_timer_->async_wait(kAsTuple);
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
@@ -176,10 +191,12 @@ asio::awaitable<void> Link::Run() {
     ++connects_;
     co_await Serve(c);
     if (stopping_) break;
-    BR_LOG_WARN("replication", "group {} link to {}: connection lost ({}); "
-                "logging writes in the scoreboard", group_.name(),
-                config_.site, last_error_);
-    SetState(LinkState::kLogging);
+    const bool queuing = disk_mode() && capturing_;
+    BR_LOG_WARN("replication", "group {} link to {}: connection lost ({}); {}",
+                group_.name(), config_.site, last_error_,
+                queuing ? "keeping writes in order in the disk queue"
+                        : "logging writes in the scoreboard");
+    SetState(queuing ? LinkState::kQueuing : LinkState::kLogging);
     // The bitmap matters now that the link is down: persist it.
     for (const auto& v : group_.volumes()) {
       core::Volume* vol = v.get();
@@ -252,6 +269,7 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
         "config", c.peer, reply->site, config_.site));
   }
   peer_site_ = reply->site;
+  c.peer_applied_group_seq = reply->applied_group_seq;
   co_return Status::OK();
 }
 
@@ -260,10 +278,36 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
   asio::steady_timer done(group_.context());
   c->done_signal = &done;
   c->watchdog.Arm();
-  stream_start_seq_ = group_.StartStreaming(this);
+  bool resync;
+  if (disk_mode()) {
+    if (!capturing_) {
+      // The queue overflowed earlier: what happened since is only in the
+      // scoreboard.
+      stream_start_seq_ = group_.StartStreaming(this);
+      capturing_ = true;
+      disk_complete_ = false;
+    }
+    // What the downstream already applied (acknowledged before a restart
+    // or a lost connection) is not sent again.
+    while (!kept_.empty() && kept_.front()->group_seq != 0 &&
+           kept_.front()->group_seq <= c->peer_applied_group_seq) {
+      Clean(*kept_.front(), false);
+      kept_acked_seq_ = kept_.front()->group_seq;
+      kept_bytes_ -= std::min(kept_bytes_, kept_.front()->footprint());
+      kept_.pop_front();
+    }
+    for (const auto& g : kept_) {
+      c->queue_bytes += g->footprint();
+      c->queue.push_back(Entry{g, c->next_link_seq++, false});
+    }
+    resync = !disk_complete_ && AnyDirty();
+    if (!resync) disk_complete_ = true;
+  } else {
+    stream_start_seq_ = group_.StartStreaming(this);
+    resync = AnyDirty();
+  }
   streaming_ = true;
   acked_received_group_seq_ = acked_durable_group_seq_ = stream_start_seq_ - 1;
-  const bool resync = AnyDirty();
   SetState(resync ? LinkState::kResyncing : LinkState::kReplicating);
   BR_LOG_INFO("replication", "group {} link to {}: connected to {}{}",
               group_.name(), config_.site, c->peer,
@@ -278,9 +322,9 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
     co_await done.async_wait(kAsTuple);
   }
   c->done_signal = nullptr;
-  group_.StopStreaming(this);
   streaming_ = false;
-  {
+  if (!disk_mode()) {
+    group_.StopStreaming(this);
     std::lock_guard lock(group_.mu_);
     incoming_.clear();
     incoming_bytes_ = 0;
@@ -302,6 +346,10 @@ void Link::Break(Connection& c, const std::string& why) {
 }
 
 void Link::Wake() {
+  if (disk_mode()) {
+    if (disk_wake_) disk_wake_->cancel();  // the disk loop feeds the connection
+    return;
+  }
   if (conn_) conn_->wake.cancel();
 }
 
@@ -330,8 +378,8 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
   size_t next = 0;  // index in c->queue of the first entry not sent
   Bytes out;
   while (!c->broken) {
-    TakeIncoming(*c);
-    if (c->queue_bytes > config_.max_queue_bytes) {
+    if (!disk_mode()) TakeIncoming(*c);
+    if (!disk_mode() && c->queue_bytes > config_.max_queue_bytes) {
       Break(*c, fmt::format("{} bytes waiting for acknowledgement exceed "
                             "max_queue ({} bytes)", c->queue_bytes,
                             config_.max_queue_bytes));
@@ -434,6 +482,12 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
       acked_durable_group_seq_ = e.group->group_seq;
     }
     c.queue_bytes -= std::min(c.queue_bytes, e.group->footprint());
+    if (!kept_.empty() && kept_.front() == e.group) {
+      if (e.group->group_seq) kept_acked_seq_ = e.group->group_seq;
+      kept_bytes_ -= std::min(kept_bytes_, e.group->footprint());
+      kept_.pop_front();
+      if (kept_.empty() && disk_wake_) disk_wake_->cancel();
+    }
     c.queue.pop_front();
     if (c.sent > 0) --c.sent;
   }
@@ -553,6 +607,9 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
   }
   if (!c->broken) {
     c->resync_done = true;
+    // Every write since streaming started is in the queue, and every
+    // region dirty before it has been sent.
+    if (disk_mode() && capturing_) disk_complete_ = true;
     resync_regions_left_ = resync_bytes_left_ = 0;
     const double secs = std::chrono::duration<double>(
         std::chrono::steady_clock::now() - resync_started_).count();
@@ -663,7 +720,13 @@ nlohmann::json Link::Json() const {
       {"throughput_bytes_per_sec", static_cast<uint64_t>(throughput_)},
       {"connects", connects_},
       {"paused", paused_},
+      {"queue", disk_mode() ? "disk" : "memory"},
   };
+  if (disk_mode()) {
+    j["disk_queue_bytes"] = kept_bytes_;
+    j["disk_queue_groups"] = kept_.size();
+    j["disk_queue_complete"] = disk_complete_ && capturing_;
+  }
   if (state_ == LinkState::kResyncing) {
     const double secs = std::chrono::duration<double>(now - resync_started_).count();
     const uint64_t done = resync_total_bytes_ - std::min(resync_total_bytes_, resync_bytes_left_);
@@ -675,6 +738,225 @@ nlohmann::json Link::Json() const {
   }
   if (!last_error_.empty()) j["last_error"] = last_error_;
   return j;
+}
+
+}  // namespace blockrelay::replication
+
+// --- "queue": "disk" --------------------------------------------------------
+
+namespace blockrelay::replication {
+
+namespace {
+constexpr auto kRecordAckedEvery = std::chrono::seconds(1);
+const char kCompleteMarker[] = "complete\n";
+
+// A WRITE_GROUP frame read back from the disk queue as a SealedGroup. The
+// scoreboard WriteSeq of its writes belongs to the previous run: 0 here,
+// which makes MarkClean conservative (Scoreboard::MarkClean).
+Result<std::shared_ptr<const SealedGroup>> GroupFromFrame(const Bytes& frame) {
+  std::span<const std::byte> bytes(frame);
+  auto header = DecodeFrameHeader(bytes.first(kFrameHeaderBytes));
+  if (!header.ok()) return header.status();
+  auto decoded = DecodeFrame(*header, bytes.first(kFrameHeaderBytes),
+                             bytes.subspan(kFrameHeaderBytes));
+  if (!decoded.ok()) return decoded.status();
+  const auto* wg = std::get_if<WriteGroup>(&*decoded);
+  if (!wg) return Status::Corruption("not a WRITE_GROUP frame");
+  auto g = std::make_shared<SealedGroup>();
+  g->group_seq = wg->group_seq;
+  g->flags = wg->flags;
+  g->opened = std::chrono::steady_clock::now();
+  for (const auto& op : wg->ops) {
+    CapturedOp c{op.type, op.volume, op.offset, op.length, g->data.size(), 0};
+    g->data.insert(g->data.end(), op.data.begin(), op.data.end());
+    g->bytes_written += op.length;
+    g->ops.push_back(c);
+  }
+  return std::shared_ptr<const SealedGroup>(std::move(g));
+}
+}  // namespace
+
+Status Link::OpenDiskQueue(const std::string& data_dir) {
+  const std::string path =
+      fmt::format("{}/queue-{}-{}.log", data_dir, group_.name(), config_.site);
+  disk_marker_ = path + ".clean";
+  GroupJournal::Recovered recovered;
+  auto journal = GroupJournal::Open(*io::Env::Default(), path, &recovered);
+  if (!journal.ok()) {
+    return journal.status().WithContext(
+        fmt::format("group {} link to {}: disk queue", group_.name(), config_.site));
+  }
+  disk_ = std::move(journal).value();
+  // The marker says the last run ended cleanly with a complete queue. It
+  // goes before anything else happens: a crash of this run must not find
+  // it.
+  std::string marker;
+  if (FILE* f = std::fopen(disk_marker_.c_str(), "r")) {
+    char buf[32] = {};
+    size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+    marker.assign(buf, n);
+    std::fclose(f);
+    std::remove(disk_marker_.c_str());
+    if (Status s = io::Env::Default()->SyncDir(data_dir); !s.ok()) return s;
+  }
+  recorded_acked_seq_ = kept_acked_seq_ = recovered.applied_group_seq;
+  if (marker == kCompleteMarker) {
+    uint64_t max_seq = 0;
+    for (const auto& frame : recovered.frames) {
+      auto g = GroupFromFrame(frame);
+      if (!g.ok()) return g.status().WithContext("disk queue " + path);
+      max_seq = std::max(max_seq, (*g)->group_seq);
+      if ((*g)->group_seq != 0 && (*g)->group_seq <= recovered.applied_group_seq) continue;
+      kept_bytes_ += (*g)->footprint();
+      kept_.push_back(std::move(g).value());
+    }
+    group_.EnsureSeqAbove(max_seq);
+    disk_complete_ = true;
+    BR_LOG_INFO("replication", "group {} link to {}: disk queue {} holds {} "
+                "group(s), {} bytes, from before the restart; they go first, in "
+                "order", group_.name(), config_.site, path, kept_.size(),
+                kept_bytes_);
+  } else {
+    if (!recovered.frames.empty()) {
+      BR_LOG_WARN("replication", "group {} link to {}: disk queue {} is not "
+                  "known to be complete (the last run did not stop cleanly); "
+                  "dropping its {} group(s): the scoreboard resyncs those regions",
+                  group_.name(), config_.site, path, recovered.frames.size());
+    }
+    if (Status s = disk_->Reset(recovered.applied_group_seq); !s.ok()) return s;
+    disk_complete_ = false;
+  }
+  return Status::OK();
+}
+
+void Link::Overflow(const std::string& why) {
+  BR_LOG_WARN("replication", "group {} link to {}: {}; dropping the disk "
+              "queue and logging writes in the scoreboard (the next connect "
+              "resyncs)", group_.name(), config_.site, why);
+  group_.StopStreaming(this);
+  capturing_ = false;
+  disk_complete_ = false;
+  disk_reset_needed_ = true;
+  kept_.clear();
+  kept_bytes_ = 0;
+  {
+    std::lock_guard lock(group_.mu_);
+    incoming_.clear();
+    incoming_bytes_ = 0;
+  }
+  if (conn_) {
+    Break(*conn_, why);
+  } else {
+    SetState(LinkState::kLogging);
+  }
+}
+
+asio::awaitable<void> Link::DrainToDisk() {
+  std::vector<std::shared_ptr<const SealedGroup>> taken;
+  {
+    std::lock_guard lock(group_.mu_);
+    taken.swap(incoming_);
+    incoming_bytes_ = 0;
+  }
+  if (!capturing_) co_return;  // overflowed: the scoreboard has it
+  if (!taken.empty()) {
+    std::vector<Bytes> frames(taken.size());
+    for (size_t i = 0; i < taken.size(); ++i) {
+      EncodeWriteGroup(taken[i]->ToFrame(0), frames[i]);
+    }
+    GroupJournal* journal = disk_.get();
+    std::vector<Bytes>* fp = &frames;
+    Status s = co_await group_.io().Run([journal, fp] {
+      for (const auto& f : *fp) {
+        if (Status st = journal->Append(f); !st.ok()) return st;
+      }
+      return Status::OK();
+    });
+    if (!s.ok()) {
+      Overflow("the disk queue cannot be written: " + s.message());
+      co_return;
+    }
+    for (auto& g : taken) {
+      kept_bytes_ += g->footprint();
+      kept_.push_back(g);
+      if (conn_ && !conn_->broken) {
+        conn_->queue_bytes += g->footprint();
+        conn_->queue.push_back(Entry{g, conn_->next_link_seq++, false});
+      }
+    }
+    if (conn_) conn_->wake.cancel();
+    if (kept_bytes_ > config_.max_queue_bytes) {
+      Overflow(fmt::format("{} bytes waiting exceed max_queue ({} bytes)",
+                           kept_bytes_, config_.max_queue_bytes));
+      co_return;
+    }
+    if (disk_->log_bytes() > 2 * config_.max_queue_bytes) {
+      Overflow(fmt::format("the disk queue file holds {} bytes, more than twice "
+                           "max_queue, without ever running empty",
+                           disk_->log_bytes()));
+      co_return;
+    }
+  }
+}
+
+asio::awaitable<void> Link::DiskLoop() {
+  auto last_record = std::chrono::steady_clock::now();
+  GroupJournal* journal = disk_.get();
+  while (!stopping_) {
+    co_await DrainToDisk();
+    if (disk_reset_needed_ || (kept_.empty() && journal->log_bytes() > 0)) {
+      const uint64_t acked = kept_acked_seq_;
+      Status s = co_await group_.io().Run([journal, acked] { return journal->Reset(acked); });
+      if (!s.ok()) {
+        BR_LOG_ERROR("replication", "group {} link to {}: {}", group_.name(),
+                     config_.site, s.ToString());
+      }
+      disk_reset_needed_ = false;
+      recorded_acked_seq_ = acked;
+    } else if (kept_acked_seq_ > recorded_acked_seq_ &&
+               std::chrono::steady_clock::now() - last_record >= kRecordAckedEvery) {
+      const uint64_t acked = kept_acked_seq_;
+      Status s = co_await group_.io().Run([journal, acked] { return journal->RecordApplied(acked); });
+      if (!s.ok()) {
+        BR_LOG_ERROR("replication", "group {} link to {}: {}", group_.name(),
+                     config_.site, s.ToString());
+      }
+      recorded_acked_seq_ = acked;
+      last_record = std::chrono::steady_clock::now();
+    }
+    disk_wake_->expires_after(kRecordAckedEvery);
+    co_await disk_wake_->async_wait(kAsTuple);
+  }
+  // Clean shutdown: the group sealed what it had; keep it all, and say the
+  // queue is complete if it is, so the next run sends it in order.
+  co_await DrainToDisk();
+  const uint64_t acked = kept_acked_seq_;
+  const bool complete = capturing_ && disk_complete_;
+  const std::string marker = disk_marker_;
+  const std::string* mp = &marker;
+  Status s = co_await group_.io().Run([journal, acked, complete, mp] {
+    Status st = journal->RecordApplied(acked);
+    if (st.ok()) st = journal->Sync();
+    if (st.ok() && complete) {
+      FILE* f = std::fopen(mp->c_str(), "w");
+      if (!f) return Status::IOError("cannot create " + *mp, errno);
+      std::fputs(kCompleteMarker, f);
+      std::fflush(f);
+      ::fsync(fileno(f));
+      std::fclose(f);
+    }
+    return st;
+  });
+  if (!s.ok()) {
+    BR_LOG_ERROR("replication", "group {} link to {}: saving the disk queue at "
+                 "shutdown failed: {}; the next start resyncs from the scoreboard",
+                 group_.name(), config_.site, s.ToString());
+  } else if (complete) {
+    BR_LOG_INFO("replication", "group {} link to {}: disk queue saved with {} "
+                "group(s) ({} bytes) for the next start", group_.name(),
+                config_.site, kept_.size(), kept_bytes_);
+  }
+  disk_loop_running_ = false;
 }
 
 }  // namespace blockrelay::replication

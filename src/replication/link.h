@@ -7,6 +7,9 @@
 //   replicating  connected, streaming, nothing left from before
 //   logging      not connected (refused, unreachable, queue overflow, cut):
 //                writes only mark the scoreboard; reconnects with back-off
+//   queuing      "queue": "disk" only: not connected, but writes are kept
+//                in order in the disk queue (up to max_queue), so the
+//                downstream catches up write-ordered, without a resync
 //
 // One connection at a time; it has one reader coroutine (acknowledgements,
 // pongs) and one writer coroutine (groups, resync data, pings), both on the
@@ -33,19 +36,26 @@
 
 #include "blockrelay/config/site_config.h"
 #include "replication/frame_io.h"
+#include "replication/journal.h"
 #include "replication/write_group.h"
 
 namespace blockrelay::replication {
 
 class ReplicationGroup;
 
-enum class LinkState { kConnecting, kResyncing, kReplicating, kLogging };
+enum class LinkState { kConnecting, kResyncing, kReplicating, kLogging, kQueuing };
 const char* LinkStateName(LinkState state);
 
 class Link {
  public:
   Link(ReplicationGroup& group, const config::DownstreamConfig& config);
   ~Link();
+
+  // "queue": "disk": opens data_dir/queue-<group>-<site>.log and takes
+  // back what a clean shutdown left in it (after a crash the queue may
+  // lack writes that the scoreboard has, so it is dropped and the link
+  // resyncs instead). Start-up, before Start(); blocks.
+  Status OpenDiskQueue(const std::string& data_dir);
 
   void Start();
   asio::awaitable<void> Stop();
@@ -58,6 +68,7 @@ class Link {
   bool paused() const { return paused_; }
 
   const std::string& site() const { return config_.site; }
+  const config::DownstreamConfig& config() const { return config_; }
   bool is_sync() const { return config_.mode == config::LinkMode::kSync; }
   LinkState state() const { return state_; }
   bool streaming() const { return streaming_; }
@@ -104,6 +115,14 @@ class Link {
   // Scoreboard slot of this link in volume `v`, or -1.
   int SlotFor(size_t v) const;
   bool AnyDirty() const;
+  // Disk queue: moves delivered groups into the file and kept_, feeds the
+  // connection, drops acknowledged groups from the file.
+  asio::awaitable<void> DiskLoop();
+  asio::awaitable<void> DrainToDisk();
+  // The disk queue cannot hold what is waiting: drop it and fall back to
+  // the scoreboard (logging mode, resync at the next connect).
+  void Overflow(const std::string& why);
+  bool disk_mode() const { return disk_ != nullptr; }
 
   ReplicationGroup& group_;
   const config::DownstreamConfig config_;
@@ -121,6 +140,19 @@ class Link {
   std::optional<asio::steady_timer> retry_timer_;
   bool running_ = false;
   std::optional<asio::steady_timer> stopped_;
+
+  // "queue": "disk" (network thread).
+  std::unique_ptr<GroupJournal> disk_;
+  std::string disk_marker_;  // exists only after a clean shutdown
+  bool capturing_ = false;     // the group hands us sealed groups
+  bool disk_complete_ = false; // kept_ has every write the downstream lacks
+  bool disk_reset_needed_ = false;
+  std::deque<std::shared_ptr<const SealedGroup>> kept_;  // not yet durable downstream
+  uint64_t kept_bytes_ = 0;
+  uint64_t kept_acked_seq_ = 0;      // last group durably acknowledged
+  uint64_t recorded_acked_seq_ = 0;  // ... as written in the file's header
+  std::optional<asio::steady_timer> disk_wake_;
+  bool disk_loop_running_ = false;
 
   // GUARDED_BY(group_.mu_)
   std::vector<std::shared_ptr<const SealedGroup>> incoming_;

@@ -43,6 +43,13 @@ ReplicationGroup::ReplicationGroup(
                                    : d.group_interval_ms;
   }
   group_interval_ = std::chrono::milliseconds(interval_ms ? interval_ms : 10);
+  // Group numbers keep growing across restarts (a downstream reports the
+  // last one it applied, and a disk queue skips what it has): start from
+  // the wall clock in microseconds, which no earlier run can have reached
+  // unless it sealed more than a million groups a second.
+  next_seq_ = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(
+          std::chrono::system_clock::now().time_since_epoch()).count());
   open_.Open(next_seq_);
   for (size_t i = 0; i < volumes_.size(); ++i) {
     volumes_[i]->AttachReplication(this, static_cast<uint32_t>(i));
@@ -51,6 +58,14 @@ ReplicationGroup::ReplicationGroup(
 
 ReplicationGroup::~ReplicationGroup() = default;
 
+Status ReplicationGroup::OpenDiskQueues(const std::string& data_dir) {
+  for (auto& link : links_) {
+    if (link->config().queue != config::QueueKind::kDisk) continue;
+    if (Status s = link->OpenDiskQueue(data_dir); !s.ok()) return s;
+  }
+  return Status::OK();
+}
+
 void ReplicationGroup::Start() {
   seal_timer_.emplace(ctx_);
   waiter_timer_.emplace(ctx_);
@@ -58,7 +73,17 @@ void ReplicationGroup::Start() {
   for (auto& link : links_) link->Start();
 }
 
+void ReplicationGroup::EnsureSeqAbove(uint64_t seq) {
+  std::lock_guard lock(mu_);
+  if (next_seq_ <= seq && open_.empty()) {
+    next_seq_ = seq + 1;
+    open_.Open(next_seq_);
+  }
+}
+
 asio::awaitable<void> ReplicationGroup::Stop() {
+  // What is captured goes to the links (a disk queue keeps it).
+  SealNow();
   stopping_ = true;
   if (seal_timer_) seal_timer_->cancel();
   if (waiter_timer_) waiter_timer_->cancel();

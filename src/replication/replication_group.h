@@ -49,6 +49,8 @@ class ReplicationGroup final : public core::ReplicationSink {
                    std::vector<std::shared_ptr<core::Volume>> volumes);
   ~ReplicationGroup() override;
 
+  // Opens the disk queues of links with "queue": "disk" (start-up; blocks).
+  Status OpenDiskQueues(const std::string& data_dir);
   // Starts the links (network thread).
   void Start();
   // Stops the links and fails nothing: writes not yet acknowledged stay
@@ -83,6 +85,8 @@ class ReplicationGroup final : public core::ReplicationSink {
   void StopStreaming(Link* link);
   // Seals the open group now if it holds anything (or is a barrier).
   void SealNow();
+  // Start-up, before any write: later groups get numbers above `seq`.
+  void EnsureSeqAbove(uint64_t seq);
   // Resync data for `link`, from a pool thread while the volume range is
   // held: queued for the link behind every group sealed before it.
   void DeliverResync(Link* link, std::shared_ptr<const SealedGroup> data);

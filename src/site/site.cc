@@ -97,6 +97,9 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
       site->replication_.push_back(std::make_unique<replication::ReplicationGroup>(
           ctx, *site->io_, site->config_.site, group, group_volumes));
       onward = site->replication_.back().get();
+      if (Status s = onward->OpenDiskQueues(site->config_.data_dir.string()); !s.ok()) {
+        return s;
+      }
     }
     if (group.role == config::Role::kSecondary) {
       targets.push_back({&group, group_volumes, onward});
