@@ -195,16 +195,16 @@ int WaitCaughtUp(const std::string& config_path, const std::string& socket,
   return kExitOk;
 }
 
-// pause / resume GROUP --link SITE.
-int PauseOrResume(const std::string& command, const std::string& config_path,
-                  const std::string& socket, const std::string& group,
-                  const std::string& link, bool json) {
+// pause / resume / resync GROUP --link SITE.
+int LinkControl(const std::string& command, const std::string& config_path,
+                const std::string& socket, const std::string& group,
+                const std::string& link, bool full, bool json) {
   int exit_code = kExitOk;
   auto path = ResolveSocket(config_path, socket, exit_code);
   if (!path) return exit_code;
-  auto reply = control::Call(
-      *path, {{"command", command}, {"group", group}, {"link", link}},
-      std::chrono::seconds(10));
+  nlohmann::json request = {{"command", command}, {"group", group}, {"link", link}};
+  if (command == "resync") request["full"] = full;
+  auto reply = control::Call(*path, request, std::chrono::seconds(30));
   if (!reply.ok()) {
     fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
     return kExitFailed;
@@ -216,8 +216,10 @@ int PauseOrResume(const std::string& command, const std::string& config_path,
   if (json) {
     fmt::print("{}\n", reply->dump(2));
   } else {
-    fmt::print("group {} link {}: {} (state {})\n", group, link,
-               reply->value("paused", false) ? "paused" : "resumed",
+    const std::string what =
+        command == "resync" ? (full ? "full resync started" : "resync started")
+        : reply->value("paused", false) ? "paused" : "resumed";
+    fmt::print("group {} link {}: {} (state {})\n", group, link, what,
                reply->value("state", "?"));
   }
   return kExitOk;
@@ -291,14 +293,20 @@ int main(int argc, char** argv) {
     std::string config, socket, group, link;
     bool json = false;
   };
-  LinkCommand pause_cmd, resume_cmd;
-  for (auto* lc : {&pause_cmd, &resume_cmd}) {
-    const bool is_pause = lc == &pause_cmd;
-    lc->app = app.add_subcommand(
-        is_pause ? "pause" : "resume",
-        is_pause ? "Stop replicating to a downstream site (writes are logged "
-                   "in the scoreboard)"
-                 : "Reconnect a paused link; it resyncs what changed");
+  LinkCommand pause_cmd, resume_cmd, resync_cmd;
+  bool resync_full = false;
+  for (auto* lc : {&pause_cmd, &resume_cmd, &resync_cmd}) {
+    const char* name = lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync";
+    const char* help =
+        lc == &pause_cmd
+            ? "Stop replicating to a downstream site (writes are logged in the scoreboard)"
+        : lc == &resume_cmd
+            ? "Reconnect a paused link; it resyncs what changed"
+            : "Reconnect a link and resync its dirty regions (--full: every region)";
+    lc->app = app.add_subcommand(name, help);
+    if (lc == &resync_cmd) {
+      lc->app->add_flag("--full", resync_full, "Mark every region dirty first");
+    }
     lc->app->add_option("group", lc->group, "Consistency group name")->required();
     lc->app->add_option("--link,-l", lc->link, "Downstream site")->required();
     auto* cfg = lc->app->add_option("--config,-c", lc->config, "Site configuration file");
@@ -336,10 +344,10 @@ int main(int argc, char** argv) {
   if (*check) return CheckConfig(check_path);
   if (*status) return ShowStatus(status_config, status_socket, status_json);
   if (*inspect) return Inspect(inspect_config, inspect_json);
-  for (auto* lc : {&pause_cmd, &resume_cmd}) {
+  for (auto* lc : {&pause_cmd, &resume_cmd, &resync_cmd}) {
     if (*lc->app) {
-      return PauseOrResume(lc == &pause_cmd ? "pause" : "resume", lc->config,
-                           lc->socket, lc->group, lc->link, lc->json);
+      return LinkControl(lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync",
+                         lc->config, lc->socket, lc->group, lc->link, resync_full, lc->json);
     }
   }
   if (*wait) {

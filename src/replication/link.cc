@@ -156,6 +156,28 @@ void Link::Resume() {
   if (retry_timer_) retry_timer_->cancel();
 }
 
+asio::awaitable<Status> Link::ForceResync(bool full) {
+  if (full) {
+    for (size_t v = 0; v < slots_.size(); ++v) {
+      storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
+      if (!sb || slots_[v] < 0) continue;
+      const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+      Status s = co_await group_.io().Run([sb, slot] { return sb->MarkAllDirty(slot); });
+      if (!s.ok()) co_return s;
+    }
+  }
+  BR_LOG_INFO("replication", "group {} link to {}: {} resync requested by the "
+              "operator", group_.name(), config_.site, full ? "full" : "a");
+  // The disk queue no longer covers everything that is dirty.
+  if (disk_mode()) disk_complete_ = false;
+  if (conn_) {
+    Break(*conn_, "resync requested by the operator");
+  } else if (retry_timer_ && !paused_) {
+    retry_timer_->cancel();
+  }
+  co_return Status::OK();
+}
+
 asio::awaitable<void> Link::Run() {
   auto backoff = kMinBackoff;
   while (!stopping_) {
@@ -516,6 +538,7 @@ void Link::Clean(const SealedGroup& g, bool widen) {
 asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
   resync_started_ = std::chrono::steady_clock::now();
   uint64_t regions_sent = 0;
+  uint64_t read_bytes = 0;
   // What is left: counted once at the start, decremented as we go.
   resync_regions_left_ = resync_bytes_left_ = 0;
   for (size_t v = 0; v < slots_.size(); ++v) {
@@ -595,6 +618,17 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
       }
       const uint64_t n = r - *first;
       regions_sent += n;
+      read_bytes += length;
+      // resync_rate: stay at or below it on average since the start.
+      if (config_.resync_rate_bytes_per_sec) {
+        const auto due = resync_started_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(static_cast<double>(read_bytes) /
+                                          *config_.resync_rate_bytes_per_sec));
+        while (!c->broken && std::chrono::steady_clock::now() < due) {
+          c->wake.expires_at(due);
+          co_await c->wake.async_wait(kAsTuple);
+        }
+      }
       resync_regions_left_ -= std::min(resync_regions_left_, n);
       resync_bytes_left_ -= std::min(resync_bytes_left_, length);
       c->wake.cancel();

@@ -65,6 +65,9 @@ class Link {
   // once and resyncs what changed. Not kept across a restart.
   void Pause();
   void Resume();
+  // Operator's resync: reconnects and walks the scoreboard again; with
+  // `full`, every region is marked dirty first (a full sync).
+  asio::awaitable<Status> ForceResync(bool full);
   bool paused() const { return paused_; }
 
   const std::string& site() const { return config_.site; }

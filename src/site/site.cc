@@ -268,6 +268,31 @@ nlohmann::json Site::PauseReply(const nlohmann::json& request, bool pause) {
           {"state", replication::LinkStateName(l->state())}};
 }
 
+asio::awaitable<nlohmann::json> Site::ResyncReply(const nlohmann::json& request) {
+  if (!request.contains("group") || !request["group"].is_string() ||
+      !request.contains("link") || !request["link"].is_string()) {
+    co_return control::ErrorReply(
+        "resync: \"group\" and \"link\" (strings) are required");
+  }
+  if (request.contains("full") && !request["full"].is_boolean()) {
+    co_return control::ErrorReply("resync: \"full\" must be true or false");
+  }
+  const std::string group = request["group"].get<std::string>();
+  const std::string link = request["link"].get<std::string>();
+  const bool full = request.value("full", false);
+  auto* rg = FindReplicationGroup(group);
+  replication::Link* l = rg ? rg->FindLink(link) : nullptr;
+  if (!l) {
+    co_return control::ErrorReply(fmt::format(
+        "site {} has no group \"{}\" with a downstream link to site \"{}\"",
+        config_.site, group, link));
+  }
+  Status s = co_await l->ForceResync(full);
+  if (!s.ok()) co_return control::ErrorReply(s.message());
+  co_return nlohmann::json{{"group", group}, {"link", link}, {"full", full},
+                           {"state", replication::LinkStateName(l->state())}};
+}
+
 nlohmann::json Site::StatusJson() const {
   using nlohmann::json;
   json groups = json::array();
@@ -352,11 +377,14 @@ asio::awaitable<nlohmann::json> Site::HandleControl(
   if (command == "pause" || command == "resume") {
     co_return PauseReply(request, command == "pause");
   }
+  if (command == "resync") {
+    co_return co_await ResyncReply(request);
+  }
   if (command == "version") {
     co_return nlohmann::json{{"version", BLOCKRELAY_VERSION}};
   }
   co_return control::ErrorReply(fmt::format(
-      "unknown command \"{}\"; known: status, wait, pause, resume, version", command));
+      "unknown command \"{}\"; known: status, wait, pause, resume, resync, version", command));
 }
 
 }  // namespace blockrelay::site

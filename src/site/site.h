@@ -58,6 +58,7 @@ class Site {
   replication::ReplicationGroup* FindReplicationGroup(const std::string& name) const;
   nlohmann::json WaitReply(const nlohmann::json& request);
   nlohmann::json PauseReply(const nlohmann::json& request, bool pause);
+  asio::awaitable<nlohmann::json> ResyncReply(const nlohmann::json& request);
 
   config::SiteConfig config_;
   std::optional<io::DataDirLock> lock_;

@@ -736,6 +736,19 @@ uint64_t Scoreboard::MarkClean(uint32_t slot, uint64_t offset, uint64_t length, 
   return impl_->MarkClean(slot, offset, length, as_of);
 }
 
+Status Scoreboard::MarkAllDirty(uint32_t slot) {
+  if (slot >= format::kMaxSlots || impl_->slot_pos[slot] < 0) {
+    return Status::InvalidArgument(fmt::format("scoreboard has no slot {}", slot));
+  }
+  SlotBitmap& bm = *impl_->bitmaps[static_cast<size_t>(impl_->slot_pos[slot])];
+  {
+    std::lock_guard<std::mutex> lock(impl_->pages_mu);
+    bm.SetRange(0, impl_->g.region_count - 1);
+    for (uint64_t p = 0; p < bm.page_count(); ++p) bm.MarkUnflushed(p);
+  }
+  return impl_->FlushBitmaps();
+}
+
 bool Scoreboard::IsDirty(uint32_t slot, uint64_t region) const {
   if (slot >= format::kMaxSlots || impl_->slot_pos[slot] < 0) return false;
   if (region >= impl_->g.region_count) return false;

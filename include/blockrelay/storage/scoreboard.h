@@ -146,6 +146,11 @@ class Scoreboard {
   // An unknown slot clears nothing. Never fails.
   uint64_t MarkClean(uint32_t slot, uint64_t offset, uint64_t length, WriteSeq as_of);
 
+  // Marks every region of `slot` dirty and makes that durable (an
+  // operator's full resync). Other slots are untouched. An unknown slot is
+  // InvalidArgument; IOError (sticky) when the bitmap cannot be written.
+  Status MarkAllDirty(uint32_t slot);
+
   bool IsDirty(uint32_t slot, uint64_t region) const;
   // The first dirty region >= from_region of `slot`, for resync.
   std::optional<uint64_t> NextDirtyRegion(uint32_t slot, uint64_t from_region) const;
