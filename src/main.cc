@@ -1,6 +1,7 @@
 // blockrelay: the command line. Subcommands map to the DESIGN.md CLI
 // contract. Exit codes: 0 done, 1 failed, 2 usage or config error.
 #include <malloc.h>
+#include <unistd.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -225,6 +226,73 @@ int LinkControl(const std::string& command, const std::string& config_path,
   return kExitOk;
 }
 
+// verify GROUP --link SITE [--fix]: starts the compare, prints a progress
+// line while it runs, then the result. Exit 0: identical (or fixed with
+// --fix); 1: mismatches found, or the verify failed.
+int Verify(const std::string& config_path, const std::string& socket,
+           const std::string& group, const std::string& link, bool fix,
+           double timeout_seconds, bool json) {
+  int exit_code = kExitOk;
+  auto path = ResolveSocket(config_path, socket, exit_code);
+  if (!path) return exit_code;
+  auto call = [&](const nlohmann::json& request) -> std::optional<nlohmann::json> {
+    auto reply = control::Call(*path, request, std::chrono::seconds(10));
+    if (!reply.ok()) {
+      fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+      return std::nullopt;
+    }
+    if (!reply->value("ok", false)) {
+      fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+      return std::nullopt;
+    }
+    return *reply;
+  };
+  auto started = call({{"command", "verify"}, {"group", group}, {"link", link}, {"fix", fix}});
+  if (!started) return kExitFailed;
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_seconds));
+  nlohmann::json last = *started;
+  const bool tty = ::isatty(2);
+  while (last.value("running", false)) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      fmt::print(stderr, "\nblockrelay: verify still running after {} s\n", timeout_seconds);
+      return kExitFailed;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    auto status = call({{"command", "verify_status"}, {"group", group}, {"link", link}});
+    if (!status) return kExitFailed;
+    last = *status;
+    const uint64_t done = last.value("regions_done", 0ull), total = last.value("regions_total", 0ull);
+    fmt::print(stderr, "{}verify {} -> {}: {}/{} regions ({:.0f}%), {} mismatching{}",
+               tty ? "\r" : "", group, link, done, total,
+               total ? 100.0 * done / total : 100.0,
+               last.value("mismatched_regions", 0ull), tty ? "" : "\n");
+  }
+  if (tty) fmt::print(stderr, "\n");
+  if (json) fmt::print("{}\n", last.dump(2));
+  if (last.contains("error")) {
+    fmt::print(stderr, "blockrelay: verify failed: {}\n", last["error"].get<std::string>());
+    return kExitFailed;
+  }
+  const uint64_t mismatched = last.value("mismatched_regions", 0ull);
+  if (!json) {
+    fmt::print("verify {} -> {}: {} regions compared in {:.1f} s, {} mismatching ({} bytes)\n",
+               group, link, last.value("regions_done", 0ull),
+               last.value("elapsed_seconds", 0.0), mismatched,
+               last.value("mismatched_bytes", 0ull));
+    for (const auto& m : last["mismatches"]) {
+      fmt::print("  volume {} region {} (offset {})\n", m.value("volume", "?"),
+                 m.value("region", 0ull), m.value("offset", 0ull));
+    }
+    if (fix && mismatched) {
+      fmt::print("{} region(s) marked dirty; the link resyncs them now\n",
+                 last.value("fixed_regions", 0ull));
+    }
+  }
+  return mismatched && !fix ? kExitFailed : kExitOk;
+}
+
 int Inspect(const std::string& config_path, bool json) {
   auto config = config::LoadSiteConfig(config_path);
   if (!config.ok()) return ConfigError(config.status());
@@ -314,6 +382,22 @@ int main(int argc, char** argv) {
     lc->app->add_flag("--json", lc->json, "Print the JSON reply");
   }
 
+  std::string verify_config, verify_socket, verify_group, verify_link;
+  bool verify_fix = false, verify_json = false;
+  double verify_timeout = 86400;
+  auto* verify = app.add_subcommand(
+      "verify", "Compare a group's volumes with a downstream site, online");
+  verify->add_option("group", verify_group, "Consistency group name")->required();
+  verify->add_option("--link,-l", verify_link, "Downstream site")->required();
+  verify->add_flag("--fix", verify_fix, "Mark mismatching regions dirty so resync repairs them");
+  verify->add_option("--timeout,-t", verify_timeout, "Give up after this many seconds")
+      ->check(CLI::PositiveNumber);
+  auto* verify_config_opt =
+      verify->add_option("--config,-c", verify_config, "Site configuration file");
+  verify->add_option("--socket,-s", verify_socket, "Control socket path")
+      ->excludes(verify_config_opt);
+  verify->add_flag("--json", verify_json, "Print the JSON result");
+
   std::string inspect_config;
   bool inspect_json = false;
   auto* inspect = app.add_subcommand(
@@ -349,6 +433,10 @@ int main(int argc, char** argv) {
       return LinkControl(lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync",
                          lc->config, lc->socket, lc->group, lc->link, resync_full, lc->json);
     }
+  }
+  if (*verify) {
+    return Verify(verify_config, verify_socket, verify_group, verify_link,
+                  verify_fix, verify_timeout, verify_json);
   }
   if (*wait) {
     return WaitCaughtUp(wait_config, wait_socket, wait_group, wait_link,

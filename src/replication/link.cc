@@ -12,6 +12,8 @@
 #include <asio/ip/tcp.hpp>
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "blockrelay/io/env.h"
 #include "replication/replication_group.h"
@@ -413,7 +415,13 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
     uint64_t data_bytes = 0;
     for (; next < c->queue.size() && out.size() < (4u << 20); ++next) {
       Entry& e = c->queue[next];
-      EncodeWriteGroup(e.group->ToFrame(e.link_seq), out);
+      if (e.group->verify) {
+        VerifyRequest v = *e.group->verify;
+        v.link_seq = e.link_seq;
+        EncodeVerifyRequest(v, out);
+      } else {
+        EncodeWriteGroup(e.group->ToFrame(e.link_seq), out);
+      }
       e.sent = true;
       ++c->sent;
       c->max_sent_link_seq = e.link_seq;
@@ -470,6 +478,8 @@ asio::awaitable<void> Link::ReadLoop(std::shared_ptr<Connection> c) {
         break;
       }
       HandleAck(*c, *ack);
+    } else if (auto* vr = std::get_if<VerifyResult>(&*decoded)) {
+      HandleVerifyResult(*vr);
     } else if (std::holds_alternative<Pong>(*decoded)) {
       // Alive; the watchdog was rearmed above.
     } else if (auto* err = std::get_if<ErrorFrame>(&*decoded)) {
@@ -991,6 +1001,176 @@ asio::awaitable<void> Link::DiskLoop() {
                 config_.site, kept_.size(), kept_bytes_);
   }
   disk_loop_running_ = false;
+}
+
+}  // namespace blockrelay::replication
+
+// --- online verify ------------------------------------------------------------
+
+namespace blockrelay::replication {
+
+namespace {
+constexpr size_t kVerifyWindow = 8;       // requests in flight
+constexpr uint64_t kVerifyChunkBytes = 1ull << 20;
+}  // namespace
+
+Status Link::StartVerify(bool fix) {
+  if (verify_.running) {
+    return Status::Busy(fmt::format("a verify of link {} is already running",
+                                    config_.site));
+  }
+  if (!conn_ || !streaming_ || state_ == LinkState::kConnecting) {
+    return Status::InvalidArgument(fmt::format(
+        "link {} is not connected (state {}); verify compares with the "
+        "downstream and needs the link up", config_.site, LinkStateName(state_)));
+  }
+  verify_ = Verify{};
+  verify_.running = true;
+  verify_.fix = fix;
+  verify_.started = std::chrono::steady_clock::now();
+  for (const auto& v : group_.volumes()) {
+    const uint64_t rs = group_.config().region_size_bytes;
+    verify_.regions_total += (v->size_bytes() + rs - 1) / rs;
+  }
+  BR_LOG_INFO("replication", "group {} link to {}: verify started{}",
+              group_.name(), config_.site, fix ? " (--fix)" : "");
+  asio::co_spawn(group_.context(), VerifyLoop(conn_), asio::detached);
+  return Status::OK();
+}
+
+void Link::HandleVerifyResult(const VerifyResult& result) {
+  auto it = verify_.pending.find(result.request_id);
+  if (it == verify_.pending.end()) return;  // a verify from a lost connection
+  const auto p = it->second;
+  verify_.pending.erase(it);
+  verify_.regions_done += p.count;
+  const uint64_t rs = group_.config().region_size_bytes;
+  const uint64_t size = group_.volumes()[p.volume]->size_bytes();
+  for (uint32_t i : result.mismatched) {
+    if (i >= p.count) continue;  // a lying peer: ignore what we did not ask
+    const uint64_t region = p.first_region + i;
+    ++verify_.mismatched_regions;
+    verify_.mismatched_bytes += std::min(rs, size - region * rs);
+    verify_.mismatches.emplace_back(p.volume, region);
+  }
+  if (conn_) conn_->wake.cancel();
+}
+
+asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
+  const uint64_t rs = group_.config().region_size_bytes;
+  const uint32_t per_request = static_cast<uint32_t>(
+      std::clamp<uint64_t>(kVerifyChunkBytes / rs, 1, kMaxVerifyRegions));
+  for (size_t v = 0; v < group_.volumes().size() && !c->broken; ++v) {
+    core::Volume* vol = group_.volumes()[v].get();
+    const uint64_t regions = (vol->size_bytes() + rs - 1) / rs;
+    for (uint64_t first = 0; first < regions && !c->broken; first += per_request) {
+      while (!c->broken && verify_.pending.size() >= kVerifyWindow) {
+        c->wake.expires_after(std::chrono::milliseconds(100));
+        co_await c->wake.async_wait(kAsTuple);
+      }
+      if (c->broken) break;
+      const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(per_request, regions - first));
+      const uint64_t offset = first * rs;
+      const uint64_t length = std::min(vol->size_bytes(), (first + count) * rs) - offset;
+      const uint64_t id = verify_.next_id++;
+      verify_.pending[id] = {static_cast<uint32_t>(v), first, count};
+      auto request = std::make_shared<VerifyRequest>();
+      request->request_id = id;
+      request->volume = static_cast<uint32_t>(v);
+      request->offset = offset;
+      request->region_size = rs;
+      Bytes buffer(length);
+      Bytes* bp = &buffer;
+      VerifyRequest* rp = request.get();
+      std::shared_ptr<VerifyRequest>* keep = &request;
+      ReplicationGroup* grp = &group_;
+      Link* self = this;
+      // Read and queue under the range: writes to these bytes after the
+      // read follow the request in the stream, so both sides digest the
+      // same point of the history.
+      Status s = co_await group_.io().Run([vol, bp, rp, keep, grp, self, offset, length, rs] {
+        return vol->ReadForResync(offset, *bp, [&](storage::WriteSeq) {
+          for (uint64_t pos = 0; pos < length; pos += rs) {
+            const uint64_t n = std::min(rs, length - pos);
+            rp->digests.push_back(XXH3_64bits(bp->data() + pos, n));
+          }
+          auto entry = std::make_shared<SealedGroup>();
+          entry->verify = *keep;
+          entry->opened = std::chrono::steady_clock::now();
+          grp->DeliverVerify(self, entry);
+        });
+      });
+      if (!s.ok()) {
+        verify_.pending.erase(id);
+        verify_.error = "reading the local volume failed: " + s.message();
+        break;
+      }
+      if (disk_mode()) Wake(); else c->wake.cancel();
+    }
+  }
+  while (!c->broken && !verify_.pending.empty() && verify_.error.empty()) {
+    c->wake.expires_after(std::chrono::milliseconds(100));
+    co_await c->wake.async_wait(kAsTuple);
+  }
+  if (c->broken && verify_.error.empty()) {
+    verify_.error = "the connection to the downstream was lost during the verify";
+  }
+  if (verify_.error.empty() && verify_.fix && !verify_.mismatches.empty()) {
+    for (const auto& [v, region] : verify_.mismatches) {
+      storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
+      if (!sb || slots_[v] < 0) continue;
+      const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+      const uint64_t r = region;
+      Status s = co_await group_.io().Run([sb, slot, r] { return sb->MarkRegionsDirty(slot, r, r); });
+      if (!s.ok()) {
+        verify_.error = "marking mismatching regions dirty failed: " + s.message();
+        break;
+      }
+      ++verify_.fixed_regions;
+    }
+    if (verify_.error.empty()) {
+      Status s = co_await ForceResync(false);
+      if (!s.ok()) verify_.error = s.message();
+    }
+  }
+  verify_.running = false;
+  verify_.done = true;
+  verify_.pending.clear();
+  verify_.finished = std::chrono::steady_clock::now();
+  BR_LOG_INFO("replication", "group {} link to {}: verify {}: {} of {} regions "
+              "compared, {} mismatching ({} bytes){}", group_.name(), config_.site,
+              verify_.error.empty() ? "finished" : "failed (" + verify_.error + ")",
+              verify_.regions_done, verify_.regions_total, verify_.mismatched_regions,
+              verify_.mismatched_bytes,
+              verify_.fixed_regions ? fmt::format(", {} marked for resync", verify_.fixed_regions) : "");
+}
+
+nlohmann::json Link::VerifyJson() const {
+  nlohmann::json mismatches = nlohmann::json::array();
+  const uint64_t rs = group_.config().region_size_bytes;
+  for (size_t i = 0; i < verify_.mismatches.size() && i < 1000; ++i) {
+    const auto& [v, region] = verify_.mismatches[i];
+    mismatches.push_back({{"volume", group_.volumes()[v]->name()},
+                          {"region", region},
+                          {"offset", region * rs}});
+  }
+  const auto end = verify_.running ? std::chrono::steady_clock::now() : verify_.finished;
+  nlohmann::json j = {
+      {"running", verify_.running},
+      {"done", verify_.done},
+      {"fix", verify_.fix},
+      {"regions_total", verify_.regions_total},
+      {"regions_done", verify_.regions_done},
+      {"mismatched_regions", verify_.mismatched_regions},
+      {"mismatched_bytes", verify_.mismatched_bytes},
+      {"fixed_regions", verify_.fixed_regions},
+      {"mismatches", std::move(mismatches)},
+      {"elapsed_seconds",
+       verify_.started.time_since_epoch().count() == 0
+           ? 0.0 : std::chrono::duration<double>(end - verify_.started).count()},
+  };
+  if (!verify_.error.empty()) j["error"] = verify_.error;
+  return j;
 }
 
 }  // namespace blockrelay::replication

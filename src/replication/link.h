@@ -25,6 +25,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -68,6 +69,14 @@ class Link {
   // Operator's resync: reconnects and walks the scoreboard again; with
   // `full`, every region is marked dirty first (a full sync).
   asio::awaitable<Status> ForceResync(bool full);
+
+  // Online verify (docs/replication.md): compares every region's digest
+  // with the downstream's, in sequence with the write stream, so regions
+  // written meanwhile are not false mismatches. With `fix`, mismatching
+  // regions are marked dirty and resynced. FailedPrecondition-like
+  // InvalidArgument when the link is not connected or a verify runs.
+  Status StartVerify(bool fix);
+  nlohmann::json VerifyJson() const;
   bool paused() const { return paused_; }
 
   const std::string& site() const { return config_.site; }
@@ -111,6 +120,8 @@ class Link {
   asio::awaitable<void> WriteLoop(std::shared_ptr<Connection> c);
   asio::awaitable<void> ResyncLoop(std::shared_ptr<Connection> c);
   void HandleAck(Connection& c, const GroupAck& ack);
+  asio::awaitable<void> VerifyLoop(std::shared_ptr<Connection> c);
+  void HandleVerifyResult(const VerifyResult& result);
   void Clean(const SealedGroup& group, bool widen);
   void Break(Connection& c, const std::string& why);
   void SetState(LinkState s);
@@ -156,6 +167,25 @@ class Link {
   uint64_t recorded_acked_seq_ = 0;  // ... as written in the file's header
   std::optional<asio::steady_timer> disk_wake_;
   bool disk_loop_running_ = false;
+
+  struct Verify {
+    bool running = false;
+    bool done = false;
+    bool fix = false;
+    std::string error;
+    uint64_t regions_total = 0, regions_done = 0;
+    uint64_t mismatched_regions = 0, mismatched_bytes = 0, fixed_regions = 0;
+    std::vector<std::pair<uint32_t, uint64_t>> mismatches;  // volume, region
+    struct Pending {
+      uint32_t volume;
+      uint64_t first_region;
+      uint32_t count;
+    };
+    std::map<uint64_t, Pending> pending;  // by request id
+    uint64_t next_id = 1;
+    std::chrono::steady_clock::time_point started, finished;
+  };
+  Verify verify_;
 
   // GUARDED_BY(group_.mu_)
   std::vector<std::shared_ptr<const SealedGroup>> incoming_;

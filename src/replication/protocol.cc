@@ -76,7 +76,7 @@ constexpr size_t kMinVolumeBytes = 2 + 8;
 
 bool IsKnownType(uint16_t type) {
   return type >= static_cast<uint16_t>(FrameType::kHello) &&
-         type <= static_cast<uint16_t>(FrameType::kError);
+         type <= static_cast<uint16_t>(FrameType::kVerifyResult);
 }
 
 bool IsKnownOpType(uint8_t type) {
@@ -465,6 +465,47 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
       });
     case FrameType::kError:
       return DecodeAs<ErrorFrame>(r, DecodeErrorPayload);
+    case FrameType::kVerify:
+      return DecodeAs<VerifyRequest>(r, [](Reader& reader, VerifyRequest& v) {
+        uint32_t count = 0;
+        reader.U64("link_seq", v.link_seq);
+        reader.U64("request_id", v.request_id);
+        reader.U32("volume", v.volume);
+        reader.U64("offset", v.offset);
+        reader.U64("region_size", v.region_size);
+        reader.U32("region count", count);
+        if (reader.ok() && count > kMaxVerifyRegions) {
+          return Status::Corruption(fmt::format(
+              "VERIFY: {} regions exceed the limit of {}", count, kMaxVerifyRegions));
+        }
+        if (reader.ok() && (v.region_size == 0 ||
+                            v.offset + uint64_t{count} * v.region_size < v.offset)) {
+          return Status::Corruption("VERIFY: region_size 0 or range overflows");
+        }
+        for (uint32_t i = 0; i < count && reader.ok(); ++i) {
+          uint64_t d = 0;
+          reader.U64("digest", d);
+          v.digests.push_back(d);
+        }
+        return reader.Finish();
+      });
+    case FrameType::kVerifyResult:
+      return DecodeAs<VerifyResult>(r, [](Reader& reader, VerifyResult& v) {
+        uint32_t count = 0;
+        reader.U64("request_id", v.request_id);
+        reader.U32("mismatch count", count);
+        if (reader.ok() && count > kMaxVerifyRegions) {
+          return Status::Corruption(fmt::format(
+              "VERIFY_RESULT: {} regions exceed the limit of {}", count,
+              kMaxVerifyRegions));
+        }
+        for (uint32_t i = 0; i < count && reader.ok(); ++i) {
+          uint32_t index = 0;
+          reader.U32("region index", index);
+          v.mismatched.push_back(index);
+        }
+        return reader.Finish();
+      });
   }
   return Status::Corruption(
       fmt::format("unknown frame type {}", static_cast<uint16_t>(header.type)));
@@ -579,6 +620,32 @@ void EncodePong(const Pong& pong, Bytes& out) {
               [&](Bytes& out) { AppendBe64(out, pong.nonce); });
 }
 
+void EncodeVerifyRequest(const VerifyRequest& v, Bytes& out) {
+  if (v.digests.size() > kMaxVerifyRegions || v.region_size == 0) {
+    ThrowInvalid(FrameType::kVerify, "bad region count or region_size");
+  }
+  AppendFrame(FrameType::kVerify, 0, out, [&](Bytes& out) {
+    AppendBe64(out, v.link_seq);
+    AppendBe64(out, v.request_id);
+    AppendBe32(out, v.volume);
+    AppendBe64(out, v.offset);
+    AppendBe64(out, v.region_size);
+    AppendBe32(out, static_cast<uint32_t>(v.digests.size()));
+    for (uint64_t d : v.digests) AppendBe64(out, d);
+  });
+}
+
+void EncodeVerifyResult(const VerifyResult& v, Bytes& out) {
+  if (v.mismatched.size() > kMaxVerifyRegions) {
+    ThrowInvalid(FrameType::kVerifyResult, "too many regions");
+  }
+  AppendFrame(FrameType::kVerifyResult, 0, out, [&](Bytes& out) {
+    AppendBe64(out, v.request_id);
+    AppendBe32(out, static_cast<uint32_t>(v.mismatched.size()));
+    for (uint32_t i : v.mismatched) AppendBe32(out, i);
+  });
+}
+
 void EncodeError(const ErrorFrame& error, Bytes& out) {
   constexpr FrameType kType = FrameType::kError;
   AppendFrame(kType, 0, out, [&](Bytes& out) {
@@ -623,6 +690,10 @@ const char* FrameTypeName(FrameType type) {
       return "PONG";
     case FrameType::kError:
       return "ERROR";
+    case FrameType::kVerify:
+      return "VERIFY";
+    case FrameType::kVerifyResult:
+      return "VERIFY_RESULT";
   }
   return "UNKNOWN";
 }

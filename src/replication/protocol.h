@@ -51,6 +51,8 @@ enum class FrameType : uint16_t {
   kPing = 5,
   kPong = 6,
   kError = 7,
+  kVerify = 8,
+  kVerifyResult = 9,
 };
 
 struct VolumeInfo {
@@ -138,6 +140,29 @@ struct ErrorFrame {
   bool operator==(const ErrorFrame&) const = default;
 };
 
+// Upstream -> downstream, in sequence with the write groups (it takes a
+// link_seq), so the downstream answers after applying every earlier group:
+// the digests compare the same point of the write history. Regions are
+// [offset + i*region_size, +region_size), the last one cut at the end of the
+// volume. Digest = XXH3-64 of the region's bytes.
+inline constexpr uint32_t kMaxVerifyRegions = 4096;
+struct VerifyRequest {
+  uint64_t link_seq = 0;
+  uint64_t request_id = 0;
+  uint32_t volume = 0;
+  uint64_t offset = 0;
+  uint64_t region_size = 0;
+  std::vector<uint64_t> digests;
+  bool operator==(const VerifyRequest&) const = default;
+};
+
+// Downstream -> upstream: the indexes of the regions whose digest differs.
+struct VerifyResult {
+  uint64_t request_id = 0;
+  std::vector<uint32_t> mismatched;
+  bool operator==(const VerifyResult&) const = default;
+};
+
 struct FrameHeader {
   uint16_t version = 0;
   FrameType type = FrameType::kPing;
@@ -146,7 +171,8 @@ struct FrameHeader {
   uint64_t checksum = 0;
 };
 
-using Frame = std::variant<Hello, HelloReply, WriteGroup, GroupAck, Ping, Pong, ErrorFrame>;
+using Frame = std::variant<Hello, HelloReply, WriteGroup, GroupAck, Ping,
+                           Pong, ErrorFrame, VerifyRequest, VerifyResult>;
 
 // Checks magic, version (a peer with another version gets a message naming
 // both versions), a known type and length <= kMaxFramePayloadBytes.
@@ -182,6 +208,8 @@ void EncodeGroupAck(const GroupAck& ack, Bytes& out);
 void EncodePing(const Ping& ping, Bytes& out);
 void EncodePong(const Pong& pong, Bytes& out);
 void EncodeError(const ErrorFrame& error, Bytes& out);
+void EncodeVerifyRequest(const VerifyRequest& request, Bytes& out);
+void EncodeVerifyResult(const VerifyResult& result, Bytes& out);
 
 // Encoded size of a WriteGroup frame, header included, without encoding it.
 size_t WriteGroupFrameBytes(const WriteGroup& group);

@@ -7,6 +7,8 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "replication/frame_io.h"
 #include "replication/replication_group.h"
@@ -108,6 +110,7 @@ struct Receiver::Conn {
   uint64_t durable = 0;
   uint64_t acked_received = 0, acked_durable = 0;
   std::vector<uint64_t> pongs;
+  std::vector<VerifyResult> verify_results;
   std::string error;  // sent as ERROR before closing
   void Close() {
     if (closed) return;
@@ -313,6 +316,32 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
       lock.unlock();
       g.Fail(s);
       return s;
+    }
+  }
+  return Status::OK();
+}
+
+Status Receiver::VerifyRegions(GroupState& g, uint64_t conn_id,
+                               const VerifyRequest& request, VerifyResult* result,
+                               uint64_t* durable_link_seq) {
+  // Apply everything received before the request first: the upstream read
+  // its regions at exactly that point of the stream.
+  if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+  std::lock_guard apply_lock(g.apply_mu);
+  core::Volume& v = *g.target.volumes[request.volume];
+  const uint64_t size = v.size_bytes();
+  std::vector<std::byte> buffer;
+  for (size_t i = 0; i < request.digests.size(); ++i) {
+    const uint64_t offset = request.offset + i * request.region_size;
+    if (offset >= size) {
+      result->mismatched.push_back(static_cast<uint32_t>(i));
+      continue;
+    }
+    const uint64_t n = std::min(request.region_size, size - offset);
+    buffer.resize(n);
+    if (Status s = v.Read(offset, buffer); !s.ok()) return s;
+    if (XXH3_64bits(buffer.data(), n) != request.digests[i]) {
+      result->mismatched.push_back(static_cast<uint32_t>(i));
     }
   }
   return Status::OK();
@@ -546,6 +575,42 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       c->wake.cancel();
       continue;
     }
+    if (auto* vr = std::get_if<VerifyRequest>(&*decoded)) {
+      Status s = CheckNextLinkSeq(c->last_link_seq, vr->link_seq);
+      if (s.ok() && (vr->volume >= g->target.volumes.size() ||
+                     vr->offset >= g->target.volumes[vr->volume]->size_bytes())) {
+        s = Status::Corruption(fmt::format("VERIFY {}: volume {} offset {} is "
+                                           "outside the group", vr->link_seq,
+                                           vr->volume, vr->offset));
+      }
+      if (!s.ok()) {
+        c->error = s.message();
+        break;
+      }
+      c->last_link_seq = vr->link_seq;
+      const uint64_t conn_id = c->id;
+      VerifyRequest* request = &*vr;
+      VerifyResult result;
+      result.request_id = vr->request_id;
+      VerifyResult* rp = &result;
+      uint64_t durable_seq = 0;
+      uint64_t* durable_out = &durable_seq;
+      s = co_await io_.Run([g, request, rp, conn_id, durable_out] {
+        return VerifyRegions(*g, conn_id, *request, rp, durable_out);
+      });
+      if (!s.ok()) {
+        c->error = fmt::format("site {} cannot verify group {}: {}", local_site_,
+                               g->target.config->name, s.message());
+        g->last_error = c->error;
+        break;
+      }
+      // Every frame before this one is applied and durable now.
+      c->received = vr->link_seq;
+      c->durable = vr->link_seq;
+      c->verify_results.push_back(std::move(result));
+      c->wake.cancel();
+      continue;
+    }
     auto* wg = std::get_if<WriteGroup>(&*decoded);
     if (!wg) {
       c->error = fmt::format("unexpected {} frame after HELLO",
@@ -648,6 +713,8 @@ asio::awaitable<void> Receiver::AckWriter(std::shared_ptr<Conn> c) {
     out.clear();
     for (uint64_t nonce : c->pongs) EncodePong(Pong{nonce}, out);
     c->pongs.clear();
+    for (const auto& v : c->verify_results) EncodeVerifyResult(v, out);
+    c->verify_results.clear();
     // durable never passes received: the journal is synced up to what was
     // appended, and appended is acknowledged first.
     const uint64_t durable = std::min(c->durable, c->received);

@@ -99,6 +99,10 @@ class Receiver {
   // *durable_link_seq to the last applied frame of connection `conn_id`.
   static Status SyncAndApply(GroupState& g, uint64_t conn_id,
                              uint64_t* durable_link_seq);
+  // Applies what is waiting, then digests the requested regions.
+  static Status VerifyRegions(GroupState& g, uint64_t conn_id,
+                              const VerifyRequest& request, VerifyResult* result,
+                              uint64_t* durable_link_seq);
 
   asio::io_context& ctx_;
   core::IoExecutor& io_;

@@ -1,6 +1,7 @@
 #include "replication/replication_group.h"
 
 #include <algorithm>
+#include <thread>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
@@ -201,6 +202,24 @@ void ReplicationGroup::SealNow() {
 bool ReplicationGroup::OpenGroupEmpty() {
   std::lock_guard lock(mu_);
   return open_.empty() && !open_.durable();
+}
+
+void ReplicationGroup::DeliverVerify(Link* link,
+                                     std::shared_ptr<const SealedGroup> request) {
+  // The request must follow every write captured so far, also those still
+  // in the open group: seal it first. Not while an upstream group is being
+  // applied (that would split it across two of our groups); wait for it.
+  for (;;) {
+    {
+      std::lock_guard lock(mu_);
+      if (applying_.load() == 0) {
+        SealLocked();
+        link->DeliverLocked(std::move(request));
+        return;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 void ReplicationGroup::DeliverResync(Link* link,

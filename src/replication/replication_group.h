@@ -90,6 +90,10 @@ class ReplicationGroup final : public core::ReplicationSink {
   // Resync data for `link`, from a pool thread while the volume range is
   // held: queued for the link behind every group sealed before it.
   void DeliverResync(Link* link, std::shared_ptr<const SealedGroup> data);
+  // A verify request for `link`, from a pool thread while the volume range
+  // is held: seals the open group first, so the request follows every
+  // write captured before the read.
+  void DeliverVerify(Link* link, std::shared_ptr<const SealedGroup> request);
   // True when nothing captured is waiting in the open group.
   bool OpenGroupEmpty();
   // A link's acknowledged position or state changed: re-check the waiters.

@@ -44,6 +44,9 @@ struct SealedGroup {
   std::vector<CapturedOp> ops;
   Bytes data;
   uint64_t bytes_written = 0;  // bytes of the writes captured, before dedup
+  // Set instead of ops for an online-verify request, which travels in
+  // sequence with the groups (protocol.h, VerifyRequest).
+  std::shared_ptr<const VerifyRequest> verify;
   std::chrono::steady_clock::time_point opened;
 
   // The frame for `link_seq`, op data pointing into this group.

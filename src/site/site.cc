@@ -293,6 +293,36 @@ asio::awaitable<nlohmann::json> Site::ResyncReply(const nlohmann::json& request)
                            {"state", replication::LinkStateName(l->state())}};
 }
 
+nlohmann::json Site::VerifyReply(const nlohmann::json& request, bool start) {
+  const char* what = start ? "verify" : "verify_status";
+  if (!request.contains("group") || !request["group"].is_string() ||
+      !request.contains("link") || !request["link"].is_string()) {
+    return control::ErrorReply(fmt::format(
+        "{}: \"group\" and \"link\" (strings) are required", what));
+  }
+  if (request.contains("fix") && !request["fix"].is_boolean()) {
+    return control::ErrorReply("verify: \"fix\" must be true or false");
+  }
+  const std::string group = request["group"].get<std::string>();
+  const std::string link = request["link"].get<std::string>();
+  auto* rg = FindReplicationGroup(group);
+  replication::Link* l = rg ? rg->FindLink(link) : nullptr;
+  if (!l) {
+    return control::ErrorReply(fmt::format(
+        "site {} has no group \"{}\" with a downstream link to site \"{}\"",
+        config_.site, group, link));
+  }
+  if (start) {
+    if (Status s = l->StartVerify(request.value("fix", false)); !s.ok()) {
+      return control::ErrorReply(s.message());
+    }
+  }
+  nlohmann::json j = l->VerifyJson();
+  j["group"] = group;
+  j["link"] = link;
+  return j;
+}
+
 nlohmann::json Site::StatusJson() const {
   using nlohmann::json;
   json groups = json::array();
@@ -380,11 +410,14 @@ asio::awaitable<nlohmann::json> Site::HandleControl(
   if (command == "resync") {
     co_return co_await ResyncReply(request);
   }
+  if (command == "verify" || command == "verify_status") {
+    co_return VerifyReply(request, command == "verify");
+  }
   if (command == "version") {
     co_return nlohmann::json{{"version", BLOCKRELAY_VERSION}};
   }
   co_return control::ErrorReply(fmt::format(
-      "unknown command \"{}\"; known: status, wait, pause, resume, resync, version", command));
+      "unknown command \"{}\"; known: status, wait, pause, resume, resync, verify, verify_status, version", command));
 }
 
 }  // namespace blockrelay::site

@@ -59,6 +59,7 @@ class Site {
   nlohmann::json WaitReply(const nlohmann::json& request);
   nlohmann::json PauseReply(const nlohmann::json& request, bool pause);
   asio::awaitable<nlohmann::json> ResyncReply(const nlohmann::json& request);
+  nlohmann::json VerifyReply(const nlohmann::json& request, bool start);
 
   config::SiteConfig config_;
   std::optional<io::DataDirLock> lock_;

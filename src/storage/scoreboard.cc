@@ -737,13 +737,23 @@ uint64_t Scoreboard::MarkClean(uint32_t slot, uint64_t offset, uint64_t length, 
 }
 
 Status Scoreboard::MarkAllDirty(uint32_t slot) {
+  return MarkRegionsDirty(slot, 0, impl_->g.region_count - 1);
+}
+
+Status Scoreboard::MarkRegionsDirty(uint32_t slot, uint64_t first, uint64_t last) {
   if (slot >= format::kMaxSlots || impl_->slot_pos[slot] < 0) {
     return Status::InvalidArgument(fmt::format("scoreboard has no slot {}", slot));
+  }
+  if (first > last || last >= impl_->g.region_count) {
+    return Status::InvalidArgument(fmt::format(
+        "regions {}..{} outside the volume's {} regions", first, last,
+        impl_->g.region_count));
   }
   SlotBitmap& bm = *impl_->bitmaps[static_cast<size_t>(impl_->slot_pos[slot])];
   {
     std::lock_guard<std::mutex> lock(impl_->pages_mu);
-    bm.SetRange(0, impl_->g.region_count - 1);
+    bm.SetRange(first, last);
+    // Every page is marked: cheap, and FlushBitmaps writes only those.
     for (uint64_t p = 0; p < bm.page_count(); ++p) bm.MarkUnflushed(p);
   }
   return impl_->FlushBitmaps();

@@ -415,7 +415,7 @@ TEST_CASE("ReplicationProtocol: header with another version is NotSupported "
 
 TEST_CASE("ReplicationProtocol: header with an unknown frame type is refused",
           "[replication][protocol]") {
-  for (uint16_t type : {0, 8, 0xffff}) {
+  for (uint16_t type : {0, 10, 0xffff}) {
     INFO("type " << type);
     auto h = DecodeFrameHeader(HeaderOf(MakeFrame({.type = type}, {})));
     REQUIRE_FALSE(h.ok());

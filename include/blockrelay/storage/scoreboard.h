@@ -150,6 +150,8 @@ class Scoreboard {
   // operator's full resync). Other slots are untouched. An unknown slot is
   // InvalidArgument; IOError (sticky) when the bitmap cannot be written.
   Status MarkAllDirty(uint32_t slot);
+  // The same for regions [first, last] only (verify --fix).
+  Status MarkRegionsDirty(uint32_t slot, uint64_t first, uint64_t last);
 
   bool IsDirty(uint32_t slot, uint64_t region) const;
   // The first dirty region >= from_region of `slot`, for resync.
