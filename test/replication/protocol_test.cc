@@ -504,7 +504,7 @@ TEST_CASE("ReplicationProtocol: payload shorter or longer than the header "
 }
 
 // Goal: the checksum covers type, length and flags, not just the payload.
-TEST_CASE("ReplicationProtocol: any flipped byte of header[0,16) is refused",
+TEST_CASE("ReplicationProtocol: any flipped byte of header bytes 0 to 15 is refused",
           "[replication][protocol]") {
   Bytes frame = Encode(EncodeGroupAck, GroupAck{2, 1});
   auto header = DecodeFrameHeader(HeaderOf(frame));
