@@ -307,7 +307,7 @@ TEST_CASE("ReplicationProtocol: encoders append whole frames after what the "
 // --- Byte layouts ------------------------------------------------------------
 
 TEST_CASE("ReplicationProtocol: header is magic, version, type, length, flags "
-          "and XXH3-64 of header[0,16) + payload",
+          "and XXH3-64 of header bytes 0-15 + payload",
           "[replication][protocol]") {
   Bytes frame = Encode(EncodePing, Ping{.nonce = 0x0102030405060708});
   Bytes first16 = B({'B', 'R', 'L', 'Y',  // magic
