@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Replication along a chain of three real blockrelay processes on loopback:
+#
+#   a (primary) --sync--> b (secondary) --async--> c (secondary)
+#
+# one group "g" with two volumes. fio's nbd engine writes on a (random 4k and
+# sequential 1M writes with verify=crc32c, on both volumes at once), then
+# `blockrelay wait` on a (link b) and on b (link c) must report caught up,
+# and every volume's backing file must have the same sha256 on a, b and c.
+# Each site's `status --json` must show the expected link and upstream states.
+source "$(dirname "$0")/lib.sh"
+br_init "$@"
+need_cmd sha256sum
+command -v fio >/dev/null 2>&1 || skip "fio is not installed"
+fio --enghelp=nbd >/dev/null 2>&1 || skip "this fio has no nbd engine"
+
+SITES=(a b c)
+VOLS=(v1 v2)
+VOL_SIZE=64MiB
+declare -A PID=() PORT=() CFG=() LOGF=()
+for s in "${SITES[@]}"; do
+  CFG[$s]=$BR_TMP/site-$s.json
+  LOGF[$s]=$BR_TMP/site-$s.log
+done
+
+# Replication ports of b and c; picked again if taken when a site starts.
+pick_ports() { PORT[b]=$(br_free_port); PORT[c]=$(br_free_port); }
+
+# write_config SITE ROLE UPSTREAM DOWNSTREAM-JSON
+write_config() {
+  local s=$1 role=$2 up=$3 down=$4 vols up_json='{}' listen_json='{}'
+  vols=$(for v in "${VOLS[@]}"; do
+    jq -n --arg n "$v" --arg p "$BR_TMP/$s/$v.img" --arg sz "$VOL_SIZE" \
+      '{name: $n, path: $p, size: $sz}'; done | jq -s .)
+  if [ -n "$up" ]; then
+    up_json=$(jq -n --arg s "$up" --arg a "${PORT[$up]:+127.0.0.1:${PORT[$up]}}" \
+      '{upstream: ({site: $s} + (if $a == "" then {} else {address: $a} end))}')
+  fi
+  if [ -n "${PORT[$s]:-}" ]; then
+    listen_json=$(jq -n --arg l "127.0.0.1:${PORT[$s]}" '{replication: {listen: $l}}')
+  fi
+  jq -n --arg site "$s" --arg dd "$BR_TMP/$s/data" --arg ctl "$BR_TMP/$s/control.sock" \
+    --arg sock "$BR_TMP/$s/nbd.sock" --arg role "$role" --argjson vols "$vols" \
+    --argjson down "$down" --argjson up "$up_json" --argjson listen "$listen_json" \
+    '{site: $site, data_dir: $dd, control_socket: $ctl, nbd: {unix_socket: $sock}}
+     + $listen
+     + {groups: [{name: "g", role: $role, region_size: "64KiB", volumes: $vols}
+                 + (if ($down | length) > 0 then {downstream: $down} else {} end)
+                 + $up]}' >"${CFG[$s]}" || die "could not write ${CFG[$s]}"
+}
+link_json() { jq -n --arg s "$1" --arg a "127.0.0.1:${PORT[$1]}" --arg m "$2" \
+  '{site: $s, address: $a, mode: $m}'; }
+write_configs() {
+  write_config c secondary b '[]'
+  write_config b secondary a "[$(link_json c async)]"
+  write_config a primary "" "[$(link_json b sync)]"
+}
+
+# Every site's log on failure (lib.sh would show only its one daemon's).
+br_dump_daemon_log() {
+  [ -z "${BR_LOG_DUMPED:-}" ] || return 0
+  BR_LOG_DUMPED=1
+  local s
+  for s in "${SITES[@]}"; do
+    [ -s "${LOGF[$s]}" ] || continue
+    echo "---- last lines of site $s's log (${LOGF[$s]}) ----"
+    tail -n 30 "${LOGF[$s]}"
+  done
+  echo "----"
+}
+
+site_alive() { [ -n "${PID[$1]:-}" ] && kill -0 "${PID[$1]}" 2>/dev/null; }
+
+# site_start SITE: start it and wait (bounded) until its control socket and
+# NBD socket answer. Returns 1 if it exited or did not come up.
+site_start() {
+  local s=$1
+  echo "==== blockrelay run --config ${CFG[$s]} ($(date +%T)) ====" >>"${LOGF[$s]}"
+  "$BR_BIN" run --config "${CFG[$s]}" >>"${LOGF[$s]}" 2>&1 </dev/null &
+  PID[$s]=$!
+  local deadline=$((SECONDS + BR_START_TIMEOUT))
+  while [ $SECONDS -lt $deadline ]; do
+    if ! site_alive "$s"; then
+      wait "${PID[$s]}"; log "site $s exited with status $? at start-up"
+      PID[$s]=
+      return 1
+    fi
+    if timeout 5 "$BR_BIN" status --config "${CFG[$s]}" >/dev/null 2>&1 &&
+       [ -S "$BR_TMP/$s/nbd.sock" ]; then
+      log "site $s: pid ${PID[$s]}${PORT[$s]:+, replication port ${PORT[$s]}}"
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "site $s (pid ${PID[$s]}) did not serve within ${BR_START_TIMEOUT}s"
+  return 1
+}
+
+# site_stop SITE [SIGNAL]: stop a site this test started (SIGKILL after
+# BR_STOP_TIMEOUT seconds). Returns its exit status.
+site_stop() {
+  local s=$1 sig=${2:-TERM} pid=${PID[$1]:-} rc
+  [ -n "$pid" ] || return 0
+  kill -s "$sig" "$pid" 2>/dev/null
+  local deadline=$((SECONDS + BR_STOP_TIMEOUT))
+  while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "site $s (pid $pid) still running ${BR_STOP_TIMEOUT}s after SIG$sig: SIGKILL"
+    kill -s KILL "$pid" 2>/dev/null
+  fi
+  { wait "$pid"; } 2>/dev/null  # (no "Killed" notice from bash)
+  rc=$?
+  PID[$s]=
+  return "$rc"
+}
+stop_all() { local s; for s in a b c; do site_stop "$s" TERM; done; }
+br_on_exit stop_all
+
+# Start downstream first (c, b, a). If a replication port was taken in the
+# meantime, pick new ports, rewrite the configs and start again.
+start_chain() {
+  local attempt s
+  for attempt in 1 2 3; do
+    pick_ports
+    write_configs
+    local ok=1
+    for s in c b a; do
+      if ! site_start "$s"; then
+        ok=0
+        break
+      fi
+    done
+    [ "$ok" = 1 ] && return 0
+    if [ "$attempt" -lt 3 ] && tail -n 5 "${LOGF[$s]}" | grep -q "Address already in use"; then
+      log "port taken by someone else; new ports, try $((attempt + 1))"
+      stop_all
+      continue
+    fi
+    break
+  done
+  die "the chain did not start (see the logs below)"
+}
+
+status_json() { timeout 10 "$BR_BIN" status --config "${CFG[$1]}" --json; }
+# jq_status SITE FILTER: one value of SITE's status (raw), "" on error.
+jq_status() { status_json "$1" 2>/dev/null | jq -r "$2" 2>/dev/null; }
+
+# wait_for NAME SECONDS CMD...: poll CMD until it succeeds.
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  while [ $SECONDS -lt $deadline ]; do
+    if "$@"; then pass "$name"; return 0; fi
+    sleep 0.2
+  done
+  fail "$name (not within ${secs}s)"; return 1
+}
+state_is() { [ "$(jq_status "$1" "$2")" = "$3" ]; }
+
+# fio_check NAME FIO-ARGS...: fio must exit 0 and report no job error or
+# verify failure.
+fio_check() {
+  local name=$1; shift
+  check "$name" fio --ioengine=nbd --eta=never "$@"
+  local out=$BR_OUT
+  if grep -qE 'err= *[1-9]' "$out"; then
+    fail "$name: a job reported an error"; grep -E 'err=' "$out" | sed 's/^/   | /'
+  fi
+  assert_not_contains "$name: no verify failure" "verify failed" "$out"
+  assert_not_contains "$name: no bad verify header" "bad magic" "$out"
+}
+uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
+
+# compare_images: every volume's backing file has the same sha256 on every
+# site.
+compare_images() {
+  local v s sum_a sum
+  for v in "${VOLS[@]}"; do
+    sum_a=$(sha256sum "$BR_TMP/a/$v.img" | cut -d' ' -f1)
+    for s in b c; do
+      sum=$(sha256sum "$BR_TMP/$s/$v.img" | cut -d' ' -f1)
+      assert_eq "volume $v: site $s's image equals site a's (sha256 ${sum_a:0:16}...)" "$sum_a" "$sum"
+    done
+  done
+}
+
+T0=$SECONDS
+start_chain
+
+# ---- links come up: a -> b replicating (after the initial resync of b's
+# all-dirty slot, all zeroes), b -> c replicating, upstreams connected.
+wait_for "a's link to b is replicating" 30 state_is a '.groups[0].downstream[0].state' replicating
+wait_for "b's link to c is replicating" 30 state_is b '.groups[0].downstream[0].state' replicating
+wait_for "b's upstream (a) is connected" 10 state_is b '.groups[0].upstream.state' connected
+wait_for "c's upstream (b) is connected" 10 state_is c '.groups[0].upstream.state' connected
+
+# ---- writes on a, verified by fio (reads come from a).
+fio_check "randwrite 4k QD16 on v1 and v2 (verify=crc32c, ~4s)" \
+  --rw=randwrite --bs=4k --iodepth=16 --size=24M --runtime=4 \
+  --verify=crc32c --verify_fatal=1 --do_verify=1 \
+  --name=r1 --uri="$(uri a v1)" --name=r2 --uri="$(uri a v2)"
+fio_check "write 1M QD4 on v1 and v2 with fsync (verify=crc32c, ~4s)" \
+  --rw=write --bs=1M --iodepth=4 --size=32M --offset=32M --fsync=8 --runtime=4 \
+  --verify=crc32c --verify_fatal=1 --do_verify=1 \
+  --name=s1 --uri="$(uri a v1)" --name=s2 --uri="$(uri a v2)"
+log "fio done after $((SECONDS - T0))s"
+
+# ---- caught up along the chain.
+check "blockrelay wait g --link b on a" \
+  "$BR_BIN" wait g --link b --timeout 30 --config "${CFG[a]}"
+check "blockrelay wait g --link c on b" \
+  "$BR_BIN" wait g --link c --timeout 30 --config "${CFG[b]}"
+compare_images
+log "caught up and compared after $((SECONDS - T0))s"
+
+# ---- status of each site.
+for s in a b c; do status_json "$s" >"$BR_TMP/status-$s.json" || fail "status --json of site $s"; done
+sa=$BR_TMP/status-a.json sb=$BR_TMP/status-b.json sc=$BR_TMP/status-c.json
+assert_eq "a: group g is primary" primary "$(jq -r '.groups[0].role' "$sa")"
+assert_eq "a: one downstream link, to b" b "$(jq -r '[.groups[0].downstream[].site] | join(",")' "$sa")"
+assert_eq "a: link b is sync" sync "$(jq -r '.groups[0].downstream[0].mode' "$sa")"
+assert_eq "a: link b is replicating" replicating "$(jq -r '.groups[0].downstream[0].state' "$sa")"
+assert_eq "a: link b has nothing queued" 0 "$(jq -r '.groups[0].downstream[0].queue_bytes' "$sa")"
+assert_eq "a: link b has no lag" 0 "$(jq -r '.groups[0].downstream[0].lag_bytes' "$sa")"
+sent=$(jq -r '.groups[0].downstream[0].bytes_sent' "$sa")
+assert_true "a: link b sent the fio data (bytes_sent $sent >= 16 MiB)" test "$sent" -ge $((16 << 20))
+assert_eq "a: no upstream" null "$(jq -c '.groups[0].upstream' "$sa")"
+assert_eq "b: group g is secondary" secondary "$(jq -r '.groups[0].role' "$sb")"
+assert_eq "b: upstream is site a" a "$(jq -r '.groups[0].upstream.site' "$sb")"
+assert_eq "b: upstream connected" connected "$(jq -r '.groups[0].upstream.state' "$sb")"
+rcvd=$(jq -r '.groups[0].upstream.bytes_received' "$sb")
+assert_true "b: received what a sent (bytes_received $rcvd >= 16 MiB)" test "$rcvd" -ge $((16 << 20))
+assert_eq "b: one downstream link, to c" c "$(jq -r '[.groups[0].downstream[].site] | join(",")' "$sb")"
+assert_eq "b: link c is async" async "$(jq -r '.groups[0].downstream[0].mode' "$sb")"
+assert_eq "b: link c is replicating" replicating "$(jq -r '.groups[0].downstream[0].state' "$sb")"
+assert_eq "b: link c has nothing queued" 0 "$(jq -r '.groups[0].downstream[0].queue_bytes' "$sb")"
+sent=$(jq -r '.groups[0].downstream[0].bytes_sent' "$sb")
+assert_true "b: link c forwarded the fio data (bytes_sent $sent >= 16 MiB)" test "$sent" -ge $((16 << 20))
+assert_eq "c: group g is secondary" secondary "$(jq -r '.groups[0].role' "$sc")"
+assert_eq "c: upstream is site b" b "$(jq -r '.groups[0].upstream.site' "$sc")"
+assert_eq "c: upstream connected" connected "$(jq -r '.groups[0].upstream.state' "$sc")"
+assert_eq "c: no downstream links" 0 "$(jq -r '.groups[0].downstream | length' "$sc")"
+for s in b c; do
+  assert_eq "$s: exports are read-only" true \
+    "$(jq -r '[.groups[0].volumes[].read_only] | all' "$BR_TMP/status-$s.json")"
+done
+for s in a b c; do
+  assert_eq "$s: no volume errors" 0 "$(jq -r '[.groups[0].volumes[].errors] | add' "$BR_TMP/status-$s.json")"
+done
+
+# ---- every site stops cleanly (upstream first), and after the restart of
+# nothing the images are still equal (the daemons flushed on SIGTERM).
+for s in a b c; do
+  site_stop "$s" TERM
+  assert_eq "site $s exits 0 on SIGTERM" 0 "$?"
+done
+compare_images
+log "total $((SECONDS - T0))s"
+
+br_finish

@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Fan-out replication with three real blockrelay processes on loopback:
+#
+#   a (primary) --sync--> b (secondary)
+#               --async-> c (secondary)
+#
+# one group "g" with two volumes. fio's nbd engine writes on a (random 4k and
+# sequential 1M writes with verify=crc32c, both volumes at once); site c is
+# killed with SIGKILL during the random writes. Writes on a must go on (fio
+# succeeds, b stays in sync), a's link to c must drop to logging with the
+# changed regions in its scoreboard, `blockrelay wait` must time out for c
+# only; after c is restarted, a resyncs it, `blockrelay wait` on a reports
+# every link caught up, and every volume's backing file has the same sha256
+# on a, b and c.
+source "$(dirname "$0")/lib.sh"
+br_init "$@"
+need_cmd sha256sum
+command -v fio >/dev/null 2>&1 || skip "fio is not installed"
+fio --enghelp=nbd >/dev/null 2>&1 || skip "this fio has no nbd engine"
+
+SITES=(a b c)
+VOLS=(v1 v2)
+VOL_SIZE=64MiB
+declare -A PID=() PORT=() CFG=() LOGF=()
+for s in "${SITES[@]}"; do
+  CFG[$s]=$BR_TMP/site-$s.json
+  LOGF[$s]=$BR_TMP/site-$s.log
+done
+
+# Replication ports of b and c; picked again if taken when a site starts.
+pick_ports() { PORT[b]=$(br_free_port); PORT[c]=$(br_free_port); }
+
+# write_config SITE ROLE UPSTREAM DOWNSTREAM-JSON
+write_config() {
+  local s=$1 role=$2 up=$3 down=$4 vols up_json='{}' listen_json='{}'
+  vols=$(for v in "${VOLS[@]}"; do
+    jq -n --arg n "$v" --arg p "$BR_TMP/$s/$v.img" --arg sz "$VOL_SIZE" \
+      '{name: $n, path: $p, size: $sz}'; done | jq -s .)
+  if [ -n "$up" ]; then
+    up_json=$(jq -n --arg s "$up" --arg a "${PORT[$up]:+127.0.0.1:${PORT[$up]}}" \
+      '{upstream: ({site: $s} + (if $a == "" then {} else {address: $a} end))}')
+  fi
+  if [ -n "${PORT[$s]:-}" ]; then
+    listen_json=$(jq -n --arg l "127.0.0.1:${PORT[$s]}" '{replication: {listen: $l}}')
+  fi
+  jq -n --arg site "$s" --arg dd "$BR_TMP/$s/data" --arg ctl "$BR_TMP/$s/control.sock" \
+    --arg sock "$BR_TMP/$s/nbd.sock" --arg role "$role" --argjson vols "$vols" \
+    --argjson down "$down" --argjson up "$up_json" --argjson listen "$listen_json" \
+    '{site: $site, data_dir: $dd, control_socket: $ctl, nbd: {unix_socket: $sock}}
+     + $listen
+     + {groups: [{name: "g", role: $role, region_size: "64KiB", volumes: $vols}
+                 + (if ($down | length) > 0 then {downstream: $down} else {} end)
+                 + $up]}' >"${CFG[$s]}" || die "could not write ${CFG[$s]}"
+}
+link_json() { jq -n --arg s "$1" --arg a "127.0.0.1:${PORT[$1]}" --arg m "$2" \
+  '{site: $s, address: $a, mode: $m}'; }
+write_configs() {
+  write_config c secondary a '[]'
+  write_config b secondary a '[]'
+  write_config a primary "" "[$(link_json b sync), $(link_json c async)]"
+}
+
+# Every site's log on failure (lib.sh would show only its one daemon's).
+br_dump_daemon_log() {
+  [ -z "${BR_LOG_DUMPED:-}" ] || return 0
+  BR_LOG_DUMPED=1
+  local s
+  for s in "${SITES[@]}"; do
+    [ -s "${LOGF[$s]}" ] || continue
+    echo "---- last lines of site $s's log (${LOGF[$s]}) ----"
+    tail -n 30 "${LOGF[$s]}"
+  done
+  echo "----"
+}
+
+site_alive() { [ -n "${PID[$1]:-}" ] && kill -0 "${PID[$1]}" 2>/dev/null; }
+
+# site_start SITE: start it and wait (bounded) until its control socket and
+# NBD socket answer. Returns 1 if it exited or did not come up.
+site_start() {
+  local s=$1
+  echo "==== blockrelay run --config ${CFG[$s]} ($(date +%T)) ====" >>"${LOGF[$s]}"
+  "$BR_BIN" run --config "${CFG[$s]}" >>"${LOGF[$s]}" 2>&1 </dev/null &
+  PID[$s]=$!
+  local deadline=$((SECONDS + BR_START_TIMEOUT))
+  while [ $SECONDS -lt $deadline ]; do
+    if ! site_alive "$s"; then
+      wait "${PID[$s]}"; log "site $s exited with status $? at start-up"
+      PID[$s]=
+      return 1
+    fi
+    if timeout 5 "$BR_BIN" status --config "${CFG[$s]}" >/dev/null 2>&1 &&
+       [ -S "$BR_TMP/$s/nbd.sock" ]; then
+      log "site $s: pid ${PID[$s]}${PORT[$s]:+, replication port ${PORT[$s]}}"
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "site $s (pid ${PID[$s]}) did not serve within ${BR_START_TIMEOUT}s"
+  return 1
+}
+
+# site_stop SITE [SIGNAL]: stop a site this test started (SIGKILL after
+# BR_STOP_TIMEOUT seconds). Returns its exit status.
+site_stop() {
+  local s=$1 sig=${2:-TERM} pid=${PID[$1]:-} rc
+  [ -n "$pid" ] || return 0
+  kill -s "$sig" "$pid" 2>/dev/null
+  local deadline=$((SECONDS + BR_STOP_TIMEOUT))
+  while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "site $s (pid $pid) still running ${BR_STOP_TIMEOUT}s after SIG$sig: SIGKILL"
+    kill -s KILL "$pid" 2>/dev/null
+  fi
+  { wait "$pid"; } 2>/dev/null  # (no "Killed" notice from bash)
+  rc=$?
+  PID[$s]=
+  return "$rc"
+}
+stop_all() { local s; for s in a b c; do site_stop "$s" TERM; done; }
+br_on_exit stop_all
+
+# Start downstream first (c, b, a). If a replication port was taken in the
+# meantime, pick new ports, rewrite the configs and start again.
+start_sites() {
+  local attempt s
+  for attempt in 1 2 3; do
+    pick_ports
+    write_configs
+    local ok=1
+    for s in c b a; do
+      if ! site_start "$s"; then
+        ok=0
+        break
+      fi
+    done
+    [ "$ok" = 1 ] && return 0
+    if [ "$attempt" -lt 3 ] && tail -n 5 "${LOGF[$s]}" | grep -q "Address already in use"; then
+      log "port taken by someone else; new ports, try $((attempt + 1))"
+      stop_all
+      continue
+    fi
+    break
+  done
+  die "the sites did not start (see the logs below)"
+}
+
+status_json() { timeout 10 "$BR_BIN" status --config "${CFG[$1]}" --json; }
+# jq_status SITE FILTER: one value of SITE's status (raw), "" on error.
+jq_status() { status_json "$1" 2>/dev/null | jq -r "$2" 2>/dev/null; }
+
+# wait_for NAME SECONDS CMD...: poll CMD until it succeeds.
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  while [ $SECONDS -lt $deadline ]; do
+    if "$@"; then pass "$name"; return 0; fi
+    sleep 0.2
+  done
+  fail "$name (not within ${secs}s)"; return 1
+}
+state_is() { [ "$(jq_status "$1" "$2")" = "$3" ]; }
+
+# fio_check NAME FIO-ARGS...: fio must exit 0 and report no job error or
+# verify failure.
+fio_check() {
+  local name=$1; shift
+  check "$name" fio --ioengine=nbd --eta=never "$@"
+  local out=$BR_OUT
+  if grep -qE 'err= *[1-9]' "$out"; then
+    fail "$name: a job reported an error"; grep -E 'err=' "$out" | sed 's/^/   | /'
+  fi
+  assert_not_contains "$name: no verify failure" "verify failed" "$out"
+  assert_not_contains "$name: no bad verify header" "bad magic" "$out"
+}
+uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
+
+# compare_images: every volume's backing file has the same sha256 on every
+# site.
+compare_images() {
+  local v s sum_a sum
+  for v in "${VOLS[@]}"; do
+    sum_a=$(sha256sum "$BR_TMP/a/$v.img" | cut -d' ' -f1)
+    for s in b c; do
+      sum=$(sha256sum "$BR_TMP/$s/$v.img" | cut -d' ' -f1)
+      assert_eq "volume $v: site $s's image equals site a's (sha256 ${sum_a:0:16}...)" "$sum_a" "$sum"
+    done
+  done
+}
+
+# link_filter SITE: jq path of a's downstream link to SITE.
+link() { echo ".groups[0].downstream[] | select(.site == \"$1\")"; }
+# dirty bytes of a's scoreboard slot for SITE, summed over the volumes.
+dirty_for() { jq_status a "[.groups[0].volumes[].links[] | select(.site == \"$1\") | .dirty_bytes] | add"; }
+dirty_zero() { [ "$(dirty_for "$1")" = 0 ]; }
+written_bytes() { jq_status a '[.groups[0].volumes[].bytes_written] | add'; }
+
+T0=$SECONDS
+start_sites
+
+wait_for "a's link to b is replicating" 30 state_is a "$(link b) | .state" replicating
+wait_for "a's link to c is replicating" 30 state_is a "$(link c) | .state" replicating
+wait_for "b's upstream (a) is connected" 10 state_is b '.groups[0].upstream.state' connected
+wait_for "c's upstream (a) is connected" 10 state_is c '.groups[0].upstream.state' connected
+assert_eq "a: link b is sync" sync "$(jq_status a "$(link b) | .mode")"
+assert_eq "a: link c is async" async "$(jq_status a "$(link c) | .mode")"
+
+# ---- random writes on a; c is killed with SIGKILL while they run.
+FIO_OUT=$BR_TMP/fio-randwrite.out
+timeout -k 5 90 fio --ioengine=nbd --eta=never \
+  --rw=randwrite --bs=4k --iodepth=16 --size=24M --runtime=6 \
+  --verify=crc32c --verify_fatal=1 --do_verify=1 \
+  --name=r1 --uri="$(uri a v1)" --name=r2 --uri="$(uri a v2)" >"$FIO_OUT" 2>&1 </dev/null &
+FIO_PID=$!
+br_on_exit '[ -n "${FIO_PID:-}" ] && kill "$FIO_PID" 2>/dev/null; true'
+# Kill c once a few MiB went through a.
+deadline=$((SECONDS + 30))
+while [ $SECONDS -lt $deadline ] && kill -0 "$FIO_PID" 2>/dev/null; do
+  w=$(written_bytes); [ "${w:-0}" -ge $((8 << 20)) ] && break
+  sleep 0.1
+done
+C_PID=${PID[c]}
+site_stop c KILL 2>/dev/null  # (no "Killed" notice from bash)
+log "killed site c (pid $C_PID) after $(( $(written_bytes) >> 20 )) MiB written on a"
+assert_true "c was killed while fio was still writing on a" kill -0 "$FIO_PID"
+wait "$FIO_PID"; rc=$?; FIO_PID=
+assert_eq "randwrite 4k QD16 on v1 and v2 (verify=crc32c) succeeds while c dies" 0 "$rc"
+[ "$rc" = 0 ] || tail -n 20 "$FIO_OUT" | sed 's/^/   | /'
+assert_not_contains "randwrite: no verify failure" "verify failed" "$FIO_OUT"
+if grep -qE 'err= *[1-9]' "$FIO_OUT"; then fail "randwrite: a job reported an error"; fi
+
+wait_for "a's link to c goes logging" 15 state_is a "$(link c) | .state" logging
+assert_eq "a's link to b is still replicating" replicating "$(jq_status a "$(link b) | .state")"
+
+# ---- more writes on a while c is down.
+fio_check "write 1M QD4 on v1 and v2 with fsync, c down (verify=crc32c)" \
+  --rw=write --bs=1M --iodepth=4 --size=32M --offset=32M --fsync=8 --runtime=6 \
+  --verify=crc32c --verify_fatal=1 --do_verify=1 \
+  --name=s1 --uri="$(uri a v1)" --name=s2 --uri="$(uri a v2)"
+log "fio done after $((SECONDS - T0))s"
+
+assert_eq "a's link to c is logging after the writes" logging "$(jq_status a "$(link c) | .state")"
+DIRTY_C=$(dirty_for c)
+assert_true "a's scoreboard for c holds the changes (dirty_bytes ${DIRTY_C:-?} >= 16 MiB)" \
+  test "${DIRTY_C:-0}" -ge $((16 << 20))
+wait_for "a's scoreboard for b is clean while c is down" 10 dirty_zero b
+check "blockrelay wait g --link b on a (b stays in sync)" \
+  "$BR_BIN" wait g --link b --timeout 30 --config "${CFG[a]}"
+expect_rc 1 "blockrelay wait g --link c times out while c is down" \
+  "$BR_BIN" wait g --link c --timeout 1 --config "${CFG[a]}"
+expect_rc 1 "blockrelay wait g (all links) times out while c is down" \
+  "$BR_BIN" wait g --timeout 1 --config "${CFG[a]}"
+for v in "${VOLS[@]}"; do
+  assert_eq "volume $v: site b's image equals site a's while c is down" \
+    "$(sha256sum <"$BR_TMP/a/$v.img")" "$(sha256sum <"$BR_TMP/b/$v.img")"
+done
+
+# ---- c comes back: a resyncs it.
+site_start c || die "site c did not restart"
+check "blockrelay wait g (every link) on a after c restarts" \
+  "$BR_BIN" wait g --timeout 60 --config "${CFG[a]}"
+log "caught up after $((SECONDS - T0))s"
+compare_images
+
+for s in a b c; do status_json "$s" >"$BR_TMP/status-$s.json" || fail "status --json of site $s"; done
+sa=$BR_TMP/status-a.json
+assert_eq "a: link b is replicating" replicating "$(jq -r "$(link b) | .state" "$sa")"
+assert_eq "a: link c is replicating" replicating "$(jq -r "$(link c) | .state" "$sa")"
+for s in b c; do
+  assert_eq "a: link $s has nothing queued" 0 "$(jq -r "$(link "$s") | .queue_bytes" "$sa")"
+done
+conn=$(jq -r "$(link c) | .connects" "$sa")
+assert_true "a: link c connected again (connects $conn >= 2)" test "$conn" -ge 2
+rs=$(jq -r "$(link c) | .resync_bytes_sent" "$sa")
+assert_true "a: link c resynced data (resync_bytes_sent $rs > 0)" test "$rs" -gt 0
+assert_true "a: link c resent at most what its scoreboard marked (resync_bytes_sent $rs <= dirty_bytes $DIRTY_C)" \
+  test "$rs" -le "${DIRTY_C:-0}"
+wait_for "a's scoreboard for c is clean" 15 dirty_zero c
+wait_for "a's scoreboard for b is clean" 15 dirty_zero b
+for s in b c; do
+  assert_eq "$s: upstream is site a" a "$(jq -r '.groups[0].upstream.site' "$BR_TMP/status-$s.json")"
+  assert_eq "$s: upstream connected" connected "$(jq -r '.groups[0].upstream.state' "$BR_TMP/status-$s.json")"
+  assert_eq "$s: no downstream links" 0 "$(jq -r '.groups[0].downstream | length' "$BR_TMP/status-$s.json")"
+done
+for s in a b c; do
+  assert_eq "$s: no volume errors" 0 "$(jq -r '[.groups[0].volumes[].errors] | add' "$BR_TMP/status-$s.json")"
+done
+
+for s in a b c; do
+  site_stop "$s" TERM
+  assert_eq "site $s exits 0 on SIGTERM" 0 "$?"
+done
+compare_images
+log "total $((SECONDS - T0))s"
+
+br_finish
