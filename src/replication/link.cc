@@ -39,6 +39,17 @@ bool AllZero(std::span<const std::byte> data) {
 }
 }  // namespace
 
+// Resync data and verify requests are bounded by their own windows and
+// belong to one connection: they do not count against max_queue and are
+// not kept in a disk queue.
+static bool IsStreamedGroup(const SealedGroup& g) {
+  return !(g.flags & kGroupResync) && !g.verify;
+}
+// Bytes a queued entry counts against max_queue.
+static uint64_t QueuedBytes(const SealedGroup& g) {
+  return IsStreamedGroup(g) ? g.footprint() : 0;
+}
+
 const char* LinkStateName(LinkState state) {
   switch (state) {
     case LinkState::kConnecting: return "connecting";
@@ -321,7 +332,7 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
       kept_.pop_front();
     }
     for (const auto& g : kept_) {
-      c->queue_bytes += g->footprint();
+      c->queue_bytes += QueuedBytes(*g);
       c->queue.push_back(Entry{g, c->next_link_seq++, false});
     }
     resync = !disk_complete_ && AnyDirty();
@@ -390,7 +401,7 @@ void Link::TakeIncoming(Connection& c) {
     incoming_bytes_ = 0;
   }
   for (auto& g : taken) {
-    c.queue_bytes += g->footprint();
+    c.queue_bytes += QueuedBytes(*g);
     c.queue.push_back(Entry{std::move(g), c.next_link_seq++, false});
   }
 }
@@ -513,7 +524,7 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
     } else if (e.group->group_seq > acked_durable_group_seq_) {
       acked_durable_group_seq_ = e.group->group_seq;
     }
-    c.queue_bytes -= std::min(c.queue_bytes, e.group->footprint());
+    c.queue_bytes -= std::min(c.queue_bytes, QueuedBytes(*e.group));
     if (!kept_.empty() && kept_.front() == e.group) {
       if (e.group->group_seq) kept_acked_seq_ = e.group->group_seq;
       kept_bytes_ -= std::min(kept_bytes_, e.group->footprint());
@@ -904,9 +915,11 @@ asio::awaitable<void> Link::DrainToDisk() {
   }
   if (!capturing_) co_return;  // overflowed: the scoreboard has it
   if (!taken.empty()) {
-    std::vector<Bytes> frames(taken.size());
-    for (size_t i = 0; i < taken.size(); ++i) {
-      EncodeWriteGroup(taken[i]->ToFrame(0), frames[i]);
+    std::vector<Bytes> frames;
+    for (const auto& g : taken) {
+      if (!IsStreamedGroup(*g)) continue;
+      frames.emplace_back();
+      EncodeWriteGroup(g->ToFrame(0), frames.back());
     }
     GroupJournal* journal = disk_.get();
     std::vector<Bytes>* fp = &frames;
@@ -921,10 +934,13 @@ asio::awaitable<void> Link::DrainToDisk() {
       co_return;
     }
     for (auto& g : taken) {
-      kept_bytes_ += g->footprint();
-      kept_.push_back(g);
+      // Resync data and verify requests go only to the live connection.
+      if (IsStreamedGroup(*g)) {
+        kept_bytes_ += g->footprint();
+        kept_.push_back(g);
+      }
       if (conn_ && !conn_->broken) {
-        conn_->queue_bytes += g->footprint();
+        conn_->queue_bytes += QueuedBytes(*g);
         conn_->queue.push_back(Entry{g, conn_->next_link_seq++, false});
       }
     }
