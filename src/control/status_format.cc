@@ -103,8 +103,52 @@ std::string FormatStatus(const nlohmann::json& status) {
       }
     }
   }
+  // Replication per group: each downstream link, and the upstream of a
+  // secondary group.
+  std::vector<std::vector<std::string>> downstream = {
+      {"GROUP", "DOWNSTREAM", "MODE", "STATE", "QUEUED", "LAG", "ACKED SEQ",
+       "SENT", "RATE", "NOTE"}};
+  std::vector<std::vector<std::string>> upstream = {
+      {"GROUP", "UPSTREAM", "STATE", "PEER", "RECEIVED", "APPLIED SEQ", "NOTE"}};
+  for (const auto& g : status["groups"]) {
+    if (!g.is_object()) continue;
+    for (const auto& l : g.value("downstream", nlohmann::json::array())) {
+      if (!l.is_object()) continue;
+      std::string note;
+      if (l.contains("resync") && l["resync"].is_object()) {
+        const auto& r = l["resync"];
+        note = fmt::format("resync: {} left", FormatBytes(U64(r, "bytes_left")));
+        if (r.contains("eta_seconds") && r["eta_seconds"].is_number() &&
+            r["eta_seconds"].get<double>() >= 0) {
+          note += fmt::format(", eta {:.0f}s", r["eta_seconds"].get<double>());
+        }
+      } else if (l.contains("paused") && l["paused"].is_boolean() && l["paused"].get<bool>()) {
+        note = "paused";
+      } else if (l.contains("last_error") && Str(l, "state") != "replicating") {
+        note = Str(l, "last_error");
+      }
+      const double lag = l.contains("lag_seconds") && l["lag_seconds"].is_number()
+                             ? l["lag_seconds"].get<double>() : 0.0;
+      downstream.push_back(
+          {Str(g, "name"), Str(l, "site"), Str(l, "mode"), Str(l, "state"),
+           FormatBytes(U64(l, "queue_bytes") + U64(l, "disk_queue_bytes")),
+           fmt::format("{} / {:.1f}s", FormatBytes(U64(l, "lag_bytes")), lag),
+           Str(l, "last_acked_seq", "0"), FormatBytes(U64(l, "bytes_sent")),
+           FormatBytes(U64(l, "throughput_bytes_per_sec")) + "/s", note});
+    }
+    if (g.contains("upstream") && g["upstream"].is_object()) {
+      const auto& u = g["upstream"];
+      std::string note = u.contains("error") ? "FAILED: " + Str(u, "error")
+                         : u.contains("last_error") ? Str(u, "last_error") : "";
+      upstream.push_back({Str(g, "name"), Str(u, "site"), Str(u, "state"),
+                          Str(u, "peer"), FormatBytes(U64(u, "bytes_received")),
+                          Str(u, "applied_group_seq", "0"), note});
+    }
+  }
   out += "\n" + FormatTable(volumes);
   if (links.size() > 1) out += "\n" + FormatTable(links);
+  if (downstream.size() > 1) out += "\n" + FormatTable(downstream);
+  if (upstream.size() > 1) out += "\n" + FormatTable(upstream);
   return out;
 }
 
