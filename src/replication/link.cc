@@ -652,7 +652,9 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
       }
       resync_regions_left_ -= std::min(resync_regions_left_, n);
       resync_bytes_left_ -= std::min(resync_bytes_left_, length);
-      c->wake.cancel();
+      // The disk loop feeds a disk-queue link's connection, the writer
+      // takes straight from incoming_ otherwise.
+      if (disk_mode()) Wake(); else c->wake.cancel();
     }
   }
   // The pass is complete once everything it sent is durable downstream.

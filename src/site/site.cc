@@ -231,8 +231,9 @@ nlohmann::json Site::WaitReply(const nlohmann::json& request) {
     if (g.name == group) gc = &g;
   }
   if (!gc) {
-    return control::ErrorReply(
-        fmt::format("site {} has no group \"{}\"", config_.site, group));
+    return control::ErrorReply(fmt::format(
+        "site {} has no group \"{}\"{}", config_.site, group,
+        link ? fmt::format(" (with a downstream link to site \"{}\")", *link) : ""));
   }
   auto* rg = FindReplicationGroup(group);
   if (!rg) {
