@@ -16,158 +16,13 @@ fio --enghelp=nbd >/dev/null 2>&1 || skip "this fio has no nbd engine"
 SITES=(a b)
 VOLS=(v1 v2)
 VOL_SIZE=64MiB
-declare -A PID=() PORT=() CFG=() LOGF=()
-for s in "${SITES[@]}"; do
-  CFG[$s]=$BR_TMP/site-$s.json
-  LOGF[$s]=$BR_TMP/site-$s.log
-done
-
+source "$BR_E2E_DIR/sites_lib.sh"
 # Replication port of b; picked again if taken when a site starts.
 pick_ports() { PORT[b]=$(br_free_port); }
-
-# write_config SITE ROLE UPSTREAM DOWNSTREAM-JSON
-write_config() {
-  local s=$1 role=$2 up=$3 down=$4 vols up_json='{}' listen_json='{}'
-  vols=$(for v in "${VOLS[@]}"; do
-    jq -n --arg n "$v" --arg p "$BR_TMP/$s/$v.img" --arg sz "$VOL_SIZE" \
-      '{name: $n, path: $p, size: $sz}'; done | jq -s .)
-  if [ -n "$up" ]; then
-    up_json=$(jq -n --arg s "$up" --arg a "${PORT[$up]:+127.0.0.1:${PORT[$up]}}" \
-      '{upstream: ({site: $s} + (if $a == "" then {} else {address: $a} end))}')
-  fi
-  if [ -n "${PORT[$s]:-}" ]; then
-    listen_json=$(jq -n --arg l "127.0.0.1:${PORT[$s]}" '{replication: {listen: $l}}')
-  fi
-  jq -n --arg site "$s" --arg dd "$BR_TMP/$s/data" --arg ctl "$BR_TMP/$s/control.sock" \
-    --arg sock "$BR_TMP/$s/nbd.sock" --arg role "$role" --argjson vols "$vols" \
-    --argjson down "$down" --argjson up "$up_json" --argjson listen "$listen_json" \
-    '{site: $site, data_dir: $dd, control_socket: $ctl, nbd: {unix_socket: $sock}}
-     + $listen
-     + {groups: [{name: "g", role: $role, region_size: "64KiB", volumes: $vols}
-                 + (if ($down | length) > 0 then {downstream: $down} else {} end)
-                 + $up]}' >"${CFG[$s]}" || die "could not write ${CFG[$s]}"
-}
-link_json() { jq -n --arg s "$1" --arg a "127.0.0.1:${PROXY_PORT}" --arg m "$2" \
-  '{site: $s, address: $a, mode: $m}'; }
 write_configs() {
   write_config b secondary a '[]'
   write_config a primary "" "[$(link_json b sync)]"
 }
-
-# Every site's log on failure (lib.sh would show only its one daemon's).
-br_dump_daemon_log() {
-  [ -z "${BR_LOG_DUMPED:-}" ] || return 0
-  BR_LOG_DUMPED=1
-  local s
-  for s in "${SITES[@]}"; do
-    [ -s "${LOGF[$s]}" ] || continue
-    echo "---- last lines of site $s's log (${LOGF[$s]}) ----"
-    tail -n 30 "${LOGF[$s]}"
-  done
-  echo "----"
-}
-
-site_alive() { [ -n "${PID[$1]:-}" ] && kill -0 "${PID[$1]}" 2>/dev/null; }
-
-# site_start SITE: start it and wait (bounded) until its control socket and
-# NBD socket answer. Returns 1 if it exited or did not come up.
-site_start() {
-  local s=$1
-  echo "==== blockrelay run --config ${CFG[$s]} ($(date +%T)) ====" >>"${LOGF[$s]}"
-  "$BR_BIN" run --config "${CFG[$s]}" >>"${LOGF[$s]}" 2>&1 </dev/null &
-  PID[$s]=$!
-  local deadline=$((SECONDS + BR_START_TIMEOUT))
-  while [ $SECONDS -lt $deadline ]; do
-    if ! site_alive "$s"; then
-      wait "${PID[$s]}"; log "site $s exited with status $? at start-up"
-      PID[$s]=
-      return 1
-    fi
-    if timeout 5 "$BR_BIN" status --config "${CFG[$s]}" >/dev/null 2>&1 &&
-       [ -S "$BR_TMP/$s/nbd.sock" ]; then
-      log "site $s: pid ${PID[$s]}${PORT[$s]:+, replication port ${PORT[$s]}}"
-      return 0
-    fi
-    sleep 0.1
-  done
-  log "site $s (pid ${PID[$s]}) did not serve within ${BR_START_TIMEOUT}s"
-  return 1
-}
-
-# site_stop SITE [SIGNAL]: stop a site this test started (SIGKILL after
-# BR_STOP_TIMEOUT seconds). Returns its exit status.
-site_stop() {
-  local s=$1 sig=${2:-TERM} pid=${PID[$1]:-} rc
-  [ -n "$pid" ] || return 0
-  kill -s "$sig" "$pid" 2>/dev/null
-  local deadline=$((SECONDS + BR_STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "site $s (pid $pid) still running ${BR_STOP_TIMEOUT}s after SIG$sig: SIGKILL"
-    kill -s KILL "$pid" 2>/dev/null
-  fi
-  { wait "$pid"; } 2>/dev/null  # (no "Killed" notice from bash)
-  rc=$?
-  PID[$s]=
-  return "$rc"
-}
-stop_all() { local s; for s in a b; do site_stop "$s" TERM; done; }
-br_on_exit stop_all
-
-# Start downstream first (b, a). If a replication port was taken in the
-# meantime, pick new ports, rewrite the configs and start again.
-start_sites() {
-  local attempt s
-  for attempt in 1 2 3; do
-    pick_ports
-    write_configs
-    local ok=1
-    for s in b a; do
-      if ! site_start "$s"; then
-        ok=0
-        break
-      fi
-    done
-    [ "$ok" = 1 ] && return 0
-    if [ "$attempt" -lt 3 ] && tail -n 5 "${LOGF[$s]}" | grep -q "Address already in use"; then
-      log "port taken by someone else; new ports, try $((attempt + 1))"
-      stop_all
-      continue
-    fi
-    break
-  done
-  die "the sites did not start (see the logs below)"
-}
-
-status_json() { timeout 10 "$BR_BIN" status --config "${CFG[$1]}" --json; }
-# jq_status SITE FILTER: one value of SITE's status (raw), "" on error.
-jq_status() { status_json "$1" 2>/dev/null | jq -r "$2" 2>/dev/null; }
-
-# wait_for NAME SECONDS CMD...: poll CMD until it succeeds.
-wait_for() {
-  local name=$1 secs=$2; shift 2
-  local deadline=$((SECONDS + secs))
-  while [ $SECONDS -lt $deadline ]; do
-    if "$@"; then pass "$name"; return 0; fi
-    sleep 0.2
-  done
-  fail "$name (not within ${secs}s)"; return 1
-}
-state_is() { [ "$(jq_status "$1" "$2")" = "$3" ]; }
-
-# fio_check NAME FIO-ARGS...: fio must exit 0 and report no job error or
-# verify failure.
-fio_check() {
-  local name=$1; shift
-  check "$name" fio --ioengine=nbd --eta=never "$@"
-  local out=$BR_OUT
-  if grep -qE 'err= *[1-9]' "$out"; then
-    fail "$name: a job reported an error"; grep -E 'err=' "$out" | sed 's/^/   | /'
-  fi
-  assert_not_contains "$name: no verify failure" "verify failed" "$out"
-  assert_not_contains "$name: no bad verify header" "bad magic" "$out"
-}
-
 
 PROXY=${LINK_PROXY:-$(dirname "$BR_BIN")/test/tools/link_proxy}
 [ -x "$PROXY" ] || die "link_proxy is not built at $PROXY (cmake --build BUILD --target link_proxy)"
@@ -190,6 +45,7 @@ PY
 # The proxy forwards to b's replication port, which start_sites picks: start
 # it after the ports are known. Pick b's port first, then the proxy's.
 PROXY_PORT=$(br_free_port)
+LINK_ADDR[b]=127.0.0.1:$PROXY_PORT
 pick_ports
 "$PROXY" --listen "127.0.0.1:$PROXY_PORT" --target "127.0.0.1:${PORT[b]}" --delay-ms 2 \
   --control "$BR_TMP/proxy.sock" >"$BR_TMP/proxy.log" 2>&1 &
