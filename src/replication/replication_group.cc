@@ -263,10 +263,13 @@ void ReplicationGroup::WhenAcknowledged(Ticket ticket, bool durable,
       w.done(*outcome);
       return;
     }
-    const bool was_empty = waiters_.empty();
     waiters_.push_back(std::move(w));
-    // Blocked waiters time out; poll while any wait.
-    if (was_empty && waiter_timer_) {
+    // Only "block" waiters have a deadline to watch; the others are
+    // answered by acknowledgements and link state changes alone. One poll
+    // loop at most: two would cancel each other's timer wait in turn.
+    if (config_.on_sync_failure == config::OnSyncFailure::kBlock &&
+        !waiter_loop_running_ && waiter_timer_) {
+      waiter_loop_running_ = true;
       asio::co_spawn(
           ctx_,
           [this]() -> asio::awaitable<void> {
@@ -275,6 +278,7 @@ void ReplicationGroup::WhenAcknowledged(Ticket ticket, bool durable,
               co_await waiter_timer_->async_wait(kAsTuple);
               CheckWaiters();
             }
+            waiter_loop_running_ = false;
           },
           asio::detached);
     }

@@ -146,6 +146,7 @@ class ReplicationGroup final : public core::ReplicationSink {
 
   // Network thread only.
   std::vector<Waiter> waiters_;
+  bool waiter_loop_running_ = false;
   std::optional<asio::steady_timer> seal_timer_;
   std::optional<asio::steady_timer> waiter_timer_;
   bool stopping_ = false;
