@@ -45,13 +45,33 @@
 #   blockrelay-logging   the same plus one downstream link to a closed
 #                        loopback port, slot starting clean (issue 3:
 #                        logging mode, writes dirty the scoreboard)
-#   blockrelay-async     TODO (issue 4): second blockrelay on loopback as an
-#   blockrelay-sync      async / sync downstream. Not implemented yet: skipped.
+#   blockrelay-async     the same plus a second blockrelay process on loopback
+#                        TCP as site "b" (role secondary) behind an async link
+#   blockrelay-sync      the same with a sync link (issue 4 rows; see below)
 #   nbdkit-file          nbdkit file plugin (page cache, default threads)
 #   qemu-nbd-none        qemu-nbd -f raw --cache=none --aio=native -t -e 16
 #   qemu-nbd-wb          qemu-nbd -f raw --cache=writeback -t -e 16
 #   null                 nbdkit null: stores nothing, the floor (not a peer)
 # "best peer" on a row = the best of nbdkit-file, qemu-nbd-none, qemu-nbd-wb.
+#
+# Issue 4 (replication to a second process on the same 2 cores):
+#   blockrelay-async / blockrelay-sync start site "b" first (its own backing
+#   file disk-b.img, filled once like disk.img and reused by every run; fresh
+#   data_dir per run), then site "bench" with one link
+#     {"site": "b", "address": "127.0.0.1:<port>", "mode": "async"|"sync",
+#      "initial_sync": "none"}
+#   and wait (`blockrelay wait`) until the link is replicating and caught up
+#   before fio starts. Both processes are stopped by PID after the run. The
+#   link's status (state, connects, bytes sent) is saved after every run, so a
+#   link that fell back to logging during a run shows up in the report.
+#   Goals, shown next to the ratios against "blockrelay" (no link):
+#   async >= 0.85x IOPS on every row; sync: randwrite-4k-qd1 mean latency
+#   <= 2x, >= 0.7x IOPS on the QD32 rows.
+#   Wire rows (--wire): fio 4 KiB random writes that overwrite the same 1 MiB
+#   (--size=1M) at QD32 and QD1 on blockrelay-async, once with the default
+#   group_interval (10 ms) and once with "group_interval": "100ms"; from the
+#   primary's `status --json` before and after (after `blockrelay wait`):
+#   wire_bytes_sent / bytes_written. Goal <= 0.2x.
 #
 # Usage: bash scripts/bench.sh [options]      (as root)
 #   --rounds N        rounds (default 3)
@@ -64,10 +84,18 @@
 #   --size SIZE       backing file size for fallocate (default 4GiB)
 #   --io-threads N    blockrelay nbd.io_threads (default: the daemon's own)
 #   --workdir-base D  where to mktemp -d the work dir (default /var/tmp)
-#   --build-dir D     build dir (default build-bench)
+#   --build-dir D     build dir (default build-bench; relative to the repo
+#                     or absolute); the binary is D/blockrelay, or
+#                     $BLOCKRELAY_BIN when set (implies --no-build)
 #   --no-build        use the existing binary in the build dir
+#   --wire A,B|none   wire-efficiency rows on blockrelay-async (see --list;
+#                     default: all of them when blockrelay-async is among the
+#                     servers, else none)
 #   --write-doc       also write the "## Latest run" section to docs/benchmarks.md
 #   --keep            keep the work dir (fio JSON, server logs) and say where
+#   --report-from D   measure nothing: build the report (and with --write-doc
+#                     the doc section) again from the kept work dir D of an
+#                     earlier run, e.g. after changing the report code
 #   --list            list rows and servers and exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +126,27 @@ row_field() {  # row_field NAME INDEX(1=args,2=dir)
       local _n args dir
       IFS='|' read -r _n args dir <<<"$d"
       if [ "$2" = 1 ]; then echo "$args"; else echo "$dir"; fi
+      return 0
+    fi
+  done
+  return 1
+}
+
+# Wire-efficiency rows (issue 4), run on blockrelay-async only:
+# name|fio arguments|extra link settings (JSON members, may be empty)
+WIRE_DEFS=(
+  "overwrite-1m-qd32|--rw=randwrite --bs=4k --iodepth=32 --size=1M|"
+  "overwrite-1m-qd1|--rw=randwrite --bs=4k --iodepth=1 --size=1M|"
+  "overwrite-1m-qd32-gi100ms|--rw=randwrite --bs=4k --iodepth=32 --size=1M|\"group_interval\": \"100ms\""
+  "overwrite-1m-qd1-gi100ms|--rw=randwrite --bs=4k --iodepth=1 --size=1M|\"group_interval\": \"100ms\""
+)
+wire_names() { local d; for d in "${WIRE_DEFS[@]}"; do echo "${d%%|*}"; done; }
+wire_field() {  # wire_field NAME INDEX(1=fio args,2=link settings)
+  local d; for d in "${WIRE_DEFS[@]}"; do
+    if [ "${d%%|*}" = "$1" ]; then
+      local _n args link
+      IFS='|' read -r _n args link <<<"$d"
+      if [ "$2" = 1 ]; then echo "$args"; else echo "$link"; fi
       return 0
     fi
   done
@@ -141,10 +190,12 @@ BUILD_DIR=build-bench
 DO_BUILD=1
 WRITE_DOC=0
 KEEP=0
+REPORT_FROM=
 ROWS=$(row_names | paste -sd, -)
 # Default: everything that is implemented (TODO variants are skipped anyway,
 # listing them keeps the "not implemented yet" visible in every run).
 SERVERS=$(server_names | paste -sd, -)
+WIRE=default
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -160,11 +211,15 @@ while [ $# -gt 0 ]; do
     --workdir-base) WORKDIR_BASE=$2; shift 2 ;;
     --build-dir) BUILD_DIR=$2; shift 2 ;;
     --no-build) DO_BUILD=0; shift ;;
+    --wire) WIRE=$2; shift 2 ;;
     --write-doc) WRITE_DOC=1; shift ;;
     --keep) KEEP=1; shift ;;
+    --report-from) REPORT_FROM=$2; shift 2 ;;
     --list)
       echo "rows:"; for d in "${ROW_DEFS[@]}"; do IFS='|' read -r n a _ <<<"$d"; printf '  %-28s fio %s\n' "$n" "$a"; done
       echo "servers:"; for d in "${SERVER_DEFS[@]}"; do IFS='|' read -r n _ k <<<"$d"; printf '  %-20s %s\n' "$n" "$k"; done
+      echo "wire rows (blockrelay-async; --wire):"
+      for d in "${WIRE_DEFS[@]}"; do IFS='|' read -r n a l <<<"$d"; printf '  %-28s fio %s%s\n' "$n" "$a" "${l:+; link: $l}"; done
       exit 0 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -180,8 +235,25 @@ IFS=, read -r -a ROW_LIST <<<"$ROWS"
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
 for r in "${ROW_LIST[@]}"; do row_field "$r" 1 >/dev/null || die "unknown row '$r' (see --list)"; done
 for s in "${SERVER_LIST[@]}"; do server_field "$s" 1 >/dev/null || die "unknown server '$s' (see --list)"; done
+if [ "$WIRE" = default ]; then
+  if [[ ,$SERVERS, == *,blockrelay-async,* ]]; then WIRE=$(wire_names | paste -sd, -); else WIRE=none; fi
+fi
+WIRE_LIST=()
+if [ "$WIRE" != none ] && [ -n "$WIRE" ]; then IFS=, read -r -a WIRE_LIST <<<"$WIRE"; fi
+for r in "${WIRE_LIST[@]+"${WIRE_LIST[@]}"}"; do wire_field "$r" 1 >/dev/null || die "unknown wire row '$r' (see --list)"; done
+# Servers whose runs need site b's backing file.
+NEED_DISK_B=0
+[[ ,$SERVERS, == *,blockrelay-async,* || ,$SERVERS, == *,blockrelay-sync,* ]] && NEED_DISK_B=1
+[ ${#WIRE_LIST[@]} -gt 0 ] && NEED_DISK_B=1
 [ "$(id -u)" -eq 0 ] || log "warning: not root; sync and the build may still work, the numbers were taken as root"
 
+if [ -n "$REPORT_FROM" ]; then
+  [ -f "$REPORT_FROM/machine.txt" ] && [ -f "$REPORT_FROM/results/runs.tsv" ] \
+    || die "--report-from: $REPORT_FROM is not a kept work dir (no machine.txt or results/runs.tsv)"
+  WORK=$(cd "$REPORT_FROM" && pwd)
+  RESULTS=$WORK/results; TSV=$RESULTS/runs.tsv; WIRE_TSV=$RESULTS/wire.tsv; MACHINE=$WORK/machine.txt
+  log "report from the kept work dir $WORK (nothing measured)"
+else
 # ------------------------------------------------------- deps and build ----
 if [ -x scripts/install-deps.sh ] || [ -f scripts/install-deps.sh ]; then
   log "scripts/install-deps.sh"
@@ -200,14 +272,46 @@ fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (Debian's f
 nbdkit --dump-plugin file >/dev/null 2>&1 || die "nbdkit file plugin missing"
 nbdkit --dump-plugin null >/dev/null 2>&1 || die "nbdkit null plugin missing"
 
-BR_BIN=$REPO/$BUILD_DIR/blockrelay
+case "$BUILD_DIR" in /*) ;; *) BUILD_DIR=$REPO/$BUILD_DIR ;; esac
+BR_BIN=$BUILD_DIR/blockrelay
+if [ -n "${BLOCKRELAY_BIN:-}" ]; then
+  BR_BIN=$BLOCKRELAY_BIN; DO_BUILD=0
+  log "using \$BLOCKRELAY_BIN=$BR_BIN (no build)"
+fi
+# What the binary is built from: HEAD, and whether src/, include/ or
+# CMakeLists.txt differ from it. Others edit and commit on this machine, so
+# it is taken before and after the build: if it changed meanwhile, the
+# binary's source is not known exactly, and the report says so.
+git_state() {
+  local c; c=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [ -n "$(git status --porcelain -- src include CMakeLists.txt 2>/dev/null)" ]; then
+    c="$c (built from a working tree with uncommitted changes under src/, include/ or CMakeLists.txt)"
+  fi
+  echo "$c"
+}
 if [ "$DO_BUILD" = 1 ]; then
   log "building blockrelay in $BUILD_DIR (RelWithDebInfo)"
+  state_before=$(git_state)
   timeout 3600 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2 \
     || die "cmake failed"
   timeout 3600 ninja -C "$BUILD_DIR" -j"$(nproc)" blockrelay >&2 || die "build failed"
+  state_after=$(git_state)
+  if [ "$state_before" = "$state_after" ]; then
+    echo "$state_after" >"$BR_BIN.build-info"
+  else
+    log "warning: HEAD or the working tree changed during the build ($state_before -> $state_after)"
+    echo "unknown: the tree changed during the build ($state_before -> $state_after)" >"$BR_BIN.build-info"
+  fi
 fi
 [ -x "$BR_BIN" ] || die "$BR_BIN missing (build it, or drop --no-build)"
+# The build's git_state is kept next to the binary (blockrelay.build-info,
+# one line), because with --no-build the working tree may have changed since.
+# A binary built by hand gets one with the same content (see git_state).
+if [ -f "$BR_BIN.build-info" ] && [ ! "$BR_BIN" -nt "$BR_BIN.build-info" ]; then
+  BUILD_INFO=$(head -1 "$BR_BIN.build-info")
+else
+  BUILD_INFO="unknown: $BR_BIN was not built by bench.sh (HEAD now: $(git_state))"
+fi
 
 # ------------------------------------------------------------ work dir ----
 fs_type() {
@@ -286,11 +390,30 @@ if [[ ,$SERVERS, == *,qemu-nbd-none,* ]]; then
     --ioengine=libaio --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null \
     || die "preconditioning $DISK_DIRECT failed"
 fi
+# Site b's backing file for blockrelay-async/-sync and the wire rows: one
+# file, filled once exactly like disk.img (buffered 4 KiB writes: real
+# blocks, page cache in 4 KiB folios) and reused by every run, like disk.img
+# is. Not a sparse file: the downstream would then allocate blocks on its
+# first write to each 4 KiB (ext4 block allocation and extent-tree growth on
+# the 2 cores the primary uses too), which a replica of a real volume does
+# not pay, and its cost would shrink from run to run as the file fills up.
+# Not a new file per run: filling 4 GiB costs ~1 min per run. The two files
+# do not hold the same bytes (and disk.img is rewritten by every server);
+# "initial_sync": "none" only skips the initial resync, and nothing ever
+# reads site b's data.
+DISK_B=$WORK/disk-b.img
+if [ "$NEED_DISK_B" = 1 ]; then
+  log "disk-b.img (site b of blockrelay-async/-sync): fallocate $SIZE, filled like disk.img"
+  fallocate -l "$SIZE_BYTES" "$DISK_B"
+  timeout 1800 fio --name=precondition --filename="$DISK_B" --rw=write --bs=4k --ioengine=psync \
+    --size="$SIZE_BYTES" --end_fsync=1 --output-format=terse >/dev/null \
+    || die "preconditioning $DISK_B failed"
+fi
 sync
-# Percentage of disk.img in the page cache (fincore), or "?".
+# Percentage of a file (default disk.img) in the page cache (fincore), or "?".
 cached_pct() {
   local res
-  res=$(fincore -b -n -o RES "$DISK" 2>/dev/null | tr -d ' ') || res=
+  res=$(fincore -b -n -o RES "${1:-$DISK}" 2>/dev/null | tr -d ' ') || res=
   if [[ $res =~ ^[0-9]+$ ]]; then echo $((res * 100 / SIZE_BYTES)); else echo "?"; fi
 }
 
@@ -367,24 +490,76 @@ start_blockrelay_logging() {
   SERVER_URI=$(uri_for data)
 }
 
-# TODO(issue 4): start a second blockrelay process on loopback as site "b"
-# (role secondary, replication.listen on a free port, its own backing file of
-# the same size and kind), wait for it, then start site "a" with
-#   "downstream": [{"site": "b", "address": "127.0.0.1:<b's port>", "mode": "async"}]
-# and return a's PID/URI (track b's PID in STARTED_PIDS and stop it after the
-# run too). Goal: >= 0.85x blockrelay on every row. Also the issue's "bytes on
-# the wire vs bytes written" row (overwrite the same 1 MiB; goal <= 0.2x),
-# read from `blockrelay status --json` of both sites.
-start_blockrelay_async() {
-  log "blockrelay-async: not implemented yet (needs replication, issue 4); skipped"
-  return 2
+# Issue 4 rows: site b, a second blockrelay process, is the downstream on
+# loopback TCP. start_blockrelay_link MODE DIR [EXTRA-LINK-JSON-MEMBERS]:
+# starts b (role secondary, replication.listen on a free port, backing file
+# disk-b.img, fresh data_dir), waits until its control socket answers, starts
+# the primary with one link to b ("initial_sync": "none": both slots start
+# clean, no resync), then waits with `blockrelay wait` until the link is
+# replicating with nothing queued. b's PID goes to AUX_PIDS (the caller stops
+# it after the primary); both are in STARTED_PIDS.
+BR_CONFIG=   # the primary's config of the current blockrelay-async/-sync run
+AUX_PIDS=()  # other processes of the current run (site b)
+start_blockrelay_link() {
+  local mode=$1 dir=$2 extra=${3:-} bdir=$2/b port attempt i ok bpid
+  mkdir -p "$bdir"
+  new_endpoint "$dir"
+  for attempt in 1 2 3; do
+    port=$(free_port)
+    cat >"$bdir/site.json" <<EOF
+{
+  "site": "b",
+  "data_dir": "$bdir/data",
+  "control_socket": "$bdir/control.sock",
+  "nbd": { "unix_socket": "$bdir/nbd.sock" },
+  "replication": { "listen": "127.0.0.1:$port" },
+  "groups": [
+    {
+      "name": "bench",
+      "role": "secondary",
+      "upstream": { "site": "bench" },
+      "volumes": [ { "name": "data", "path": "$DISK_B", "size": "$SIZE_BYTES" } ]
+    }
+  ]
 }
+EOF
+    "$BR_BIN" check-config "$bdir/site.json" >"$bdir/check-config.log" 2>&1 || {
+      log "blockrelay refused site b's generated config:"; cat "$bdir/check-config.log" >&2; return 1; }
+    "$BR_BIN" run --config "$bdir/site.json" >"$bdir/server.log" 2>&1 </dev/null &
+    bpid=$!
+    AUX_PIDS+=("$bpid"); STARTED_PIDS+=("$bpid")
+    ok=0
+    for i in $(seq 150); do
+      kill -0 "$bpid" 2>/dev/null || break
+      if timeout 5 "$BR_BIN" status --config "$bdir/site.json" >/dev/null 2>&1; then ok=1; break; fi
+      sleep 0.1
+    done
+    [ "$ok" = 1 ] && break
+    stop_pid "$bpid"; AUX_PIDS=()
+    if [ "$attempt" -lt 3 ] && grep -qi "address already in use" "$bdir/server.log"; then
+      log "site b: port $port was taken meanwhile; trying another"; continue
+    fi
+    log "site b did not start; its log:"; tail -20 "$bdir/server.log" >&2
+    return 1
+  done
+  local link="{ \"site\": \"b\", \"address\": \"127.0.0.1:$port\", \"mode\": \"$mode\", \"initial_sync\": \"none\"${extra:+, $extra} }"
+  write_blockrelay_config "$dir" "[ $link ]" || return 1
+  BR_CONFIG=$dir/site.json
+  launch "$dir/server.log" "$BR_BIN" run --config "$dir/site.json"
+  SERVER_URI=$(uri_for data)
+  wait_ready || return 1
+  if ! timeout 90 "$BR_BIN" wait bench --config "$dir/site.json" --timeout 60 >"$dir/wait.log" 2>&1; then
+    log "the link to site b did not catch up within 60 s:"; cat "$dir/wait.log" >&2
+    return 1
+  fi
+}
+start_blockrelay_async() { start_blockrelay_link async "$1"; }
+start_blockrelay_sync() { start_blockrelay_link sync "$1"; }
 
-# TODO(issue 4): as start_blockrelay_async with "mode": "sync". Goals: 4k
-# randwrite QD1 mean latency <= 2x blockrelay's, >= 0.7x IOPS on QD32 rows.
-start_blockrelay_sync() {
-  log "blockrelay-sync: not implemented yet (needs replication, issue 4); skipped"
-  return 2
+# The primary's `status --json` of the current blockrelay-async/-sync run.
+save_status() {  # save_status FILE
+  [ -n "$BR_CONFIG" ] || return 0
+  timeout 15 "$BR_BIN" status --json --config "$BR_CONFIG" >"$1" 2>/dev/null || echo '{}' >"$1"
 }
 
 start_nbdkit_file() {
@@ -435,7 +610,7 @@ wait_ready() {
 RESULTS=$WORK/results
 mkdir -p "$RESULTS"
 TSV=$RESULTS/runs.tsv
-printf 'round\trow\tserver\tjson\tload_before\tload_after\tstatus\tcached_pct\n' >"$TSV"
+printf 'round\trow\tserver\tjson\tload_before\tload_after\tstatus\tcached_pct\tcached_b_pct\n' >"$TSV"
 declare -A SKIPPED=()
 MACHINE=$WORK/machine.txt
 
@@ -451,11 +626,7 @@ MACHINE=$WORK/machine.txt
   echo "qemu_nbd=$(qemu-nbd --version | head -1)"
   echo "libnbd=$(nbdinfo --version 2>/dev/null | sed -n 2p)"
   echo "blockrelay=$("$BR_BIN" --version 2>&1 | head -1)"
-  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-  if [ -n "$(git status --porcelain -- src include CMakeLists.txt 2>/dev/null)" ]; then
-    commit="$commit (built from a working tree with uncommitted changes under src/, include/ or CMakeLists.txt)"
-  fi
-  echo "commit=$commit"
+  echo "commit=$BUILD_INFO"
   echo "transport=$TRANSPORT"
   echo "size=$SIZE ($SIZE_BYTES bytes)"
   echo "io_threads=${IO_THREADS:-daemon default}"
@@ -467,6 +638,12 @@ MACHINE=$WORK/machine.txt
 } >"$MACHINE"
 
 loadavg1() { cut -d' ' -f1 /proc/loadavg; }
+# Stops the current run's other processes (site b), after the primary.
+stop_aux() {
+  local p
+  for p in "${AUX_PIDS[@]+"${AUX_PIDS[@]}"}"; do stop_pid "$p"; done
+  AUX_PIDS=()
+}
 nservers=${#SERVER_LIST[@]}
 total=$((ROUNDS * ${#ROW_LIST[@]} * nservers)); n=0
 log "$ROUNDS round(s) x ${#ROW_LIST[@]} row(s) x $nservers server(s), ${RAMP}+${RUNTIME} s per run, transport $TRANSPORT"
@@ -481,18 +658,21 @@ for ((round = 1; round <= ROUNDS; round++)); do
       rm -rf "$run_dir"; mkdir -p "$run_dir"
       timeout 600 sync || log "warning: sync took over 600 s"
       fn=$(server_field "$server" 1)
-      SERVER_PID=; SERVER_URI=
+      SERVER_PID=; SERVER_URI=; BR_CONFIG=; AUX_PIDS=()
       set +e; "$fn" "$run_dir"; rc=$?; set -e
       if [ "$rc" = 2 ]; then SKIPPED[$server]=1; continue; fi
       if [ "$rc" != 0 ] || ! wait_ready; then
         log "warning: $server did not start (round $round, $row); its log:"
         tail -20 "$run_dir/server.log" >&2 2>/dev/null || true
         [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID"
-        printf '%s\t%s\t%s\t-\t-\t-\tstart-failed\t-\n' "$round" "$row" "$server" >>"$TSV"
+        stop_aux
+        printf '%s\t%s\t%s\t-\t-\t-\tstart-failed\t-\t-\n' "$round" "$row" "$server" >>"$TSV"
         continue
       fi
       json=$RESULTS/r$round-$row-$server.json
       cached=$(cached_pct)
+      cached_b=-
+      [ ${#AUX_PIDS[@]} -gt 0 ] && cached_b=$(cached_pct "$DISK_B")
       lb=$(loadavg1)
       log "[$n/$total] round $round $row $server"
       # shellcheck disable=SC2086  # row_args is a list of fio options
@@ -503,29 +683,91 @@ for ((round = 1; round <= ROUNDS; round++)); do
       set +e; wait "$fio_pid"; frc=$?; set -e
       forget_pid "$fio_pid"
       la=$(loadavg1)
+      save_status "$json.status.json"
       stop_pid "$SERVER_PID"
+      stop_aux
       status=ok
       if [ "$frc" != 0 ]; then
         status=fio-failed-$frc
         log "warning: fio failed ($frc) on $server $row:"; tail -5 "$json.err" >&2 || true
       fi
       cp "$run_dir/server.log" "$RESULTS/r$round-$row-$server.server.log" 2>/dev/null || true
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$server" "$json" "$lb" "$la" "$status" "$cached" >>"$TSV"
+      cp "$run_dir/b/server.log" "$RESULTS/r$round-$row-$server.site-b.log" 2>/dev/null || true
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$row" "$server" "$json" "$lb" "$la" "$status" "$cached" "$cached_b" >>"$TSV"
     done
   done
 done
+# Wire-efficiency rows (issue 4): blockrelay-async, fio overwriting the same
+# 1 MiB; the primary's status before fio and after `blockrelay wait` (so the
+# last group is sent and counted) gives bytes_written and wire_bytes_sent.
+WIRE_TSV=$RESULTS/wire.tsv
+printf 'round\twire_row\tjson\tstatus_before\tstatus_after\tload_before\tload_after\tstatus\n' >"$WIRE_TSV"
+if [ ${#WIRE_LIST[@]} -gt 0 ]; then
+  wtotal=$((ROUNDS * ${#WIRE_LIST[@]})); wn=0
+  log "wire rows: $ROUNDS round(s) x ${#WIRE_LIST[@]} on blockrelay-async"
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for wrow in "${WIRE_LIST[@]}"; do
+      wn=$((wn + 1))
+      run_dir=$WORK/run
+      rm -rf "$run_dir"; mkdir -p "$run_dir"
+      timeout 600 sync || log "warning: sync took over 600 s"
+      SERVER_PID=; SERVER_URI=; BR_CONFIG=; AUX_PIDS=()
+      set +e; start_blockrelay_link async "$run_dir" "$(wire_field "$wrow" 2)"; rc=$?; set -e
+      if [ "$rc" != 0 ]; then
+        log "warning: blockrelay-async did not start (round $round, wire row $wrow); its log:"
+        tail -20 "$run_dir/server.log" >&2 2>/dev/null || true
+        [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID"
+        stop_aux
+        printf '%s\t%s\t-\t-\t-\t-\t-\tstart-failed\n' "$round" "$wrow" >>"$WIRE_TSV"
+        continue
+      fi
+      json=$RESULTS/wire-r$round-$wrow.json
+      save_status "$json.before.json"
+      lb=$(loadavg1)
+      log "[wire $wn/$wtotal] round $round $wrow"
+      # shellcheck disable=SC2086  # a list of fio options
+      timeout $((RUNTIME + RAMP + 120)) fio --name="$wrow" --ioengine=nbd --uri="$SERVER_URI" \
+        $(wire_field "$wrow" 1) --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+        --output-format=json >"$json" 2>"$json.err" &
+      fio_pid=$!; STARTED_PIDS+=("$fio_pid")
+      set +e; wait "$fio_pid"; frc=$?; set -e
+      forget_pid "$fio_pid"
+      la=$(loadavg1)
+      status=ok
+      if [ "$frc" != 0 ]; then
+        status=fio-failed-$frc
+        log "warning: fio failed ($frc) on wire row $wrow:"; tail -5 "$json.err" >&2 || true
+      elif ! timeout 90 "$BR_BIN" wait bench --config "$BR_CONFIG" --timeout 60 >"$json.wait.log" 2>&1; then
+        status=not-caught-up
+        log "warning: the link did not catch up within 60 s after wire row $wrow"
+      fi
+      save_status "$json.after.json"
+      stop_pid "$SERVER_PID"
+      stop_aux
+      cp "$run_dir/server.log" "$json.server.log" 2>/dev/null || true
+      cp "$run_dir/b/server.log" "$json.site-b.log" 2>/dev/null || true
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$wrow" "$json" "$json.before.json" \
+        "$json.after.json" "$lb" "$la" "$status" >>"$WIRE_TSV"
+    done
+  done
+fi
 rm -rf "$WORK/run"
 echo "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$MACHINE"
 echo "skipped=$(printf '%s ' "${!SKIPPED[@]}")" >>"$MACHINE"
 echo "servers=$SERVERS" >>"$MACHINE"
 echo "rows=$ROWS" >>"$MACHINE"
+echo "wire=${WIRE_LIST[*]+${WIRE_LIST[*]}}" >>"$MACHINE"
+
+fi  # not --report-from
 
 # --------------------------------------------------------------- report ----
 REPORT=$WORK/report.md
-python3 - "$TSV" "$MACHINE" "$REPORT" <<'PY'
-import json, statistics, sys
+REGENERATED=
+[ -n "$REPORT_FROM" ] && REGENERATED="$(date -u +%Y-%m-%dT%H:%M:%SZ) with \`$CMDLINE\`"
+python3 - "$TSV" "$MACHINE" "$REPORT" "$WIRE_TSV" "$REGENERATED" <<'PY'
+import json, re, statistics, sys
 
-tsv, machine_path, out_path = sys.argv[1:4]
+tsv, machine_path, out_path, wire_tsv, regenerated = sys.argv[1:6]
 machine = {}
 for line in open(machine_path):
     k, _, v = line.rstrip("\n").partition("=")
@@ -535,6 +777,29 @@ servers_order = machine["servers"].split(",")
 skipped = machine.get("skipped", "").split()
 PEERS = ["nbdkit-file", "qemu-nbd-none", "qemu-nbd-wb"]
 READ_ROWS = {"randread-4k-qd32", "seqread-1m-qd8"}
+LINK_SERVERS = {"blockrelay-async", "blockrelay-sync"}
+
+def goal(server, row):
+    """(metric, op, bound, text) of the variant's goal on this row, or None.
+    metric: "iops" (IOPS ratio) or "lat" (mean latency ratio)."""
+    if server == "blockrelay-logging":
+        return ("iops", ">=", 0.95, ">= 0.95x IOPS (issue 3)")
+    if server == "blockrelay-async":
+        return ("iops", ">=", 0.85, ">= 0.85x IOPS")
+    if server == "blockrelay-sync":
+        if row == "randwrite-4k-qd1":
+            return ("lat", "<=", 2.0, "mean latency <= 2x")
+        if "-qd32" in row:
+            return ("iops", ">=", 0.7, ">= 0.7x IOPS")
+    return None
+
+def link_of(status_path):
+    """The first downstream link in a saved `status --json`, or {}."""
+    try:
+        st = json.load(open(status_path))
+        return st["groups"][0]["downstream"][0]
+    except Exception:  # noqa: BLE001
+        return {}
 
 def load_fio(path):
     text = open(path, errors="replace").read()
@@ -544,13 +809,15 @@ def load_fio(path):
     return json.loads(text[i:])
 
 samples = {}   # (row, server) -> list of dicts
-loads, failures, cached_pcts = [], [], []
+loads, failures, cached_pcts, cached_b_pcts, link_problems = [], [], [], [], []
 with open(tsv) as f:
     next(f)
     for line in f:
-        rnd, row, server, path, lb, la, status, cached = line.rstrip("\n").split("\t")
+        rnd, row, server, path, lb, la, status, cached, cached_b = line.rstrip("\n").split("\t")
         if cached.isdigit():
             cached_pcts.append(int(cached))
+        if cached_b.isdigit():
+            cached_b_pcts.append(int(cached_b))
         if status != "ok":
             why = ""
             try:
@@ -581,6 +848,16 @@ with open(tsv) as f:
             s["wpf"] = d["total_ios"] / sync_ios
         if job.get("error"):
             failures.append(f"round {rnd} {row} {server}: fio error {job['error']}")
+        if server in LINK_SERVERS:
+            # The link must have stayed up for the whole run: one connect, still
+            # replicating when fio ended. Otherwise the row measured logging mode.
+            link = link_of(path + ".status.json")
+            s["link_ok"] = link.get("state") == "replicating" and link.get("connects") == 1
+            s["connects"] = link.get("connects")
+            s["link_state"] = link.get("state", "unknown")
+            s["last_error"] = link.get("last_error", "")
+            if not s["link_ok"]:
+                link_problems.append((row, server, s))
         samples.setdefault((row, server), []).append(s)
 
 def med(key, xs):
@@ -597,7 +874,8 @@ w = out.append
 w("## Latest run")
 w("")
 w(f"Started {machine['started']}, finished {machine.get('finished', '?')} (UTC). "
-  f"Command: `{machine['cmdline']}`")
+  f"Command: `{machine['cmdline']}`"
+  + (f". Report regenerated from that run's kept results at {regenerated}." if regenerated else ""))
 w("")
 w("| machine | |")
 w("| --- | --- |")
@@ -623,7 +901,9 @@ w(f"Setup: transport {machine['transport']}; backing files of {machine['size']} 
   "Numbers are medians over the rounds (each column separately). "
   "Latency is fio's total latency (submission + completion) of the row's reads or writes. "
   "spread = (max - min) / median of IOPS over the rounds. "
-  "x best peer = IOPS / the best IOPS of nbdkit-file, qemu-nbd-none and qemu-nbd-wb on that row; "
+  "x best peer = IOPS / the best IOPS of "
+  + (", ".join(p for p in PEERS if p in servers_order) or "the peers (none ran)")
+  + " on that row; "
   "null (nbdkit null plugin, stores nothing) is the floor, not a peer.")
 w("")
 w("| row | server | IOPS | MB/s | mean lat (us) | p99 lat (us) | spread | writes/flush | x best peer |")
@@ -651,7 +931,9 @@ for row in rows_order:
             if best:
                 summary.append((row, iops / best, best_name))
         if server.startswith("blockrelay-") and base:
-            variant_lines.append((row, server, iops / base))
+            base_lat = med("lat_us", samples[(row, "blockrelay")])
+            lat = med("lat_us", xs)
+            variant_lines.append((row, server, iops / base, lat / base_lat if base_lat else None))
         w(f"| {row} | {label} | {fmt(iops)} | {fmt(med('mbs', xs), 1)} | "
           f"{fmt(med('lat_us', xs), 1)} | {fmt(med('p99_us', xs))} | {spread:.0f}% | "
           f"{fmt(med('wpf', xs), 2)} | {ratio} |")
@@ -661,15 +943,117 @@ if summary:
     w(f"blockrelay at or above 1.0x the best peer on {len(summary) - len(below)} of {len(summary)} rows."
       + (f" Below on: {'; '.join(below)}." if below else ""))
     w("")
+goal_results = []  # (server, row, text, value, met)
 if variant_lines:
-    w("Variants against blockrelay without a link (median IOPS ratio). blockrelay-logging: one "
-      "downstream link to a closed port, its scoreboard slot starting clean (`initial_sync: none`), "
-      "so writes dirty regions and pay for the scoreboard; issue 3's goal is >= 0.95x on every row:")
+    ran = {v[1] for v in variant_lines}
+    w("Variants against blockrelay without a link, same run: x blockrelay = median IOPS / blockrelay's "
+      "median IOPS; lat x blockrelay = median mean latency / blockrelay's. "
+      + ("blockrelay-logging: one downstream link to a closed port, its scoreboard slot starting clean "
+         "(`initial_sync: none`), so writes dirty regions and pay for the scoreboard (issue 3). "
+         if "blockrelay-logging" in ran else "")
+      + ("blockrelay-async / blockrelay-sync: one async / sync link to a second blockrelay process "
+         "(site b, role secondary) on loopback TCP, sharing the 2 cores with the primary and fio; "
+         "`initial_sync: none`, link replicating and caught up before fio starts (issue 4). "
+         "link kept = runs whose link stayed up (see the notes)."
+         if ran & LINK_SERVERS else ""))
     w("")
-    w("| row | variant | x blockrelay |")
-    w("| --- | --- | ---: |")
-    for row, server, x in variant_lines:
-        w(f"| {row} | {server} | {x:.2f}x |")
+    w("| row | variant | x blockrelay | lat x blockrelay | goal | met | link kept |")
+    w("| --- | --- | ---: | ---: | --- | --- | --- |")
+    for row, server, x, lx in variant_lines:
+        kept = "-"
+        if server in LINK_SERVERS:
+            xs = samples[(row, server)]
+            ok = sum(1 for v in xs if v.get("link_ok"))
+            kept = f"{ok}/{len(xs)}"
+            if ok < len(xs):
+                conns = [v["connects"] for v in xs if isinstance(v.get("connects"), int)]
+                kept = f"**{kept}**" + (f" ({min(conns)}-{max(conns)} connects)" if conns else "")
+        g = goal(server, row)
+        gtext, met = "-", "-"
+        if g:
+            metric, op, bound, gtext = g
+            v = x if metric == "iops" else lx
+            if v is not None:
+                ok = v >= bound if op == ">=" else v <= bound
+                met = "yes" if ok else "**no**"
+                goal_results.append((server, row, gtext, v, ok))
+        lxs = f"{lx:.2f}x" if lx is not None else "-"
+        w(f"| {row} | {server} | {x:.2f}x | {lxs} | {gtext} | {met} | {kept} |")
+    w("")
+    for server in sorted({r[0] for r in goal_results}):
+        mine = [r for r in goal_results if r[0] == server]
+        missed = [f"{r[1]} ({r[3]:.2f}x)" for r in mine if not r[4]]
+        w(f"{server}: goal met on {len(mine) - len(missed)} of {len(mine)} rows"
+          + (f"; missed on {', '.join(missed)}." if missed else "."))
+        w("")
+
+# ---- wire efficiency (issue 4): overwrite the same 1 MiB on blockrelay-async.
+wire = {}  # wire row -> list of dicts
+wire_failures = []
+try:
+    wf = open(wire_tsv)
+    next(wf)
+except (OSError, StopIteration):
+    wf = []
+for line in wf:
+    rnd, wrow, path, before, after, lb, la, status = line.rstrip("\n").split("\t")
+    if status != "ok":
+        wire_failures.append(f"round {rnd} {wrow}: {status}")
+        continue
+    loads += [float(lb), float(la)]
+    try:
+        b = json.load(open(before))["groups"][0]
+        a = json.load(open(after))["groups"][0]
+        job = load_fio(path)["jobs"][0]
+    except Exception as e:  # noqa: BLE001
+        wire_failures.append(f"round {rnd} {wrow}: unreadable JSON ({e})")
+        continue
+    vb, va = b["volumes"][0], a["volumes"][0]
+    lb_, la_ = b["downstream"][0], a["downstream"][0]
+    x = {
+        "iops": job["write"]["iops"],
+        "written": va["bytes_written"] - vb["bytes_written"],
+        "writes": va["writes"] - vb["writes"],
+        "sent": la_["bytes_sent"] - lb_["bytes_sent"],
+        "wire": la_["wire_bytes_sent"] - lb_["wire_bytes_sent"],
+        "groups": la_["groups_sent"] - lb_["groups_sent"],
+        "interval": "",
+    }
+    if la_.get("state") != "replicating" or la_.get("connects") != 1:
+        link_problems.append((wrow, "blockrelay-async", {
+            "connects": la_.get("connects"), "link_state": la_.get("state", "unknown"),
+            "last_error": la_.get("last_error", "")}))
+    if x["written"] <= 0:
+        wire_failures.append(f"round {rnd} {wrow}: nothing written")
+        continue
+    x["ratio"] = x["wire"] / x["written"]
+    x["sent_ratio"] = x["sent"] / x["written"]
+    x["per_group"] = x["writes"] / x["groups"] if x["groups"] else None
+    wire.setdefault(wrow, []).append(x)
+if wire or wire_failures:
+    w("Bytes on the wire vs bytes written (issue 4; goal <= 0.2x): blockrelay-async, fio 4 KiB random "
+      "writes over the same 1 MiB (`--size=1M`, 256 blocks, overwritten again and again) for "
+      f"{machine['ramp']} s + {machine['runtime']} s; counters from the primary's `status --json` "
+      "before fio and after `blockrelay wait` (fresh daemons per run). written = the volume's "
+      "bytes_written; data sent = the link's bytes_sent (write data in WRITE_GROUP frames); "
+      "wire = wire_bytes_sent (whole frames: headers, operation records, data); "
+      "writes/group = the volume's writes / groups_sent. Medians over the rounds.")
+    w("")
+    w("| wire row | group_interval | IOPS | written (MB) | data sent (MB) | wire (MB) | writes/group | "
+      "data sent / written | wire / written | goal | met |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for wrow in machine.get("wire", "").split():
+        xs = wire.get(wrow)
+        if not xs:
+            continue
+        gi = "100 ms (set)" if wrow.endswith("-gi100ms") else "10 ms (default)"
+        r = med("ratio", xs)
+        ok = r <= 0.2
+        goal_results.append(("blockrelay-async (wire)", wrow, "wire <= 0.2x written", r, ok))
+        w(f"| {wrow} | {gi} | {fmt(med('iops', xs))} | {fmt(med('written', xs) / 1e6, 1)} | "
+          f"{fmt(med('sent', xs) / 1e6, 1)} | {fmt(med('wire', xs) / 1e6, 1)} | "
+          f"{fmt(med('per_group', xs), 1)} | {med('sent_ratio', xs):.3f}x | {r:.3f}x | <= 0.2x | "
+          f"{'yes' if ok else '**no**'} |")
     w("")
 w("Notes:")
 w("- randwrite-4k-qd32-fsync32: fio 3.33 keeps issuing flushes at iodepth > 1 until the first one "
@@ -678,13 +1062,44 @@ w("- randwrite-4k-qd32-fsync32: fio 3.33 keeps issuing flushes at iodepth > 1 un
   "server; randwrite-4k-qd1-fsync32 is the exact one (32.00 writes per flush).")
 size_bytes = int(machine["size"].split("(")[1].split()[0])
 fits = size_bytes < int(machine.get("memory_kib", "0")) * 1024 // 2
-w("- qemu-nbd-none opens the file with O_DIRECT: its reads and writes go to the disk; the others "
-  "use the page cache" + (" (the backing file fits in memory, so their reads rarely touch the disk)"
-                          if fits else "") + ".")
+if "qemu-nbd-none" in servers_order:
+    w("- qemu-nbd-none opens the file with O_DIRECT: its reads and writes go to the disk; the others "
+      "use the page cache" + (" (the backing file fits in memory, so their reads rarely touch the disk)"
+                              if fits else "") + ".")
 if skipped:
     w(f"- Not implemented yet, skipped: {', '.join(sorted(skipped))}.")
 if failures:
     w("- Failed runs (not in the medians): " + "; ".join(failures) + ".")
+if cached_b_pcts:
+    w(f"- Site b's backing file (disk-b.img, one file for all blockrelay-async/-sync runs, filled "
+      f"like disk.img): {min(cached_b_pcts)}-{max(cached_b_pcts)} % in the page cache before each run.")
+if link_problems:
+    # Grouped per row and server; a dropped link reconnects by itself and
+    # resyncs from the scoreboard, so such a run measured streaming, logging
+    # and resync in turn. Such runs are in the medians: it is what a user
+    # with these settings gets.
+    by = {}
+    for row, server, v in link_problems:
+        by.setdefault((row, server), []).append(v)
+    parts = []
+    for (row, server), vs in by.items():
+        conns = [v["connects"] for v in vs if isinstance(v.get("connects"), int)]
+        parts.append(f"{row} {server}: {len(vs)} run(s), "
+                     + (f"{min(conns)}-{max(conns)} connects, " if conns else "")
+                     + "state when fio ended: " + ", ".join(v["link_state"] for v in vs))
+    errors = {}
+    for _, _, v in link_problems:
+        if v.get("last_error"):
+            errors.setdefault(re.sub(r"[0-9]+", "N", v["last_error"]), v["last_error"])
+    w("- The link did not stay up in every run (`link kept` above; one connect and `replicating` "
+      "when fio ended is kept). A dropped link reconnects by itself and resyncs from the scoreboard, "
+      "so such a run measured streaming, logging and resync in turn; it is in the medians (it is "
+      "what these settings give). " + "; ".join(parts) + "."
+      + (" Last errors, e.g.: " + "; ".join(f"`{e}`" for e in errors.values()) + "." if errors else ""))
+elif any(s in LINK_SERVERS for s in servers_order) or wire:
+    w("- Every blockrelay-async/-sync run kept its link: one connect, `replicating` when fio ended.")
+if wire_failures:
+    w("- Failed wire runs (not in the medians): " + "; ".join(wire_failures) + ".")
 w("")
 open(out_path, "w").write("\n".join(out))
 PY

@@ -9,8 +9,9 @@
 #      from /proc/PID/task/*/stat) and context switches per request, sampled
 #      from 1 s after fio starts to 1 s before it ends (requests in that
 #      window = fio's average request rate x the window);
-#   2. under `strace -c -f`: system calls per request, by name (strace slows
-#      the server down; the counts per request are what matters);
+#   2. under `strace -c -w -f`: system calls per request, by name, and the
+#      wall-clock time of one call (strace slows the server down; the counts
+#      per request, and what blocks, are what matters);
 #   3. under `perf record -e cpu-clock -g` (software clock: these VMs have no
 #      hardware counters): the hottest symbols, self time.
 # Requests = fio's total ios (no ramp time, so the whole run is counted).
@@ -21,8 +22,16 @@
 # Usage: bash scripts/bench/profile.sh [--servers blockrelay,nbdkit-file]
 #          [--fio "--rw=randwrite --bs=4k --iodepth=32"] [--runtime 8]
 #          [--size 1GiB] [--no-perf] [--no-strace] [--build-dir build-bench]
-#          [--io-threads N]
-# Servers: blockrelay, nbdkit-file, qemu-nbd-wb, qemu-nbd-none, null.
+#          [--io-threads N] [--link JSON-MEMBERS] [--keep]
+# --keep keeps the work dir (fio JSON, strace and perf data, logs).
+# Servers: blockrelay, nbdkit-file, qemu-nbd-wb, qemu-nbd-none, null, and
+# blockrelay-async / blockrelay-sync: blockrelay with one async / sync link to
+# a second blockrelay process (site b, role secondary, its own backing file
+# prepared like the primary's) on loopback TCP, "initial_sync": "none",
+# caught up before fio starts, as in scripts/bench.sh. For these, site b's
+# threads are reported too, strace and perf cover both processes (strace
+# counts per process; perf samples of both, by thread and by process), and
+# --link '"group_interval": "100ms"' adds members to the link's JSON.
 # Needs a built blockrelay (scripts/bench.sh builds build-bench/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,6 +45,8 @@ DO_PERF=1
 DO_STRACE=1
 BUILD_DIR=build-bench
 IO_THREADS=
+LINK_EXTRA=
+KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --servers) SERVERS=$2; shift 2 ;;
@@ -46,6 +57,8 @@ while [ $# -gt 0 ]; do
     --no-strace) DO_STRACE=0; shift ;;
     --build-dir) BUILD_DIR=$2; shift 2 ;;
     --io-threads) IO_THREADS=$2; shift 2 ;;
+    --link) LINK_EXTRA=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "profile: unknown option $1" >&2; exit 1 ;;
   esac
@@ -83,7 +96,7 @@ cleanup() {
   local rc=$? p
   trap - EXIT INT TERM
   for p in "${PIDS[@]+"${PIDS[@]}"}"; do stop "$p"; done
-  rm -rf "$WORK"
+  if [ "$KEEP" = 1 ]; then echo "profile: work dir kept: $WORK" >&2; else rm -rf "$WORK"; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -101,18 +114,57 @@ if [[ ,$SERVERS, == *,qemu-nbd-none,* ]]; then
   timeout 1800 fio --name=precondition --filename="$DISK_DIRECT" --rw=write --bs=1M --direct=1 \
     --ioengine=libaio --iodepth=8 --size="$size_bytes" --output-format=terse >/dev/null
 fi
+DISK_B=$WORK/disk-b.img
+if [[ ,$SERVERS, == *,blockrelay-async,* || ,$SERVERS, == *,blockrelay-sync,* ]]; then
+  fallocate -l "$size_bytes" "$DISK_B"
+  timeout 1800 fio --name=precondition --filename="$DISK_B" --rw=write --bs=4k --ioengine=psync \
+    --size="$size_bytes" --end_fsync=1 --output-format=terse >/dev/null
+fi
 sync
 
-start_server() {  # start_server NAME DIR: sets SPID and URI
-  local name=$1 dir=$2 sock=$2/nbd.sock threads=""
+free_port() {
+  "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Site b (secondary) for blockrelay-async/-sync: sets BPID and B_PORT.
+start_site_b() {
+  local dir=$1/b _i
+  mkdir -p "$dir"
+  B_PORT=$(free_port)
+  cat >"$dir/site.json" <<EOF
+{ "site": "b", "data_dir": "$dir/data", "control_socket": "$dir/control.sock",
+  "nbd": { "unix_socket": "$dir/nbd.sock" },
+  "replication": { "listen": "127.0.0.1:$B_PORT" },
+  "groups": [ { "name": "p", "role": "secondary", "upstream": { "site": "profile" },
+    "volumes": [ { "name": "data", "path": "$DISK_B", "size": "$size_bytes" } ] } ] }
+EOF
+  "$BR_BIN" run --config "$dir/site.json" >"$dir/server.log" 2>&1 </dev/null &
+  BPID=$!
+  PIDS+=("$BPID")
+  for _i in $(seq 150); do
+    kill -0 "$BPID" 2>/dev/null || { cat "$dir/server.log" >&2; return 1; }
+    timeout 5 "$BR_BIN" status --config "$dir/site.json" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+start_server() {  # start_server NAME DIR: sets SPID and URI (and BPID)
+  local name=$1 dir=$2 sock=$2/nbd.sock threads="" links=""
+  BPID=
   case "$name" in
-    blockrelay)
+    blockrelay|blockrelay-async|blockrelay-sync)
       [ -n "$IO_THREADS" ] && threads=", \"io_threads\": $IO_THREADS"
+      if [ "$name" != blockrelay ]; then
+        start_site_b "$dir" || return 1
+        links=", \"downstream\": [ { \"site\": \"b\", \"address\": \"127.0.0.1:$B_PORT\",
+      \"mode\": \"${name#blockrelay-}\", \"initial_sync\": \"none\"${LINK_EXTRA:+, $LINK_EXTRA} } ]"
+      fi
       cat >"$dir/site.json" <<EOF
 { "site": "profile", "data_dir": "$dir/data", "control_socket": "$dir/control.sock",
   "nbd": { "unix_socket": "$sock"$threads },
   "groups": [ { "name": "p", "role": "primary",
-    "volumes": [ { "name": "data", "path": "$DISK", "size": "$size_bytes" } ] } ] }
+    "volumes": [ { "name": "data", "path": "$DISK", "size": "$size_bytes" } ]$links } ] }
 EOF
       "$BR_BIN" run --config "$dir/site.json" >"$dir/server.log" 2>&1 </dev/null &
       URI="nbd+unix:///data?socket=$sock" ;;
@@ -131,11 +183,16 @@ EOF
   local _i
   for _i in $(seq 150); do
     kill -0 "$SPID" 2>/dev/null || { cat "$dir/server.log" >&2; return 1; }
-    timeout 5 nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
+    if timeout 5 nbdinfo --size "$URI" >/dev/null 2>&1; then
+      [ -z "$BPID" ] && return 0
+      timeout 90 "$BR_BIN" wait p --config "$dir/site.json" --timeout 60 >/dev/null && return 0
+      echo "profile: the link to site b did not catch up" >&2; return 1
+    fi
     sleep 0.1
   done
   return 1
 }
+stop_servers() { stop "$SPID"; [ -z "$BPID" ] || stop "$BPID"; }
 
 # Per-thread snapshot of process $1, one line per thread:
 #   tid comm utime+stime(ticks) voluntary nonvoluntary
@@ -191,22 +248,29 @@ for s in "${SLIST[@]}"; do
   dir=$WORK/$s-plain; mkdir -p "$dir"
   start_server "$s" "$dir"
   sync
-  snapshot "$SPID" >"$dir/start"
+  snapshots() {  # snapshots NAME: the server (and site b) into $dir/NAME, $dir/b-NAME
+    snapshot "$SPID" >"$dir/$1"
+    [ -z "$BPID" ] || snapshot "$BPID" >"$dir/b-$1"
+  }
+  snapshots start
   run_fio "$URI" "$dir/fio.json"
   fio_t0=$(date +%s.%N)
   sleep 1
-  snapshot "$SPID" >"$dir/before"
+  snapshots before
   # Second sample 1.5 s before fio ends, while its connection's threads live.
   sleep "$("$PY" -c "import time; print(max(0.5, $fio_t0 + $RUNTIME - 1.5 - time.time()))")"
-  snapshot "$SPID" >"$dir/after"
+  snapshots after
   wait "$FIO_PID" || true; forget "$FIO_PID"
-  snapshot "$SPID" >"$dir/end"
-  stop "$SPID"
+  snapshots end
+  stop_servers
   read -r ios iops rps < <(fio_ios "$dir/fio.json")
   echo "plain run: $iops IOPS ($rps requests/s incl. flushes)"
-  "$PY" - "$dir" "$ios" "$rps" "$HZ" "$SPID" <<'PY'
+  for who in server ${BPID:+site-b}; do
+    if [ "$who" = server ]; then pre=; wpid=$SPID; else pre=b-; wpid=$BPID; echo "  site b (downstream process):"; fi
+  "$PY" - "$dir" "$ios" "$rps" "$HZ" "$wpid" "$pre" <<'PY'
 import sys
 d, total_ios, rps, hz, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+d = d + "/" + sys.argv[6]  # file name prefix: "" for the server, "b-" for site b
 def load(p):
     threads, t, proc = {}, 0.0, 0
     for line in open(p):
@@ -217,12 +281,12 @@ def load(p):
         tid, comm, ticks, vol, nonvol = f
         threads[tid] = (comm, int(ticks), int(vol), int(nonvol))
     return threads, t, proc
-_, _, p0 = load(d + "/start")
-_, _, p1 = load(d + "/end")
+_, _, p0 = load(d + "start")
+_, _, p1 = load(d + "end")
 print(f"  whole run: server CPU {(p1 - p0) / hz:.2f} s for {total_ios} requests = "
       f"{(p1 - p0) / hz * 1e6 / max(total_ios, 1):.1f} us/request")
-b, tb, _ = load(d + "/before")
-a, ta, _ = load(d + "/after")
+b, tb, _ = load(d + "before")
+a, ta, _ = load(d + "after")
 ios = round((ta - tb) * rps)
 print(f"  window of {ta - tb:.1f} s (~{ios} requests):")
 tot_cpu = tot_vol = tot_non = 0
@@ -241,20 +305,30 @@ for cpu, tid, comm, dv, dn in rows[:8]:
         continue
     print(f"      {tid:>7} {comm:<16} {cpu / hz:6.2f} s {cpu / hz * 1e6 / max(ios, 1):6.1f} us {dv / max(ios, 1):5.2f}")
 PY
+  done
   # 2. system calls per request.
   if [ "$DO_STRACE" = 1 ]; then
     dir=$WORK/$s-strace; mkdir -p "$dir"
     start_server "$s" "$dir"
     sync
-    timeout $((RUNTIME + 60)) strace -c -f -q -o "$dir/strace.txt" -p "$SPID" &
+    timeout $((RUNTIME + 60)) strace -c -w -f -q -o "$dir/strace.txt" -p "$SPID" &
     st_pid=$!; PIDS+=("$st_pid")
+    stb_pid=
+    if [ -n "$BPID" ]; then
+      timeout $((RUNTIME + 60)) strace -c -w -f -q -o "$dir/b-strace.txt" -p "$BPID" &
+      stb_pid=$!; PIDS+=("$stb_pid")
+    fi
     sleep 0.5
     run_fio "$URI" "$dir/fio.json"; wait "$FIO_PID" || true; forget "$FIO_PID"
-    kill -INT "$st_pid" 2>/dev/null || true; wait "$st_pid" 2>/dev/null || true; forget "$st_pid"
-    stop "$SPID"
+    for p in $st_pid $stb_pid; do
+      kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; forget "$p"
+    done
+    stop_servers
     read -r ios iops _ < <(fio_ios "$dir/fio.json")
     echo "under strace: $iops IOPS, $ios requests; system calls per request:"
-    "$PY" - "$dir/strace.txt" "$ios" <<'PY'
+    for f in strace.txt ${stb_pid:+b-strace.txt}; do
+      [ "$f" = strace.txt ] || echo "  site b (downstream process):"
+    "$PY" - "$dir/$f" "$ios" <<'PY'
 import sys
 path, ios = sys.argv[1], max(int(sys.argv[2]), 1)
 rows, total = [], 0
@@ -267,29 +341,66 @@ for line in open(path):
         continue
     calls = int(f[3])
     errors = int(f[4]) if len(f) == 6 else 0
-    rows.append((calls, name, errors))
+    rows.append((calls, name, errors, int(f[2])))
     total += calls
 rows.sort(reverse=True)
 print(f"  total {total / ios:.2f} per request: " + ", ".join(
     f"{name} {calls / ios:.2f}" + (f" ({errors / ios:.2f} failed)" if errors else "")
-    for calls, name, errors in rows if calls / ios >= 0.01))
+    for calls, name, errors, _ in rows if calls / ios >= 0.01))
+# strace -w: wall-clock time per call, blocking included (epoll_wait's is
+# idle time; fdatasync's is the disk).
+print("    wall time per call: " + ", ".join(
+    f"{name} {us:,} us" for calls, name, _, us in rows if calls / ios >= 0.01))
 PY
+    done
   fi
   # 3. perf, self time by symbol and by thread.
   if [ "$DO_PERF" = 1 ]; then
     dir=$WORK/$s-perf; mkdir -p "$dir"
     start_server "$s" "$dir"
     sync
-    timeout $((RUNTIME + 60)) perf record -q -e cpu-clock -g -o "$dir/perf.data" -p "$SPID" >/dev/null 2>&1 &
+    timeout $((RUNTIME + 60)) perf record -q -e cpu-clock -g -o "$dir/perf.data" -p "$SPID${BPID:+,$BPID}" >/dev/null 2>&1 &
     pf_pid=$!; PIDS+=("$pf_pid")
     sleep 0.5
     run_fio "$URI" "$dir/fio.json"; wait "$FIO_PID" || true; forget "$FIO_PID"
     kill -INT "$pf_pid" 2>/dev/null || true; wait "$pf_pid" 2>/dev/null || true; forget "$pf_pid"
-    stop "$SPID"
+    stop_servers
     read -r ios iops _ < <(fio_ios "$dir/fio.json")
     echo "under perf: $iops IOPS; top symbols by self time (all threads):"
     perf report -i "$dir/perf.data" --stdio --no-children --sort sym -g none 2>/dev/null \
       | grep -E '^ +[0-9]' | head -25 | sed 's/^/  /' || true
+    if [ -n "$BPID" ]; then
+      # perf 6.1's `report --pid` filter drops samples here; aggregate
+      # `--sort pid,sym` (per thread) by process instead, threads mapped to
+      # processes with `perf script -F pid,tid`.
+      perf script -i "$dir/perf.data" -F pid,tid -G 2>/dev/null | sort -u >"$dir/tids.txt" || true
+      perf report -i "$dir/perf.data" --stdio --no-children --sort pid,sym -g none 2>/dev/null \
+        | grep -E '^ +[0-9]' >"$dir/pid-sym.txt" || true
+      "$PY" - "$dir/tids.txt" "$dir/pid-sym.txt" "$SPID" "$BPID" <<'PY'
+import collections, re, sys
+tids, report, srv, b = sys.argv[1:5]
+proc = {}
+for line in open(tids):
+    if "/" in line:
+        p, t = line.split()[0].split("/")
+        proc[t] = p
+per = {srv: collections.Counter(), b: collections.Counter()}
+for line in open(report):
+    m = re.match(r"\s*([0-9.]+)%\s+(\d+):\S*\s+(.*\S)", line)
+    if not m:
+        continue
+    p = proc.get(m.group(2))
+    if p in per:
+        per[p][m.group(3)] += float(m.group(1))
+total = sum(sum(c.values()) for c in per.values()) or 1
+for pid, name in ((srv, "server"), (b, "site b")):
+    c = per[pid]
+    own = sum(c.values()) or 1
+    print(f"  {name} (pid {pid}): {own * 100 / total:.1f} % of the samples; its top symbols (% of its own):")
+    for sym, pct in c.most_common(12):
+        print(f"    {pct * 100 / own:6.2f}%  {sym}")
+PY
+    fi
     echo "  by thread:"
     perf report -i "$dir/perf.data" --stdio --no-children --sort pid -g none 2>/dev/null \
       | grep -E '^ +[0-9]' | head -8 | sed 's/^/  /' || true
