@@ -967,7 +967,9 @@ if variant_lines:
             kept = f"{ok}/{len(xs)}"
             if ok < len(xs):
                 conns = [v["connects"] for v in xs if isinstance(v.get("connects"), int)]
-                kept = f"**{kept}**" + (f" ({min(conns)}-{max(conns)} connects)" if conns else "")
+                span = f"{min(conns)}" if conns and min(conns) == max(conns) else (
+                    f"{min(conns)}-{max(conns)}" if conns else "")
+                kept = f"**{kept}**" + (f" ({span} connects)" if span else "")
         g = goal(server, row)
         gtext, met = "-", "-"
         if g:
@@ -1084,8 +1086,9 @@ if link_problems:
     parts = []
     for (row, server), vs in by.items():
         conns = [v["connects"] for v in vs if isinstance(v.get("connects"), int)]
+        span = (f"{min(conns)}" if min(conns) == max(conns) else f"{min(conns)}-{max(conns)}") if conns else ""
         parts.append(f"{row} {server}: {len(vs)} run(s), "
-                     + (f"{min(conns)}-{max(conns)} connects, " if conns else "")
+                     + (f"{span} connects, " if span else "")
                      + "state when fio ended: " + ", ".join(v["link_state"] for v in vs))
     errors = {}
     for _, _, v in link_problems:
