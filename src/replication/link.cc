@@ -343,6 +343,7 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
   }
   streaming_ = true;
   acked_received_group_seq_ = acked_durable_group_seq_ = stream_start_seq_ - 1;
+  if (is_sync()) group_.SyncAcknowledged();
   SetState(resync ? LinkState::kResyncing : LinkState::kReplicating);
   BR_LOG_INFO("replication", "group {} link to {}: connected to {}{}",
               group_.name(), config_.site, c->peer,
@@ -535,6 +536,7 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
     if (c.sent > 0) --c.sent;
   }
   c.wake.cancel();  // the resync walker may wait for its window
+  if (is_sync()) group_.SyncAcknowledged();
   group_.CheckWaiters();
 }
 

@@ -116,10 +116,14 @@ core::ReplicationSink::Ticket ReplicationGroup::Captured(
     open_.Add(ToOpType(op), volume, offset, length, data, wseq);
     if (fua) open_.MarkDurable();
     if (sync_streaming_.load() > 0 && applying_.load() == 0) {
-      // A sync link's writer is waiting for exactly this: seal here and
-      // spare the reply a hop through the sealer.
-      SealLocked();
-      wake_links = true;
+      if (!SyncGroupInFlight() || open_.data_bytes() >= kMaxGroupDataBytes) {
+        // A sync link's writer is waiting for exactly this: seal here and
+        // spare the reply a hop through the sealer.
+        SealLocked();
+        wake_links = true;
+      }
+      // Otherwise SyncAcknowledged() seals it with whatever else arrives
+      // before the downstream acknowledges the group in flight.
     } else {
       wake = first || fua || open_.data_bytes() >= kMaxGroupDataBytes;
     }
@@ -168,7 +172,8 @@ asio::awaitable<void> ReplicationGroup::SealLoop() {
     {
       std::lock_guard lock(mu_);
       if (!open_.empty() || open_.durable()) {
-        const bool now = open_.durable() || sync_streaming_.load() > 0 ||
+        const bool now = open_.durable() ||
+                         (sync_streaming_.load() > 0 && !SyncGroupInFlight()) ||
                          open_.data_bytes() >= kMaxGroupDataBytes ||
                          std::chrono::steady_clock::now() >=
                              open_.opened() + group_interval_;
@@ -189,6 +194,7 @@ asio::awaitable<void> ReplicationGroup::SealLoop() {
 
 void ReplicationGroup::SealLocked() {
   if (open_.empty() && !open_.durable()) return;
+  if (sync_streaming_.load() > 0) sync_sealed_seq_.store(open_.seq());
   auto sealed = open_.Seal();
   open_.Open(++next_seq_);
   for (Link* link : streaming_) link->DeliverLocked(sealed);
@@ -251,6 +257,33 @@ void ReplicationGroup::StopStreaming(Link* link) {
   streaming_.erase(it);
   --streaming_count_;
   if (link->is_sync()) --sync_streaming_;
+  if (link->is_sync()) asio::post(ctx_, [this] { SyncAcknowledged(); });
+}
+
+void ReplicationGroup::UpdateSyncAcked() {
+  uint64_t acked = UINT64_MAX;
+  for (const auto& l : links_) {
+    if (l->is_sync() && l->streaming()) {
+      acked = std::min(acked, l->acked_group_seq(/*durable=*/false));
+    }
+  }
+  sync_acked_seq_.store(acked);
+}
+
+void ReplicationGroup::SyncAcknowledged() {
+  UpdateSyncAcked();
+  bool sealed = false;
+  {
+    std::lock_guard lock(mu_);
+    if (applying_.load() == 0 && !SyncGroupInFlight() &&
+        (!open_.empty() || open_.durable())) {
+      SealLocked();
+      sealed = true;
+    }
+  }
+  if (sealed) {
+    for (auto& link : links_) link->Wake();
+  }
 }
 
 void ReplicationGroup::WhenAcknowledged(Ticket ticket, bool durable,

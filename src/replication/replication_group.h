@@ -4,7 +4,10 @@
 // writes (and writes applied from an upstream site, so chains need no
 // special code) are collected in one open WriteGroupBuilder, in one
 // sequence space across all volumes of the group; the builder is sealed at
-// FLUSH/FUA, when a sync link is waiting, after the smallest
+// FLUSH/FUA, when a sync link is waiting and has no group of ours in flight
+// (writes arriving while one is in flight share the next group: group
+// commit, one frame, journal append and acknowledgement for all of them),
+// after the smallest
 // group_interval of the async links, or at kMaxGroupDataBytes. Sealed groups
 // go to every link that is streaming, in sequence order. Each Link (one
 // per downstream site) sends them, resyncs from the scoreboard after an
@@ -98,6 +101,10 @@ class ReplicationGroup final : public core::ReplicationSink {
   bool OpenGroupEmpty();
   // A link's acknowledged position or state changed: re-check the waiters.
   void CheckWaiters();
+  // A sync link's downstream acknowledged receipt, or a sync link stopped
+  // streaming: seals what gathered in the open group meanwhile (network
+  // thread).
+  void SyncAcknowledged();
 
   Link* FindLink(const std::string& site) const;
   const std::vector<std::unique_ptr<Link>>& links() const { return links_; }
@@ -117,6 +124,14 @@ class ReplicationGroup final : public core::ReplicationSink {
   };
   asio::awaitable<void> SealLoop();
   void SealLocked();  // REQUIRES: mu_ held
+  // A group sealed while a sync link streamed is not yet acknowledged as
+  // received by every streaming sync link: new writes gather in the open
+  // group until it is (group commit across the sync link).
+  bool SyncGroupInFlight() const {
+    return sync_sealed_seq_.load() > sync_acked_seq_.load();
+  }
+  // Recomputes sync_acked_seq_ from the streaming sync links (network thread).
+  void UpdateSyncAcked();
   void WakeSealer();
   // Posts one wake-up of every link's writer (any thread).
   void WakeLinks();
@@ -140,6 +155,8 @@ class ReplicationGroup final : public core::ReplicationSink {
   std::atomic<int> streaming_count_{0};
   std::atomic<int> sync_streaming_{0};
   std::atomic<int> applying_{0};
+  std::atomic<uint64_t> sync_sealed_seq_{0};  // last group sealed for a sync link
+  std::atomic<uint64_t> sync_acked_seq_{0};   // min received ack over sync links
   std::atomic<bool> seal_requested_{false};
   std::atomic<bool> sealer_woken_{false};
   std::atomic<bool> links_woken_{false};
