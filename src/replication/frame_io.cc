@@ -115,6 +115,26 @@ asio::awaitable<Status> WriteFrameBytes(Stream& stream, const Bytes& bytes,
   co_return Status::OK();
 }
 
+asio::awaitable<Status> WriteFramePieces(Stream& stream, const Bytes& out,
+                                         const std::vector<FramePiece>& pieces,
+                                         const std::string& peer) {
+  std::vector<asio::const_buffer> buffers;
+  buffers.reserve(pieces.size());
+  for (const FramePiece& p : pieces) {
+    if (p.data.empty()) {
+      buffers.emplace_back(out.data() + p.offset, p.size);
+    } else {
+      buffers.emplace_back(p.data.data(), p.data.size());
+    }
+  }
+  auto [ec, n] = co_await asio::async_write(stream, buffers, kAsTuple);
+  if (ec) {
+    co_return Status::IOError(fmt::format("sending to {}: {}", peer, ec.message()),
+                              ec.value());
+  }
+  co_return Status::OK();
+}
+
 Watchdog::Watchdog(Stream& stream, std::chrono::milliseconds timeout)
     : timeout_(timeout), timer_(stream.get_executor()),
       state_(std::make_shared<State>(State{&stream})) {}

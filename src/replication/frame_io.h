@@ -11,6 +11,8 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <asio/awaitable.hpp>
 #include <asio/ip/tcp.hpp>
@@ -65,6 +67,13 @@ class FrameReader {
 // Writes all of `bytes`. IOError naming `peer` on failure.
 asio::awaitable<Status> WriteFrameBytes(Stream& stream, const Bytes& bytes,
                                         const std::string& peer);
+
+// Writes the pieces of frames encoded for a gathering write (protocol.h,
+// FramePiece) in order, `out` holding the pieces that are not data views.
+// IOError naming `peer` on failure.
+asio::awaitable<Status> WriteFramePieces(Stream& stream, const Bytes& out,
+                                         const std::vector<FramePiece>& pieces,
+                                         const std::string& peer);
 
 // Closes a stream when a deadline passes: one for keepalive and handshake
 // timeouts, rearmed with Arm() whenever the peer shows life.

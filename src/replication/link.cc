@@ -413,6 +413,8 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
   uint64_t nonce = 0;
   size_t next = 0;  // index in c->queue of the first entry not sent
   Bytes out;
+  std::vector<FramePiece> pieces;
+  std::vector<std::shared_ptr<const SealedGroup>> sending;
   while (!c->broken) {
     if (!disk_mode()) TakeIncoming(*c);
     if (!disk_mode() && c->queue_bytes > config_.max_queue_bytes) {
@@ -424,15 +426,25 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
     // Entries before c->sent were sent; acknowledgements pop from the front.
     next = c->sent;
     out.clear();
+    pieces.clear();
+    sending.clear();
     uint64_t data_bytes = 0;
-    for (; next < c->queue.size() && out.size() < (4u << 20); ++next) {
+    size_t wire_bytes = 0;
+    for (; next < c->queue.size() && wire_bytes < (4u << 20); ++next) {
       Entry& e = c->queue[next];
+      const size_t before = out.size();
       if (e.group->verify) {
         VerifyRequest v = *e.group->verify;
         v.link_seq = e.link_seq;
         EncodeVerifyRequest(v, out);
+        pieces.push_back(FramePiece{before, out.size() - before, {}});
+        wire_bytes += out.size() - before;
       } else {
-        EncodeWriteGroup(e.group->ToFrame(e.link_seq), out);
+        // The frame points at the group's data instead of copying it; the
+        // group stays referenced in `sending` until the write is done.
+        EncodeWriteGroupGather(e.group->ToFrame(e.link_seq), out, pieces);
+        wire_bytes += (out.size() - before) + e.group->data.size();
+        sending.push_back(e.group);
       }
       e.sent = true;
       ++c->sent;
@@ -442,17 +454,20 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
       ++groups_sent_;
     }
     const auto now = std::chrono::steady_clock::now();
-    if (out.empty() && now - last_send >= ping_every) {
+    if (pieces.empty() && now - last_send >= ping_every) {
       EncodePing(Ping{++nonce}, out);
+      pieces.push_back(FramePiece{0, out.size(), {}});
+      wire_bytes = out.size();
     }
-    if (!out.empty()) {
-      Status s = co_await WriteFrameBytes(c->stream, out, c->peer);
+    if (!pieces.empty()) {
+      Status s = co_await WriteFramePieces(c->stream, out, pieces, c->peer);
+      sending.clear();
       if (!s.ok()) {
         Break(*c, s.message());
         break;
       }
       bytes_sent_ += data_bytes;
-      wire_bytes_sent_ += out.size();
+      wire_bytes_sent_ += wire_bytes;
       last_send = std::chrono::steady_clock::now();
       continue;  // more may have arrived meanwhile
     }

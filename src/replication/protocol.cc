@@ -545,7 +545,9 @@ void EncodeHelloReply(const HelloReply& reply, Bytes& out) {
   });
 }
 
-void EncodeWriteGroup(const WriteGroup& group, Bytes& out) {
+// Refuses (throws) what the peer's decoder would refuse; returns the
+// payload size.
+size_t CheckWriteGroupForEncoding(const WriteGroup& group) {
   constexpr FrameType kType = FrameType::kWriteGroup;
   // Check everything the peer's decoder would refuse before allocating.
   if ((group.flags & ~kGroupFlagsKnown) != 0) {
@@ -583,6 +585,12 @@ void EncodeWriteGroup(const WriteGroup& group, Bytes& out) {
                                     "frame limit; split the writes",
                                     payload_bytes, kMaxFramePayloadBytes));
   }
+  return payload_bytes;
+}
+
+void EncodeWriteGroup(const WriteGroup& group, Bytes& out) {
+  constexpr FrameType kType = FrameType::kWriteGroup;
+  const size_t payload_bytes = CheckWriteGroupForEncoding(group);
   out.reserve(out.size() + kFrameHeaderBytes + payload_bytes);
   AppendFrame(kType, group.flags, out, [&](Bytes& out) {
     AppendBe64(out, group.link_seq);
@@ -596,6 +604,66 @@ void EncodeWriteGroup(const WriteGroup& group, Bytes& out) {
       out.insert(out.end(), op.data.begin(), op.data.end());
     }
   });
+}
+
+void EncodeWriteGroupGather(const WriteGroup& group, Bytes& out,
+                            std::vector<FramePiece>& pieces) {
+  constexpr FrameType kType = FrameType::kWriteGroup;
+  const size_t payload_bytes = CheckWriteGroupForEncoding(group);
+  const size_t start = out.size();
+  const size_t first_piece = pieces.size();
+  size_t run_start = start;  // start of the piece of `out` being built
+  auto end_run = [&] {
+    if (out.size() > run_start) {
+      pieces.push_back(FramePiece{run_start, out.size() - run_start, {}});
+    }
+    run_start = out.size();
+  };
+  Bytes header;
+  header.reserve(kFrameHeaderBytes);
+  AppendBe32(header, kFrameMagic);
+  AppendBe16(header, kProtocolVersion);
+  AppendBe16(header, static_cast<uint16_t>(kType));
+  AppendBe32(header, static_cast<uint32_t>(payload_bytes));
+  AppendBe32(header, group.flags);
+  out.insert(out.end(), header.begin(), header.end());
+  AppendBe64(out, 0);  // checksum, patched below
+  AppendBe64(out, group.link_seq);
+  AppendBe64(out, group.group_seq);
+  AppendBe32(out, static_cast<uint32_t>(group.ops.size()));
+  for (const Op& op : group.ops) {
+    out.push_back(static_cast<std::byte>(op.type));
+    AppendBe32(out, op.volume);
+    AppendBe64(out, op.offset);
+    AppendBe64(out, op.length);
+    if (!op.data.empty()) {
+      end_run();
+      pieces.push_back(FramePiece{0, op.data.size(), op.data});
+    }
+  }
+  end_run();
+  // The checksum covers the header before it and the payload, which is
+  // scattered over `out` and the data views.
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_64bits_reset(&state);
+  XXH3_64bits_update(&state, out.data() + start, kChecksumOffset);
+  bool first = true;
+  for (size_t i = first_piece; i < pieces.size(); ++i) {
+    const FramePiece& p = pieces[i];
+    if (p.data.empty()) {
+      const size_t skip = first ? kFrameHeaderBytes : 0;
+      XXH3_64bits_update(&state, out.data() + p.offset + skip, p.size - skip);
+    } else {
+      XXH3_64bits_update(&state, p.data.data(), p.data.size());
+    }
+    first = false;
+  }
+  std::byte* sum = out.data() + start + kChecksumOffset;
+  const uint64_t digest = XXH3_64bits_digest(&state);
+  for (int i = 0; i < 8; ++i) {
+    sum[i] = static_cast<std::byte>(digest >> (56 - 8 * i));
+  }
 }
 
 void EncodeGroupAck(const GroupAck& ack, Bytes& out) {

@@ -211,6 +211,23 @@ void EncodeError(const ErrorFrame& error, Bytes& out);
 void EncodeVerifyRequest(const VerifyRequest& request, Bytes& out);
 void EncodeVerifyResult(const VerifyResult& result, Bytes& out);
 
+// One piece of a frame encoded for a gathering write: either `size` bytes at
+// `offset` of the encoder's `out` buffer (an offset, because `out` may move
+// while more frames are appended) or a view of caller-owned write data.
+struct FramePiece {
+  size_t offset = 0;
+  size_t size = 0;
+  std::span<const std::byte> data;  // empty: the piece lies in `out`
+};
+
+// As EncodeWriteGroup(), but the write data is not copied: `out` receives the
+// header and the op records, and `pieces` (appended to, in wire order) says
+// how those interleave with the ops' data. Sending every piece in order
+// sends exactly EncodeWriteGroup()'s bytes. The data must stay alive and
+// unchanged until it is sent. Same programmer errors as EncodeWriteGroup().
+void EncodeWriteGroupGather(const WriteGroup& group, Bytes& out,
+                            std::vector<FramePiece>& pieces);
+
 // Encoded size of a WriteGroup frame, header included, without encoding it.
 size_t WriteGroupFrameBytes(const WriteGroup& group);
 

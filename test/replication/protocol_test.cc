@@ -266,6 +266,57 @@ TEST_CASE("ReplicationProtocol: WRITE_GROUP with no ops round trips",
   CHECK(got.ops.empty());
 }
 
+// Joins the pieces of a gathering encode into the bytes it would send.
+Bytes JoinPieces(const Bytes& out, const std::vector<FramePiece>& pieces) {
+  Bytes wire;
+  for (const FramePiece& p : pieces) {
+    if (p.data.empty()) {
+      wire.insert(wire.end(), out.begin() + p.offset, out.begin() + p.offset + p.size);
+    } else {
+      wire.insert(wire.end(), p.data.begin(), p.data.end());
+    }
+  }
+  return wire;
+}
+
+TEST_CASE("ReplicationProtocol: a gathering WRITE_GROUP encode sends exactly "
+          "the copying encode's bytes without copying write data",
+          "[replication][protocol]") {
+  WriteGroup empty{.link_seq = 1, .group_seq = 2, .flags = 0, .ops = {}};
+  WriteGroup no_data = SampleGroup();
+  no_data.ops = {{OpType::kTrim, 1, 0, 1 << 20, {}}};
+  for (const WriteGroup& g : {SampleGroup(), empty, no_data}) {
+    // Two frames into one buffer, after bytes already there, as a link
+    // batches them.
+    Bytes out = Raw("prefix");
+    std::vector<FramePiece> pieces{{0, out.size(), {}}};
+    EncodeWriteGroupGather(g, out, pieces);
+    WriteGroup second = g;
+    second.link_seq = g.link_seq + 1;
+    EncodeWriteGroupGather(second, out, pieces);
+
+    Bytes want = Raw("prefix");
+    EncodeWriteGroup(g, want);
+    EncodeWriteGroup(second, want);
+    CHECK(JoinPieces(out, pieces) == want);
+    size_t data_in_out = out.size();
+    for (const auto& op : g.ops) data_in_out += 2 * op.data.size();
+    CHECK(data_in_out == want.size());  // the data was not copied into `out`
+  }
+}
+
+TEST_CASE("ReplicationProtocol: a gathering encode refuses what the copying "
+          "one refuses and leaves its buffers as they were",
+          "[replication][protocol]") {
+  WriteGroup bad = SampleGroup();
+  bad.ops[1].data = kData3;  // a trim with data
+  Bytes out = Raw("keep");
+  std::vector<FramePiece> pieces;
+  CHECK_THROWS_AS(EncodeWriteGroupGather(bad, out, pieces), std::invalid_argument);
+  CHECK(out == Raw("keep"));
+  CHECK(pieces.empty());
+}
+
 TEST_CASE("ReplicationProtocol: GROUP_ACK round trips",
           "[replication][protocol]") {
   GroupAck ack{.received_seq = kU64Max, .durable_seq = kU64Max - 1};
