@@ -68,7 +68,16 @@ struct Link::Connection {
       : stream(ctx), wake(ctx), watchdog(stream, keepalive) {}
   Stream stream;
   std::string peer;
-  asio::steady_timer wake;  // writer and resync walker wait on it
+  asio::steady_timer wake;  // the writer waits on it
+  // Timers of the other coroutines that wait for acknowledgements (resync
+  // walker, verify, compare): each its own, because expires_after() on a
+  // shared timer cancels the other waiter, and two of them then wake each
+  // other in a loop that spins the network thread.
+  std::vector<asio::steady_timer*> sleepers;
+  void WakeAll() {
+    wake.cancel();
+    for (auto* t : sleepers) t->cancel();
+  }
   Watchdog watchdog;        // closes the stream when the peer goes quiet
   bool broken = false;
   std::deque<Entry> queue;  // sent or to send; popped when durable
@@ -386,7 +395,15 @@ void Link::Break(Connection& c, const std::string& why) {
   std::error_code ignored;
   c.stream.shutdown(asio::socket_base::shutdown_both, ignored);
   c.stream.close(ignored);
-  c.wake.cancel();
+  c.WakeAll();
+}
+
+asio::awaitable<void> Link::Nap(Connection& c,
+                                std::chrono::steady_clock::time_point until) {
+  asio::steady_timer timer(group_.context(), until);
+  c.sleepers.push_back(&timer);
+  co_await timer.async_wait(kAsTuple);
+  std::erase(c.sleepers, &timer);
 }
 
 void Link::Wake() {
@@ -394,7 +411,7 @@ void Link::Wake() {
     if (disk_wake_) disk_wake_->cancel();  // the disk loop feeds the connection
     return;
   }
-  if (conn_) conn_->wake.cancel();
+  if (conn_) conn_->WakeAll();
 }
 
 void Link::DeliverLocked(std::shared_ptr<const SealedGroup> group) {
@@ -543,7 +560,7 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
     c.queue.pop_front();
     if (c.sent > 0) --c.sent;
   }
-  c.wake.cancel();  // the resync walker may wait for its window
+  c.WakeAll();  // the resync walker may wait for its window
   group_.CheckWaiters();
 }
 
@@ -619,8 +636,7 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
       const uint64_t offset = *first * rs;
       const uint64_t length = std::min(vol->size_bytes(), r * rs) - offset;
       while (!c->broken && c->resync_unacked >= kResyncWindowEntries) {
-        c->wake.expires_after(std::chrono::milliseconds(100));
-        co_await c->wake.async_wait(kAsTuple);
+        co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
       }
       if (c->broken) break;
       // Counted before the read delivers it: its acknowledgement may come
@@ -678,21 +694,19 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
             std::chrono::duration<double>(static_cast<double>(read_bytes) /
                                           *config_.resync_rate_bytes_per_sec));
         while (!c->broken && std::chrono::steady_clock::now() < due) {
-          c->wake.expires_at(due);
-          co_await c->wake.async_wait(kAsTuple);
+          co_await Nap(*c, due);
         }
       }
       resync_regions_left_ -= std::min(resync_regions_left_, n);
       resync_bytes_left_ -= std::min(resync_bytes_left_, length);
       // The disk loop feeds a disk-queue link's connection, the writer
       // takes straight from incoming_ otherwise.
-      if (disk_mode()) Wake(); else c->wake.cancel();
+      if (disk_mode()) Wake(); else c->WakeAll();
     }
   }
   // The pass is complete once everything it sent is durable downstream.
   while (!c->broken && c->resync_unacked > 0) {
-    c->wake.expires_after(std::chrono::milliseconds(100));
-    co_await c->wake.async_wait(kAsTuple);
+    co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
   }
   if (!c->broken) {
     c->resync_done = true;
@@ -993,7 +1007,7 @@ asio::awaitable<void> Link::DrainToDisk() {
         conn_->queue.push_back(Entry{g, conn_->next_link_seq++, false});
       }
     }
-    if (conn_) conn_->wake.cancel();
+    if (conn_) conn_->WakeAll();
     if (kept_bytes_ > config_.max_queue_bytes) {
       Overflow(fmt::format("{} bytes waiting exceed max_queue ({} bytes)",
                            kept_bytes_, config_.max_queue_bytes));
@@ -1122,7 +1136,7 @@ void Link::HandleVerifyResult(const VerifyResult& result) {
     verify_.mismatched_bytes += std::min(rs, size - region * rs);
     verify_.mismatches.emplace_back(p.volume, region);
   }
-  if (conn_) conn_->wake.cancel();
+  if (conn_) conn_->WakeAll();
 }
 
 asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
@@ -1134,8 +1148,7 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
     const uint64_t regions = (vol->size_bytes() + rs - 1) / rs;
     for (uint64_t first = 0; first < regions && !c->broken; first += per_request) {
       while (!c->broken && verify_.pending.size() >= kVerifyWindow) {
-        c->wake.expires_after(std::chrono::milliseconds(100));
-        co_await c->wake.async_wait(kAsTuple);
+        co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
       }
       if (c->broken) break;
       const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(per_request, regions - first));
@@ -1174,12 +1187,11 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
         verify_.error = "reading the local volume failed: " + s.message();
         break;
       }
-      if (disk_mode()) Wake(); else c->wake.cancel();
+      if (disk_mode()) Wake(); else c->WakeAll();
     }
   }
   while (!c->broken && !verify_.pending.empty() && verify_.error.empty()) {
-    c->wake.expires_after(std::chrono::milliseconds(100));
-    co_await c->wake.async_wait(kAsTuple);
+    co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
   }
   if (c->broken && verify_.error.empty()) {
     verify_.error = "the connection to the downstream was lost during the verify";
@@ -1318,7 +1330,7 @@ void Link::HandleCompareResult(const VerifyResult& result) {
       sb->MarkClean(static_cast<uint32_t>(slots_[p.volume]), offset, length, p.as_of);
     }
   }
-  if (conn_) conn_->wake.cancel();
+  if (conn_) conn_->WakeAll();
 }
 
 asio::awaitable<bool> Link::CompareLoop(std::shared_ptr<Connection> c) {
@@ -1354,8 +1366,7 @@ asio::awaitable<bool> Link::CompareLoop(std::shared_ptr<Connection> c) {
       }
       r = last + 1;
       while (!c->broken && compare_.pending.size() >= kVerifyWindow) {
-        c->wake.expires_after(std::chrono::milliseconds(100));
-        co_await c->wake.async_wait(kAsTuple);
+        co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
       }
       if (c->broken) break;
       const uint64_t offset = *first * rs;
@@ -1400,12 +1411,11 @@ asio::awaitable<bool> Link::CompareLoop(std::shared_ptr<Connection> c) {
         failed = true;
         break;
       }
-      if (disk_mode()) Wake(); else c->wake.cancel();
+      if (disk_mode()) Wake(); else c->WakeAll();
     }
   }
   while (!c->broken && !compare_.pending.empty()) {
-    c->wake.expires_after(std::chrono::milliseconds(100));
-    co_await c->wake.async_wait(kAsTuple);
+    co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
   }
   compare_.running = false;
   compare_.pending.clear();

@@ -128,6 +128,9 @@ class Link {
   asio::awaitable<void> WriteLoop(std::shared_ptr<Connection> c);
   asio::awaitable<void> ResyncLoop(std::shared_ptr<Connection> c);
   void HandleAck(Connection& c, const GroupAck& ack);
+  // Waits until `until`, or until the connection wakes its sleepers (an
+  // acknowledgement, a verify answer, a break). Network thread.
+  asio::awaitable<void> Nap(Connection& c, std::chrono::steady_clock::time_point until);
   asio::awaitable<void> VerifyLoop(std::shared_ptr<Connection> c);
   void HandleVerifyResult(const VerifyResult& result);
   // initial_sync "checksum": digests of the dirty regions go to the
