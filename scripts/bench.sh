@@ -73,6 +73,31 @@
 #   primary's `status --json` before and after (after `blockrelay wait`):
 #   wire_bytes_sent / bytes_written. Goal <= 0.2x.
 #
+# Resync rows (issue 5; --resync-rows adds them, --resync-only runs only
+#   them): two blockrelay processes on loopback as above, own backing files
+#   of --size (resync-a.img / resync-b.img, init-a.img, init-b.img).
+#   outage-1pct: resync-a.img filled with data (buffered 4 KiB writes) and
+#     copied to resync-b.img; primary and b start with "initial_sync": "none"
+#     (identical files) and catch up; `blockrelay pause` drops the link;
+#     fio writes 1% of the volume as random 4 KiB blocks (--number_ios, no
+#     block twice); the scoreboard's dirty_bytes for b is read; `blockrelay
+#     resume` and `blockrelay wait` are timed. Reported: resync_bytes_sent /
+#     dirty_bytes (goal <= 1.1x) and resync time / baseline (goal <= 2x).
+#     Baseline: moving dirty_bytes over the same loopback with nbdcopy
+#     --flush from a file into an nbdkit file server on 127.0.0.1 TCP (a
+#     file with real blocks): file read + loopback TCP + file write + flush,
+#     the same shape of work as the resync, minus blockrelay's scattered
+#     64 KiB regions and its downstream journal. Both daemons are stopped
+#     and the two files compared (cmp) after each round.
+#   initial-half-zero: init-a.img's first half random data, second half a
+#     hole; a fresh downstream (init-b.img created by site b, sparse) with
+#     "initial_sync": "full"; timed from the primary's start until
+#     `blockrelay wait` returns. Baseline (goal <= 1x): nbdcopy --flush of
+#     the non-zero half (a file of --size/2) into a fresh sparse file behind
+#     nbdkit on 127.0.0.1 TCP.
+#   With --write-doc they replace the "## Latest resync run" section of
+#   docs/benchmarks.md (the other rows' "## Latest run" only when they ran).
+#
 # Usage: bash scripts/bench.sh [options]      (as root)
 #   --rounds N        rounds (default 3)
 #   --runtime S       measured seconds per run (default 10)
@@ -91,6 +116,9 @@
 #   --wire A,B|none   wire-efficiency rows on blockrelay-async (see --list;
 #                     default: all of them when blockrelay-async is among the
 #                     servers, else none)
+#   --resync-rows     also run the resync rows (see above; each round runs
+#                     both, --rounds times)
+#   --resync-only     only the resync rows (no fio rows, servers or wire rows)
 #   --write-doc       also write the "## Latest run" section to docs/benchmarks.md
 #   --keep            keep the work dir (fio JSON, server logs) and say where
 #   --report-from D   measure nothing: build the report (and with --write-doc
@@ -196,6 +224,7 @@ ROWS=$(row_names | paste -sd, -)
 # listing them keeps the "not implemented yet" visible in every run).
 SERVERS=$(server_names | paste -sd, -)
 WIRE=default
+RESYNC=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -213,11 +242,14 @@ while [ $# -gt 0 ]; do
     --no-build) DO_BUILD=0; shift ;;
     --wire) WIRE=$2; shift 2 ;;
     --write-doc) WRITE_DOC=1; shift ;;
+    --resync-rows) RESYNC=1; shift ;;
+    --resync-only) RESYNC=2; shift ;;
     --keep) KEEP=1; shift ;;
     --report-from) REPORT_FROM=$2; shift 2 ;;
     --list)
       echo "rows:"; for d in "${ROW_DEFS[@]}"; do IFS='|' read -r n a _ <<<"$d"; printf '  %-28s fio %s\n' "$n" "$a"; done
       echo "servers:"; for d in "${SERVER_DEFS[@]}"; do IFS='|' read -r n _ k <<<"$d"; printf '  %-20s %s\n' "$n" "$k"; done
+      echo "resync rows (--resync-rows, --resync-only): outage-1pct, initial-half-zero (see --help)"
       echo "wire rows (blockrelay-async; --wire):"
       for d in "${WIRE_DEFS[@]}"; do IFS='|' read -r n a l <<<"$d"; printf '  %-28s fio %s%s\n' "$n" "$a" "${l:+; link: $l}"; done
       exit 0 ;;
@@ -231,8 +263,12 @@ done
 [[ $RAMP =~ ^[0-9]+$ ]] || die "--ramp: expected an integer"
 [ "$TRANSPORT" = unix ] || [ "$TRANSPORT" = tcp ] || die "--transport: unix or tcp"
 [ -z "$IO_THREADS" ] || [[ $IO_THREADS =~ ^[1-9][0-9]*$ ]] || die "--io-threads: expected a positive integer"
+if [ "$RESYNC" = 2 ]; then ROWS=; SERVERS=; WIRE=none; fi
 IFS=, read -r -a ROW_LIST <<<"$ROWS"
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
+# The fio rows (and their report section) run unless --resync-only.
+MAIN_PART=1
+[ "$RESYNC" = 2 ] && MAIN_PART=0
 for r in "${ROW_LIST[@]}"; do row_field "$r" 1 >/dev/null || die "unknown row '$r' (see --list)"; done
 for s in "${SERVER_LIST[@]}"; do server_field "$s" 1 >/dev/null || die "unknown server '$s' (see --list)"; done
 if [ "$WIRE" = default ]; then
@@ -252,6 +288,7 @@ if [ -n "$REPORT_FROM" ]; then
     || die "--report-from: $REPORT_FROM is not a kept work dir (no machine.txt or results/runs.tsv)"
   WORK=$(cd "$REPORT_FROM" && pwd)
   RESULTS=$WORK/results; TSV=$RESULTS/runs.tsv; WIRE_TSV=$RESULTS/wire.tsv; MACHINE=$WORK/machine.txt
+  RESYNC_TSV=$RESULTS/resync.tsv
   log "report from the kept work dir $WORK (nothing measured)"
 else
 # ------------------------------------------------------- deps and build ----
@@ -379,11 +416,13 @@ esac
 DISK=$WORK/disk.img
 DISK_DIRECT=$WORK/disk-direct.img
 log "work dir $WORK ($(fs_type "$WORK"), $(df -h --output=source,size,avail "$WORK" | tail -1 | tr -s ' '))"
+if [ "$MAIN_PART" = 1 ]; then
 log "backing files: fallocate $SIZE each; disk.img filled with buffered 4k writes (page cache, 4 KiB folios), disk-direct.img with O_DIRECT 1M writes"
 fallocate -l "$SIZE_BYTES" "$DISK"
 timeout 1800 fio --name=precondition --filename="$DISK" --rw=write --bs=4k --ioengine=psync \
   --size="$SIZE_BYTES" --end_fsync=1 --output-format=terse >/dev/null \
   || die "preconditioning $DISK failed"
+fi
 if [[ ,$SERVERS, == *,qemu-nbd-none,* ]]; then
   fallocate -l "$SIZE_BYTES" "$DISK_DIRECT"
   timeout 1800 fio --name=precondition --filename="$DISK_DIRECT" --rw=write --bs=1M --direct=1 \
@@ -542,12 +581,15 @@ EOF
     log "site b did not start; its log:"; tail -20 "$bdir/server.log" >&2
     return 1
   done
-  local link="{ \"site\": \"b\", \"address\": \"127.0.0.1:$port\", \"mode\": \"$mode\", \"initial_sync\": \"none\"${extra:+, $extra} }"
+  local link="{ \"site\": \"b\", \"address\": \"127.0.0.1:$port\", \"mode\": \"$mode\", \"initial_sync\": \"${LINK_INITIAL_SYNC:-none}\"${extra:+, $extra} }"
   write_blockrelay_config "$dir" "[ $link ]" || return 1
   BR_CONFIG=$dir/site.json
+  LINK_STARTED_AT=$(date +%s.%N)
   launch "$dir/server.log" "$BR_BIN" run --config "$dir/site.json"
   SERVER_URI=$(uri_for data)
   wait_ready || return 1
+  # LINK_NO_WAIT=1: the caller times the catch-up itself (resync rows).
+  [ "${LINK_NO_WAIT:-0}" = 1 ] && return 0
   if ! timeout 90 "$BR_BIN" wait bench --config "$dir/site.json" --timeout 60 >"$dir/wait.log" 2>&1; then
     log "the link to site b did not catch up within 60 s:"; cat "$dir/wait.log" >&2
     return 1
@@ -751,12 +793,158 @@ if [ ${#WIRE_LIST[@]} -gt 0 ]; then
     done
   done
 fi
+# Resync rows (issue 5): see the header. One TSV line per row and round.
+RESYNC_TSV=$RESULTS/resync.tsv
+printf 'round\trow\tstatus\tdirty_bytes\twritten_bytes\tresync_bytes\twire_bytes\tseconds\tbaseline_seconds\tidentical\tload_before\tload_after\n' >"$RESYNC_TSV"
+if [ "$RESYNC" != 0 ]; then
+  RA=$WORK/resync-a.img RB=$WORK/resync-b.img
+  IA=$WORK/init-a.img IB=$WORK/init-b.img HALF=$WORK/init-half.img
+  HALF_BYTES=$((SIZE_BYTES / 2))
+  # 1% of the volume in 4 KiB writes (10,485 for 4 GiB).
+  OUTAGE_IOS=$((SIZE_BYTES / 100 / 4096))
+  fill_file() {  # fill_file FILE BYTES: data in every block, page cache in 4 KiB folios
+    timeout 1800 fio --name=fill --filename="$1" --rw=write --bs=4k --ioengine=psync \
+      --size="$2" --end_fsync=1 --output-format=terse >/dev/null || die "filling $1 failed"
+  }
+  log "resync rows: resync-a.img ($SIZE, filled) copied to resync-b.img; init-a.img (first half data, second half a hole)"
+  fallocate -l "$SIZE_BYTES" "$RA"
+  fill_file "$RA" "$SIZE_BYTES"
+  cp "$RA" "$RB"
+  truncate -s "$SIZE_BYTES" "$IA"
+  fill_file "$IA" "$HALF_BYTES"
+  dd if="$IA" of="$HALF" bs=1M count=$((HALF_BYTES >> 20)) status=none
+  sync
+  now() { date +%s.%N; }
+  secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+  jlink() { jq -r "($2) // 0" "$1" 2>/dev/null || echo 0; }  # jlink STATUS-FILE FILTER
+  LINK_J='.groups[0].downstream[0]'
+  # copy_baseline SRC DST: sets BASE_SECS to the seconds nbdcopy --flush
+  # takes from SRC into DST served by nbdkit on loopback TCP ("" on failure).
+  copy_baseline() {
+    local src=$1 dst=$2 port i t0 t1 ok=0
+    BASE_SECS=
+    port=$(free_port)
+    launch "$WORK/run/nbdkit-baseline.log" nbdkit -f -i 127.0.0.1 -p "$port" file file="$dst"
+    local npid=$SERVER_PID
+    for i in $(seq 100); do
+      timeout 5 nbdinfo --size "nbd://127.0.0.1:$port/" >/dev/null 2>&1 && { ok=1; break; }
+      sleep 0.1
+    done
+    if [ "$ok" = 1 ]; then
+      timeout 600 sync
+      t0=$(now)
+      if timeout 1800 nbdcopy --flush "$src" "nbd://127.0.0.1:$port/" 2>"$WORK/run/nbdcopy.err"; then
+        t1=$(now); BASE_SECS=$(secs "$t0" "$t1")
+      else
+        log "warning: nbdcopy failed: $(head -3 "$WORK/run/nbdcopy.err")"
+      fi
+    else
+      log "warning: nbdkit for the baseline did not start"
+    fi
+    stop_pid "$npid"
+  }
+  resync_line() {  # resync_line ROUND ROW STATUS DIRTY WRITTEN RESYNC WIRE SECS BASE IDENT LB LA
+    local IFS=$'\t'; echo "$*" >>"$RESYNC_TSV"
+  }
+  for ((round = 1; round <= ROUNDS; round++)); do
+    # ---- outage-1pct
+    run_dir=$WORK/run
+    rm -rf "$run_dir"; mkdir -p "$run_dir"
+    timeout 600 sync || true
+    SERVER_PID=; SERVER_URI=; BR_CONFIG=; AUX_PIDS=()
+    lb=$(loadavg1)
+    log "[resync round $round] outage-1pct: start, pause, $OUTAGE_IOS random 4k writes, resume"
+    set +e; DISK=$RA DISK_B=$RB start_blockrelay_link async "$run_dir"; rc=$?; set -e
+    st=ok
+    if [ "$rc" != 0 ]; then
+      st=start-failed
+    else
+      "$BR_BIN" pause bench --link b --config "$BR_CONFIG" >"$run_dir/pause.log" 2>&1 || st=pause-failed
+      timeout 300 fio --name=outage --ioengine=nbd --uri="$SERVER_URI" --rw=randwrite --bs=4k \
+        --iodepth=32 --size="$SIZE_BYTES" --number_ios="$OUTAGE_IOS" --randrepeat=0 \
+        --output-format=json >"$RESULTS/resync-r$round-fio.json" 2>"$run_dir/fio.err" || st=fio-failed
+      save_status "$RESULTS/resync-r$round-outage.before.json"
+      t0=$(now)
+      "$BR_BIN" resume bench --link b --config "$BR_CONFIG" >"$run_dir/resume.log" 2>&1 || st=resume-failed
+      timeout 1900 "$BR_BIN" wait bench --link b --config "$BR_CONFIG" --timeout 1800 \
+        >"$run_dir/wait.log" 2>&1 || st=not-caught-up
+      t1=$(now)
+      save_status "$RESULTS/resync-r$round-outage.after.json"
+    fi
+    la=$(loadavg1)
+    [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID"
+    stop_aux
+    cp "$run_dir/server.log" "$RESULTS/resync-r$round-outage.server.log" 2>/dev/null || true
+    cp "$run_dir/b/server.log" "$RESULTS/resync-r$round-outage.site-b.log" 2>/dev/null || true
+    if [ "$st" = ok ]; then
+      b=$RESULTS/resync-r$round-outage.before.json a=$RESULTS/resync-r$round-outage.after.json
+      dirty=$(jlink "$b" '[.groups[0].volumes[0].links[] | select(.site == "b") | .dirty_bytes] | first')
+      written=$(( $(jlink "$a" '.groups[0].volumes[0].bytes_written') ))
+      resynced=$(( $(jlink "$a" "$LINK_J.resync_bytes_sent") - $(jlink "$b" "$LINK_J.resync_bytes_sent") ))
+      wire=$(( $(jlink "$a" "$LINK_J.wire_bytes_sent") - $(jlink "$b" "$LINK_J.wire_bytes_sent") ))
+      ident=no; cmp -s "$RA" "$RB" && ident=yes
+      # The same number of bytes, moved with nbdcopy over loopback.
+      dd if="$RA" of="$run_dir/base-src.img" bs=64K count=$((dirty / 65536)) status=none
+      cp "$run_dir/base-src.img" "$run_dir/base-dst.img"  # real blocks, like resync-b.img
+      copy_baseline "$run_dir/base-src.img" "$run_dir/base-dst.img"
+      resync_line "$round" outage-1pct ok "$dirty" "$written" "$resynced" "$wire" \
+        "$(secs "$t0" "$t1")" "${BASE_SECS:--}" "$ident" "$lb" "$la"
+      # A failed round would leave the files different for the next one.
+      [ "$ident" = yes ] || cp "$RA" "$RB"
+    else
+      log "warning: outage-1pct round $round: $st"; tail -5 "$run_dir/server.log" >&2 2>/dev/null || true
+      resync_line "$round" outage-1pct "$st" - - - - - - - "$lb" "$la"
+      cp "$RA" "$RB"
+    fi
+
+    # ---- initial-half-zero
+    rm -rf "$run_dir"; mkdir -p "$run_dir"
+    rm -f "$IB"
+    timeout 600 sync || true
+    SERVER_PID=; SERVER_URI=; BR_CONFIG=; AUX_PIDS=()
+    lb=$(loadavg1)
+    log "[resync round $round] initial-half-zero: full initial sync to a fresh downstream"
+    set +e
+    LINK_INITIAL_SYNC=full LINK_NO_WAIT=1 DISK=$IA DISK_B=$IB start_blockrelay_link async "$run_dir"
+    rc=$?
+    set -e
+    st=ok
+    if [ "$rc" != 0 ]; then
+      st=start-failed
+    else
+      timeout 1900 "$BR_BIN" wait bench --link b --config "$BR_CONFIG" --timeout 1800 \
+        >"$run_dir/wait.log" 2>&1 || st=not-caught-up
+      t1=$(now)
+      save_status "$RESULTS/resync-r$round-initial.after.json"
+    fi
+    la=$(loadavg1)
+    [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID"
+    stop_aux
+    cp "$run_dir/server.log" "$RESULTS/resync-r$round-initial.server.log" 2>/dev/null || true
+    cp "$run_dir/b/server.log" "$RESULTS/resync-r$round-initial.site-b.log" 2>/dev/null || true
+    if [ "$st" = ok ]; then
+      a=$RESULTS/resync-r$round-initial.after.json
+      resynced=$(jlink "$a" "$LINK_J.resync_bytes_sent")
+      wire=$(jlink "$a" "$LINK_J.wire_bytes_sent")
+      ident=no; cmp -s "$IA" "$IB" && ident=yes
+      rm -f "$run_dir/half-dst.img"; truncate -s "$HALF_BYTES" "$run_dir/half-dst.img"
+      copy_baseline "$HALF" "$run_dir/half-dst.img"
+      resync_line "$round" initial-half-zero ok "$SIZE_BYTES" "$HALF_BYTES" "$resynced" "$wire" \
+        "$(secs "$LINK_STARTED_AT" "$t1")" "${BASE_SECS:--}" "$ident" "$lb" "$la"
+    else
+      log "warning: initial-half-zero round $round: $st"; tail -5 "$run_dir/server.log" >&2 2>/dev/null || true
+      resync_line "$round" initial-half-zero "$st" - - - - - - - "$lb" "$la"
+    fi
+    rm -f "$IB"
+  done
+fi
 rm -rf "$WORK/run"
 echo "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$MACHINE"
 echo "skipped=$(printf '%s ' "${!SKIPPED[@]}")" >>"$MACHINE"
 echo "servers=$SERVERS" >>"$MACHINE"
 echo "rows=$ROWS" >>"$MACHINE"
 echo "wire=${WIRE_LIST[*]+${WIRE_LIST[*]}}" >>"$MACHINE"
+echo "resync_ios=${OUTAGE_IOS:-}" >>"$MACHINE"
 
 fi  # not --report-from
 
@@ -764,6 +952,9 @@ fi  # not --report-from
 REPORT=$WORK/report.md
 REGENERATED=
 [ -n "$REPORT_FROM" ] && REGENERATED="$(date -u +%Y-%m-%dT%H:%M:%SZ) with \`$CMDLINE\`"
+: >"$REPORT"
+# The fio rows' section only when some fio or wire run was made.
+if [ "$(wc -l <"$TSV")" -gt 1 ] || [ "$(wc -l <"$WIRE_TSV" 2>/dev/null || echo 0)" -gt 1 ]; then
 python3 - "$TSV" "$MACHINE" "$REPORT" "$WIRE_TSV" "$REGENERATED" <<'PY'
 import json, re, statistics, sys
 
@@ -1106,6 +1297,104 @@ if wire_failures:
 w("")
 open(out_path, "w").write("\n".join(out))
 PY
+fi
+if [ -f "${RESYNC_TSV:-}" ] && [ "$(wc -l <"$RESYNC_TSV")" -gt 1 ]; then
+python3 - "$RESYNC_TSV" "$MACHINE" "$REPORT" "$REGENERATED" <<'PY'
+import statistics, sys
+
+tsv, machine_path, out_path, regenerated = sys.argv[1:5]
+machine = {}
+for line in open(machine_path):
+    k, _, v = line.rstrip("\n").partition("=")
+    machine[k] = v
+runs, failures, loads = {}, [], []
+with open(tsv) as f:
+    next(f)
+    for line in f:
+        (rnd, row, status, dirty, written, resynced, wire, secs, base, ident,
+         lb, la) = line.rstrip("\n").split("\t")
+        loads += [float(lb), float(la)]
+        if status != "ok":
+            failures.append(f"round {rnd} {row}: {status}")
+            continue
+        x = {"dirty": int(dirty), "written": int(written), "resynced": int(resynced),
+             "wire": int(wire), "secs": float(secs), "ident": ident,
+             "base": float(base) if base not in ("", "-") else None}
+        if ident != "yes":
+            failures.append(f"round {rnd} {row}: the two sites' files differ after the run")
+        runs.setdefault(row, []).append(x)
+
+def med(xs, key):
+    vals = [x[key] for x in xs if x[key] is not None]
+    return statistics.median(vals) if vals else None
+
+out = []
+w = out.append
+w("## Latest resync run")
+w("")
+w(f"Started {machine['started']}, finished {machine.get('finished', '?')} (UTC). "
+  f"Command: `{machine['cmdline']}`"
+  + (f". Report regenerated from that run's kept results at {regenerated}." if regenerated else ""))
+w("")
+w(f"Machine: {machine.get('nproc', '?')} cores, {machine.get('memory', '?')}, {machine.get('kernel', '?')}, "
+  f"work dir on {machine.get('workdir_fs', '?')}; blockrelay {machine.get('commit', '?')}; "
+  f"nbdcopy from libnbd {machine.get('libnbd', '?')}, {machine.get('nbdkit', '?')}. "
+  f"Volume {machine['size']}; {machine['rounds']} round(s), medians"
+  + (f"; load average (1 min) min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
+     f"max {max(loads):.2f}" if loads else "") + ".")
+w("")
+w("Two blockrelay processes on loopback TCP (site b secondary, async link), fresh data_dirs per run "
+  "(see the header of scripts/bench.sh). **outage-1pct**: identical files, link paused, "
+  f"{machine.get('resync_ios', '?')} random 4 KiB writes (1% of the volume, no block twice) on the "
+  "primary, then `resume` and `blockrelay wait` timed; dirty = the scoreboard's dirty_bytes for b "
+  "before the resume (64 KiB regions); resynced = the link's resync_bytes_sent. "
+  "**initial-half-zero**: first half data, second half a hole, fresh sparse downstream, "
+  "`initial_sync: full`, timed from the primary's start to `blockrelay wait`. "
+  "Baseline: `nbdcopy --flush` of the same number of data bytes (dirty bytes; the non-zero half) "
+  "from a file into nbdkit's file plugin on 127.0.0.1 TCP — the same work (file read, loopback "
+  "TCP, file write, flush) without replication. identical = `cmp` of the two sites' files after "
+  "both daemons stopped.")
+w("")
+w("| row | data (MB) | resynced (MB) | wire (MB) | resynced / data | time (s) | baseline (s) | time / baseline | goal | met | identical |")
+w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
+for row in ["outage-1pct", "initial-half-zero"]:
+    xs = runs.get(row)
+    if not xs:
+        continue
+    data_key = "dirty" if row == "outage-1pct" else "written"
+    data = med(xs, data_key)
+    resynced, wire, secs, base = med(xs, "resynced"), med(xs, "wire"), med(xs, "secs"), med(xs, "base")
+    bytes_ratio = resynced / data if data else None
+    time_ratio = secs / base if base else None
+    goals = []
+    if row == "outage-1pct":
+        if bytes_ratio is not None:
+            goals.append(("bytes <= 1.1x dirty", bytes_ratio <= 1.1))
+        if time_ratio is not None:
+            goals.append(("time <= 2x baseline", time_ratio <= 2.0))
+    elif time_ratio is not None:
+        goals.append(("time <= 1x nbdcopy of the data half", time_ratio <= 1.0))
+    ident = ", ".join(sorted({x["ident"] for x in xs}))
+    w(f"| {row} | {data / 1e6:,.1f} | {resynced / 1e6:,.1f} | {wire / 1e6:,.1f} | "
+      f"{bytes_ratio:.3f}x | {secs:.2f} | {base if base is None else f'{base:.2f}'} | "
+      f"{'-' if time_ratio is None else f'{time_ratio:.2f}x'} | "
+      f"{'; '.join(g for g, _ in goals) or '-'} | "
+      f"{'; '.join('yes' if ok else '**no**' for _, ok in goals) or '-'} | {ident} |")
+w("")
+if "outage-1pct" in runs:
+    xs = runs["outage-1pct"]
+    w(f"outage-1pct: the writes themselves were {med(xs, 'written') / 1e6:,.1f} MB; each dirtied its "
+      "whole 64 KiB region, so dirty bytes are about 16x the bytes written.")
+    w("")
+if failures:
+    w("Failed or unequal runs (not in the medians unless equal-but-noted): " + "; ".join(failures) + ".")
+    w("")
+with open(out_path, "a") as f:
+    if f.tell() > 0:
+        f.write("\n")
+    f.write("\n".join(out))
+PY
+fi
 
 cat "$REPORT"
 
@@ -1115,21 +1404,48 @@ if [ "$WRITE_DOC" = 1 ]; then
   python3 - "$DOC" "$REPORT" <<'PY'
 import os, sys
 doc, report = sys.argv[1:3]
-new = open(report).read().rstrip("\n") + "\n"
 if os.path.exists(doc):
     lines = open(doc).read().splitlines(keepends=True)
 else:
     lines = ["# Benchmarks\n", "\n", "Written by scripts/bench.sh --write-doc.\n", "\n"]
-start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == "## Latest run"), None)
-if start is None:
-    head, tail = lines, []
-    if head and head[-1].strip():
-        head.append("\n")
-else:
+# The report's sections ("## Latest run", "## Latest resync run"): each
+# replaces the doc's section of the same heading; a new one goes after the
+# last of them (or "## Latest run") already in the doc, else at the end of
+# the header.
+sections, cur = [], None
+for l in open(report).read().splitlines(keepends=True):
+    if l.startswith("## "):
+        cur = [l.rstrip("\n"), []]
+        sections.append(cur)
+    if cur:
+        cur[1].append(l)
+def span(heading):
+    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == heading), None)
+    if start is None:
+        return None
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    head, tail = lines[:start], lines[end:]
-text = "".join(head) + new + ("\n" + "".join(tail) if tail else "")
+    return start, end
+def body(text_lines):
+    t = "".join(text_lines).rstrip("\n") + "\n"
+    return [t, "\n"]
+for heading, text_lines in sections:
+    s = span(heading)
+    if s is not None:
+        lines[s[0]:s[1]] = body(text_lines)
+        continue
+    at = None
+    for other in ["## Latest run"] + [h for h, _ in sections]:
+        o = span(other)
+        if o is not None:
+            at = o[1]
+    if at is None:
+        at = next((i for i, l in enumerate(lines) if l.startswith("## ")), len(lines))
+    if at > 0 and lines[at - 1].strip():
+        lines.insert(at, "\n")
+        at += 1
+    lines[at:at] = body(text_lines)
+text = "".join(lines).rstrip("\n") + "\n"
 open(doc, "w").write(text)
 PY
-  log "wrote the \"## Latest run\" section of $DOC"
+  log "wrote the report's section(s) of $DOC: $(grep '^## ' "$REPORT" | paste -sd, -)"
 fi

@@ -115,7 +115,15 @@ std::string FormatStatus(const nlohmann::json& status) {
     for (const auto& l : g.value("downstream", nlohmann::json::array())) {
       if (!l.is_object()) continue;
       std::string note;
-      if (l.contains("resync") && l["resync"].is_object()) {
+      const nlohmann::json* compare =
+          l.contains("checksum_compare") && l["checksum_compare"].is_object()
+              ? &l["checksum_compare"] : nullptr;
+      if (compare && compare->value("running", false)) {
+        note = fmt::format("comparing digests: {} of {} regions, {} differ",
+                           U64(*compare, "regions_done"),
+                           U64(*compare, "regions_total"),
+                           U64(*compare, "differing_regions"));
+      } else if (l.contains("resync") && l["resync"].is_object()) {
         const auto& r = l["resync"];
         note = fmt::format("resync: {} left", FormatBytes(U64(r, "bytes_left")));
         if (r.contains("eta_seconds") && r["eta_seconds"].is_number() &&

@@ -103,12 +103,32 @@ Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
 
 Status Volume::ReadForResync(
     uint64_t offset, std::span<std::byte> out,
-    const std::function<void(storage::WriteSeq)>& with_data) {
+    const std::function<void(storage::WriteSeq)>& with_data, bool* all_zero) {
   RangeGuard range(&ranges_, offset, out.size());
   // Every write that got a WriteSeq <= as_of and touches this range has
   // finished: writes take the range before MarkDirty numbers them.
   const storage::WriteSeq as_of =
       metadata_ ? metadata_->scoreboard().CurrentWriteSeq() : 0;
+  if (all_zero) {
+    *all_zero = false;
+    // A finished write is in the page cache, which SEEK_DATA counts as
+    // data, so a hole here is a hole for every write up to as_of.
+    auto extents = store_->BlockStatus(offset, out.size());
+    if (extents.ok()) {
+      uint64_t covered = 0;
+      bool zero = true;
+      for (const auto& e : *extents) {
+        zero = zero && e.zero;
+        covered += e.length_bytes;
+      }
+      if (zero && covered >= out.size()) {
+        *all_zero = true;
+        with_data(as_of);
+        return Status::OK();
+      }
+    }
+    // A failed block status is no reason to fail the resync: read instead.
+  }
   Status s = Read(offset, out);
   if (s.ok()) with_data(as_of);
   return s;

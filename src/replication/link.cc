@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 
 #include <asio/co_spawn.hpp>
@@ -67,7 +68,16 @@ struct Link::Connection {
       : stream(ctx), wake(ctx), watchdog(stream, keepalive) {}
   Stream stream;
   std::string peer;
-  asio::steady_timer wake;  // writer and resync walker wait on it
+  asio::steady_timer wake;  // the writer waits on it
+  // Timers of the other coroutines that wait for acknowledgements (resync
+  // walker, verify, compare): each its own, because expires_after() on a
+  // shared timer cancels the other waiter, and two of them then wake each
+  // other in a loop that spins the network thread.
+  std::vector<asio::steady_timer*> sleepers;
+  void WakeAll() {
+    wake.cancel();
+    for (auto* t : sleepers) t->cancel();
+  }
   Watchdog watchdog;        // closes the stream when the peer goes quiet
   bool broken = false;
   std::deque<Entry> queue;  // sent or to send; popped when durable
@@ -176,6 +186,12 @@ asio::awaitable<Status> Link::ForceResync(bool full) {
       if (!sb || slots_[v] < 0) continue;
       const uint32_t slot = static_cast<uint32_t>(slots_[v]);
       Status s = co_await group_.io().Run([sb, slot] { return sb->MarkAllDirty(slot); });
+      if (!s.ok()) co_return s;
+    }
+    // A full resync sends every region: no digest compare first.
+    if (compare_pending_) {
+      compare_pending_ = false;
+      Status s = co_await group_.io().Run([this] { return RemoveCompareRecord(); });
       if (!s.ok()) co_return s;
     }
   }
@@ -341,6 +357,8 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
     stream_start_seq_ = group_.StartStreaming(this);
     resync = AnyDirty();
   }
+  // A due compare finds nothing to compare and drops its record.
+  resync = resync || compare_pending_;
   streaming_ = true;
   acked_received_group_seq_ = acked_durable_group_seq_ = stream_start_seq_ - 1;
   if (is_sync()) group_.SyncAcknowledged();
@@ -378,7 +396,15 @@ void Link::Break(Connection& c, const std::string& why) {
   std::error_code ignored;
   c.stream.shutdown(asio::socket_base::shutdown_both, ignored);
   c.stream.close(ignored);
-  c.wake.cancel();
+  c.WakeAll();
+}
+
+asio::awaitable<void> Link::Nap(Connection& c,
+                                std::chrono::steady_clock::time_point until) {
+  asio::steady_timer timer(group_.context(), until);
+  c.sleepers.push_back(&timer);
+  co_await timer.async_wait(kAsTuple);
+  std::erase(c.sleepers, &timer);
 }
 
 void Link::Wake() {
@@ -386,7 +412,7 @@ void Link::Wake() {
     if (disk_wake_) disk_wake_->cancel();  // the disk loop feeds the connection
     return;
   }
-  if (conn_) conn_->wake.cancel();
+  if (conn_) conn_->WakeAll();
 }
 
 void Link::DeliverLocked(std::shared_ptr<const SealedGroup> group) {
@@ -550,7 +576,7 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
     c.queue.pop_front();
     if (c.sent > 0) --c.sent;
   }
-  c.wake.cancel();  // the resync walker may wait for its window
+  c.WakeAll();  // the resync walker may wait for its window
   if (is_sync()) group_.SyncAcknowledged();
   group_.CheckWaiters();
 }
@@ -577,16 +603,35 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
   resync_started_ = std::chrono::steady_clock::now();
   uint64_t regions_sent = 0;
   uint64_t read_bytes = 0;
-  // What is left: counted once at the start, decremented as we go.
-  resync_regions_left_ = resync_bytes_left_ = 0;
-  for (size_t v = 0; v < slots_.size(); ++v) {
-    const auto* sb = group_.volumes()[v]->scoreboard();
-    if (!sb || slots_[v] < 0) continue;
-    auto st = sb->StatsForSlot(static_cast<uint32_t>(slots_[v]));
-    resync_regions_left_ += st.dirty_regions;
-    resync_bytes_left_ += st.dirty_bytes;
+  // What is left: counted once at the start (again after a compare),
+  // decremented as we go.
+  auto count_left = [this] {
+    resync_regions_left_ = resync_bytes_left_ = 0;
+    for (size_t v = 0; v < slots_.size(); ++v) {
+      const auto* sb = group_.volumes()[v]->scoreboard();
+      if (!sb || slots_[v] < 0) continue;
+      auto st = sb->StatsForSlot(static_cast<uint32_t>(slots_[v]));
+      resync_regions_left_ += st.dirty_regions;
+      resync_bytes_left_ += st.dirty_bytes;
+    }
+    resync_total_bytes_ = resync_bytes_left_;
+  };
+  count_left();
+  if (compare_pending_) {
+    // initial_sync "checksum": send only the regions whose digests differ.
+    const bool complete = co_await CompareLoop(c);
+    if (complete && compare_pending_) {
+      compare_pending_ = false;
+      Status s = co_await group_.io().Run([this] { return RemoveCompareRecord(); });
+      if (!s.ok()) {
+        // Harmless: the next start compares the regions still dirty again.
+        BR_LOG_WARN("replication", "group {} link to {}: {}", group_.name(),
+                    config_.site, s.ToString());
+      }
+    }
+    count_left();
+    resync_started_ = std::chrono::steady_clock::now();
   }
-  resync_total_bytes_ = resync_bytes_left_;
   for (size_t v = 0; v < slots_.size() && !c->broken; ++v) {
     core::Volume* vol = group_.volumes()[v].get();
     const auto* sb = vol->scoreboard();
@@ -608,8 +653,7 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
       const uint64_t offset = *first * rs;
       const uint64_t length = std::min(vol->size_bytes(), r * rs) - offset;
       while (!c->broken && c->resync_unacked >= kResyncWindowEntries) {
-        c->wake.expires_after(std::chrono::milliseconds(100));
-        co_await c->wake.async_wait(kAsTuple);
+        co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
       }
       if (c->broken) break;
       // Counted before the read delivers it: its acknowledgement may come
@@ -625,6 +669,7 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
       const uint32_t vindex = static_cast<uint32_t>(v);
       std::shared_ptr<const SealedGroup>* keep = new std::shared_ptr<const SealedGroup>(data);
       Status s = co_await group_.io().Run([vol, raw, grp, self, vindex, offset, length, keep] {
+        bool unallocated = false;
         Status st = vol->ReadForResync(
             offset, std::span<std::byte>(raw->data.data(), length),
             [&](storage::WriteSeq as_of) {
@@ -633,7 +678,9 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
               op.offset = offset;
               op.length = length;
               op.wseq = as_of;
-              if (AllZero(raw->data)) {
+              // Holes and zeroes go as one zero operation: no data on the
+              // wire, and a sparse source is not even read.
+              if (unallocated || AllZero(raw->data)) {
                 op.type = OpType::kZero;
                 raw->data.clear();
               } else {
@@ -642,7 +689,8 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
               raw->ops.push_back(op);
               raw->bytes_written = length;
               grp->DeliverResync(self, *keep);
-            });
+            },
+            &unallocated);
         delete keep;
         return st;
       });
@@ -663,21 +711,19 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
             std::chrono::duration<double>(static_cast<double>(read_bytes) /
                                           *config_.resync_rate_bytes_per_sec));
         while (!c->broken && std::chrono::steady_clock::now() < due) {
-          c->wake.expires_at(due);
-          co_await c->wake.async_wait(kAsTuple);
+          co_await Nap(*c, due);
         }
       }
       resync_regions_left_ -= std::min(resync_regions_left_, n);
       resync_bytes_left_ -= std::min(resync_bytes_left_, length);
       // The disk loop feeds a disk-queue link's connection, the writer
       // takes straight from incoming_ otherwise.
-      if (disk_mode()) Wake(); else c->wake.cancel();
+      if (disk_mode()) Wake(); else c->WakeAll();
     }
   }
   // The pass is complete once everything it sent is durable downstream.
   while (!c->broken && c->resync_unacked > 0) {
-    c->wake.expires_after(std::chrono::milliseconds(100));
-    co_await c->wake.async_wait(kAsTuple);
+    co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
   }
   if (!c->broken) {
     c->resync_done = true;
@@ -809,6 +855,21 @@ nlohmann::json Link::Json() const {
                    {"bytes_left", resync_bytes_left_},
                    {"rate_bytes_per_sec", static_cast<uint64_t>(rate)},
                    {"eta_seconds", rate > 0 ? resync_bytes_left_ / rate : -1.0}};
+  }
+  if (compare_.ran || compare_pending_) {
+    const auto end = compare_.running ? now : compare_.finished;
+    j["checksum_compare"] = {
+        {"pending", compare_pending_},
+        {"running", compare_.running},
+        {"regions_total", compare_.regions_total},
+        {"regions_done", compare_.regions_done},
+        {"matched_regions", compare_.matched_regions},
+        {"matched_bytes", compare_.matched_bytes},
+        {"differing_regions", compare_.differing_regions},
+        {"differing_bytes", compare_.differing_bytes},
+        {"elapsed_seconds",
+         compare_.ran ? std::chrono::duration<double>(end - compare_.started).count() : 0.0},
+    };
   }
   if (!last_error_.empty()) j["last_error"] = last_error_;
   return j;
@@ -963,7 +1024,7 @@ asio::awaitable<void> Link::DrainToDisk() {
         conn_->queue.push_back(Entry{g, conn_->next_link_seq++, false});
       }
     }
-    if (conn_) conn_->wake.cancel();
+    if (conn_) conn_->WakeAll();
     if (kept_bytes_ > config_.max_queue_bytes) {
       Overflow(fmt::format("{} bytes waiting exceed max_queue ({} bytes)",
                            kept_bytes_, config_.max_queue_bytes));
@@ -1074,6 +1135,10 @@ Status Link::StartVerify(bool fix) {
 }
 
 void Link::HandleVerifyResult(const VerifyResult& result) {
+  if (compare_.pending.count(result.request_id)) {
+    HandleCompareResult(result);
+    return;
+  }
   auto it = verify_.pending.find(result.request_id);
   if (it == verify_.pending.end()) return;  // a verify from a lost connection
   const auto p = it->second;
@@ -1088,7 +1153,7 @@ void Link::HandleVerifyResult(const VerifyResult& result) {
     verify_.mismatched_bytes += std::min(rs, size - region * rs);
     verify_.mismatches.emplace_back(p.volume, region);
   }
-  if (conn_) conn_->wake.cancel();
+  if (conn_) conn_->WakeAll();
 }
 
 asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
@@ -1100,14 +1165,13 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
     const uint64_t regions = (vol->size_bytes() + rs - 1) / rs;
     for (uint64_t first = 0; first < regions && !c->broken; first += per_request) {
       while (!c->broken && verify_.pending.size() >= kVerifyWindow) {
-        c->wake.expires_after(std::chrono::milliseconds(100));
-        co_await c->wake.async_wait(kAsTuple);
+        co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
       }
       if (c->broken) break;
       const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(per_request, regions - first));
       const uint64_t offset = first * rs;
       const uint64_t length = std::min(vol->size_bytes(), (first + count) * rs) - offset;
-      const uint64_t id = verify_.next_id++;
+      const uint64_t id = next_request_id_++;
       verify_.pending[id] = {static_cast<uint32_t>(v), first, count};
       auto request = std::make_shared<VerifyRequest>();
       request->request_id = id;
@@ -1140,12 +1204,11 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
         verify_.error = "reading the local volume failed: " + s.message();
         break;
       }
-      if (disk_mode()) Wake(); else c->wake.cancel();
+      if (disk_mode()) Wake(); else c->WakeAll();
     }
   }
   while (!c->broken && !verify_.pending.empty() && verify_.error.empty()) {
-    c->wake.expires_after(std::chrono::milliseconds(100));
-    co_await c->wake.async_wait(kAsTuple);
+    co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
   }
   if (c->broken && verify_.error.empty()) {
     verify_.error = "the connection to the downstream was lost during the verify";
@@ -1206,6 +1269,183 @@ nlohmann::json Link::VerifyJson() const {
   };
   if (!verify_.error.empty()) j["error"] = verify_.error;
   return j;
+}
+
+}  // namespace blockrelay::replication
+
+// --- initial_sync "checksum" ----------------------------------------------------
+
+namespace blockrelay::replication {
+
+Status Link::OpenChecksumSync(const std::string& data_dir, bool new_slot) {
+  data_dir_ = data_dir;
+  const std::string path = fmt::format("{}/compare-{}-{}.pending", data_dir,
+                                       group_.name(), config_.site);
+  const bool exists = ::access(path.c_str(), F_OK) == 0;
+  if (config_.initial_sync != config::InitialSync::kChecksum) {
+    // Left by an earlier configuration: this link sends what is dirty.
+    compare_record_ = exists ? path : std::string();
+    return RemoveCompareRecord();
+  }
+  compare_record_ = path;
+  if (new_slot && !exists) {
+    // Written after the slot (all dirty) is durable: a crash in between
+    // costs a full sync, never a missed region.
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) return Status::IOError("cannot create " + path, errno);
+    std::fputs("compare dirty regions by digest before sending them\n", f);
+    const bool ok = std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+    const int err = errno;
+    std::fclose(f);
+    if (!ok) return Status::IOError("cannot write " + path, err);
+    if (Status s = io::Env::Default()->SyncDir(data_dir); !s.ok()) return s;
+  }
+  compare_pending_ = new_slot || exists;
+  if (compare_pending_) {
+    BR_LOG_INFO("replication", "group {} link to {}: initial_sync checksum: the "
+                "dirty regions are compared by digest with the downstream before "
+                "any is sent", group_.name(), config_.site);
+  }
+  return Status::OK();
+}
+
+Status Link::RemoveCompareRecord() {
+  if (compare_record_.empty()) return Status::OK();
+  if (std::remove(compare_record_.c_str()) != 0 && errno != ENOENT) {
+    return Status::IOError("cannot remove " + compare_record_, errno);
+  }
+  compare_record_.clear();
+  return io::Env::Default()->SyncDir(data_dir_);
+}
+
+void Link::HandleCompareResult(const VerifyResult& result) {
+  auto it = compare_.pending.find(result.request_id);
+  const auto p = it->second;
+  compare_.pending.erase(it);
+  compare_.regions_done += p.count;
+  std::vector<bool> differs(p.count, false);
+  for (uint32_t i : result.mismatched) {
+    if (i < p.count) differs[i] = true;  // a lying peer: ignore the rest
+  }
+  core::Volume& vol = *group_.volumes()[p.volume];
+  storage::Scoreboard* sb = vol.mutable_scoreboard();
+  const uint64_t rs = group_.config().region_size_bytes;
+  for (uint32_t i = 0; i < p.count; ++i) {
+    const uint64_t offset = (p.first_region + i) * rs;
+    const uint64_t length = std::min(rs, vol.size_bytes() - offset);
+    if (differs[i]) {
+      ++compare_.differing_regions;
+      compare_.differing_bytes += length;
+      continue;
+    }
+    ++compare_.matched_regions;
+    compare_.matched_bytes += length;
+    // Both sides hold these bytes as of the read (the downstream applied
+    // every group before the request); a write after the read keeps its
+    // bit (its extent's WriteSeq is newer) and is streamed anyway.
+    if (sb && slots_[p.volume] >= 0) {
+      sb->MarkClean(static_cast<uint32_t>(slots_[p.volume]), offset, length, p.as_of);
+    }
+  }
+  if (conn_) conn_->WakeAll();
+}
+
+asio::awaitable<bool> Link::CompareLoop(std::shared_ptr<Connection> c) {
+  compare_ = Compare{};
+  compare_.ran = compare_.running = true;
+  compare_.started = std::chrono::steady_clock::now();
+  for (size_t v = 0; v < slots_.size(); ++v) {
+    const auto* sb = group_.volumes()[v]->scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    compare_.regions_total += sb->StatsForSlot(static_cast<uint32_t>(slots_[v])).dirty_regions;
+  }
+  BR_LOG_INFO("replication", "group {} link to {}: comparing {} dirty region(s) "
+              "by digest before sending (initial_sync checksum)", group_.name(),
+              config_.site, compare_.regions_total);
+  const uint64_t rs = group_.config().region_size_bytes;
+  const uint64_t per_request =
+      std::clamp<uint64_t>(kVerifyChunkBytes / rs, 1, kMaxVerifyRegions);
+  bool failed = false;
+  for (size_t v = 0; v < slots_.size() && !c->broken && !failed; ++v) {
+    core::Volume* vol = group_.volumes()[v].get();
+    const auto* sb = vol->scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+    const uint64_t regions = sb->region_count();
+    uint64_t r = 0;
+    while (!c->broken) {
+      auto first = sb->NextDirtyRegion(slot, r);
+      if (!first) break;
+      uint64_t last = *first;
+      while (last + 1 < regions && last + 1 - *first < per_request &&
+             sb->IsDirty(slot, last + 1)) {
+        ++last;
+      }
+      r = last + 1;
+      while (!c->broken && compare_.pending.size() >= kVerifyWindow) {
+        co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
+      }
+      if (c->broken) break;
+      const uint64_t offset = *first * rs;
+      const uint64_t length = std::min(vol->size_bytes(), r * rs) - offset;
+      const uint64_t id = next_request_id_++;
+      // Registered before the read: the answer may arrive before this
+      // coroutine resumes. as_of is filled on the pool thread before the
+      // request is handed over (under the group's mutex).
+      Compare::Pending& pending = compare_.pending[id];
+      pending = {static_cast<uint32_t>(v), *first, static_cast<uint32_t>(r - *first), 0};
+      storage::WriteSeq* as_of_out = &pending.as_of;
+      auto request = std::make_shared<VerifyRequest>();
+      request->request_id = id;
+      request->volume = static_cast<uint32_t>(v);
+      request->offset = offset;
+      request->region_size = rs;
+      Bytes buffer(length);
+      Bytes* bp = &buffer;
+      VerifyRequest* rp = request.get();
+      std::shared_ptr<VerifyRequest>* keep = &request;
+      ReplicationGroup* grp = &group_;
+      Link* self = this;
+      Status s = co_await group_.io().Run(
+          [vol, bp, rp, keep, grp, self, offset, length, rs, as_of_out] {
+            return vol->ReadForResync(offset, *bp, [&](storage::WriteSeq as_of) {
+              *as_of_out = as_of;
+              for (uint64_t pos = 0; pos < length; pos += rs) {
+                rp->digests.push_back(XXH3_64bits(bp->data() + pos, std::min(rs, length - pos)));
+              }
+              auto entry = std::make_shared<SealedGroup>();
+              entry->verify = *keep;
+              entry->opened = std::chrono::steady_clock::now();
+              grp->DeliverVerify(self, entry);
+            });
+          });
+      if (!s.ok()) {
+        compare_.pending.erase(id);
+        BR_LOG_ERROR("replication", "group {} link to {}: compare read of volume "
+                     "{} at {}+{} failed: {}", group_.name(), config_.site,
+                     vol->name(), offset, length, s.ToString());
+        Break(*c, "compare read failed: " + s.message());
+        failed = true;
+        break;
+      }
+      if (disk_mode()) Wake(); else c->WakeAll();
+    }
+  }
+  while (!c->broken && !compare_.pending.empty()) {
+    co_await Nap(*c, std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
+  }
+  compare_.running = false;
+  compare_.pending.clear();
+  compare_.finished = std::chrono::steady_clock::now();
+  const bool complete = !c->broken && !failed;
+  BR_LOG_INFO("replication", "group {} link to {}: digest compare {}: {} of {} "
+              "region(s) compared, {} match ({} bytes not sent), {} differ ({} "
+              "bytes to send)", group_.name(), config_.site,
+              complete ? "finished" : "cut off (continues at the next connect)",
+              compare_.regions_done, compare_.regions_total, compare_.matched_regions,
+              compare_.matched_bytes, compare_.differing_regions,
+              compare_.differing_bytes);
+  co_return complete;
 }
 
 }  // namespace blockrelay::replication

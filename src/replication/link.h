@@ -58,6 +58,14 @@ class Link {
   // resyncs instead). Start-up, before Start(); blocks.
   Status OpenDiskQueue(const std::string& data_dir);
 
+  // "initial_sync": "checksum" (docs/replication.md): when `new_slot` (this
+  // start created the link's scoreboard slot, all dirty), records in
+  // data_dir/compare-<group>-<site>.pending that the dirty regions are to be
+  // compared by digest before any is sent; the record stays until a compare
+  // pass has finished, so a restart in the middle compares the rest. For
+  // other links, removes a stale record. Start-up, before Start(); blocks.
+  Status OpenChecksumSync(const std::string& data_dir, bool new_slot);
+
   void Start();
   asio::awaitable<void> Stop();
 
@@ -120,8 +128,17 @@ class Link {
   asio::awaitable<void> WriteLoop(std::shared_ptr<Connection> c);
   asio::awaitable<void> ResyncLoop(std::shared_ptr<Connection> c);
   void HandleAck(Connection& c, const GroupAck& ack);
+  // Waits until `until`, or until the connection wakes its sleepers (an
+  // acknowledgement, a verify answer, a break). Network thread.
+  asio::awaitable<void> Nap(Connection& c, std::chrono::steady_clock::time_point until);
   asio::awaitable<void> VerifyLoop(std::shared_ptr<Connection> c);
   void HandleVerifyResult(const VerifyResult& result);
+  // initial_sync "checksum": digests of the dirty regions go to the
+  // downstream in sequence with the stream (VERIFY frames); regions whose
+  // digests match are cleared. True when every dirty region was compared.
+  asio::awaitable<bool> CompareLoop(std::shared_ptr<Connection> c);
+  void HandleCompareResult(const VerifyResult& result);
+  Status RemoveCompareRecord();
   void Clean(const SealedGroup& group, bool widen);
   void Break(Connection& c, const std::string& why);
   void SetState(LinkState s);
@@ -186,6 +203,28 @@ class Link {
     std::chrono::steady_clock::time_point started, finished;
   };
   Verify verify_;
+  uint64_t next_request_id_ = 1;  // VERIFY requests, verify and compare
+
+  // initial_sync "checksum" (network thread).
+  bool compare_pending_ = false;  // the next resync compares first
+  std::string compare_record_;    // its file, while it exists
+  std::string data_dir_;
+  struct Compare {
+    bool ran = false;  // status shows it from the first pass on
+    bool running = false;
+    uint64_t regions_total = 0, regions_done = 0;
+    uint64_t matched_regions = 0, matched_bytes = 0;
+    uint64_t differing_regions = 0, differing_bytes = 0;
+    struct Pending {
+      uint32_t volume;
+      uint64_t first_region;
+      uint32_t count;
+      storage::WriteSeq as_of;  // the read's point in the write history
+    };
+    std::map<uint64_t, Pending> pending;  // by request id
+    std::chrono::steady_clock::time_point started, finished;
+  };
+  Compare compare_;
 
   // GUARDED_BY(group_.mu_)
   std::vector<std::shared_ptr<const SealedGroup>> incoming_;

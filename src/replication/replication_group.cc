@@ -67,6 +67,17 @@ Status ReplicationGroup::OpenDiskQueues(const std::string& data_dir) {
   return Status::OK();
 }
 
+Status ReplicationGroup::OpenChecksumSyncs(const std::string& data_dir,
+                                           const std::set<std::string>& new_slot_sites) {
+  for (auto& link : links_) {
+    const bool added = new_slot_sites.count(link->site()) != 0;
+    if (Status s = link->OpenChecksumSync(data_dir, added); !s.ok()) {
+      return s.WithContext(fmt::format("group {} link to {}", name(), link->site()));
+    }
+  }
+  return Status::OK();
+}
+
 void ReplicationGroup::Start() {
   seal_timer_.emplace(ctx_);
   waiter_timer_.emplace(ctx_);

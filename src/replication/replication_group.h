@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,11 @@ class ReplicationGroup final : public core::ReplicationSink {
 
   // Opens the disk queues of links with "queue": "disk" (start-up; blocks).
   Status OpenDiskQueues(const std::string& data_dir);
+  // Sets up "initial_sync": "checksum" for every link (Link::OpenChecksumSync);
+  // `new_slot_sites` are the downstream sites whose scoreboard slot this
+  // start created in some volume of the group (start-up; blocks).
+  Status OpenChecksumSyncs(const std::string& data_dir,
+                           const std::set<std::string>& new_slot_sites);
   // Starts the links (network thread).
   void Start();
   // Stops the links and fails nothing: writes not yet acknowledged stay

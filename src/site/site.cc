@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <set>
+#include <string>
+
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
@@ -55,6 +58,7 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
     const auto& group = site->config_.groups[g];
     bool read_only = group.role == config::Role::kSecondary;
     std::vector<std::shared_ptr<core::Volume>> group_volumes;
+    std::set<std::string> new_slot_sites;  // slots this start created
     for (size_t v = 0; v < group.volumes.size(); ++v) {
       const auto& vc = group.volumes[v];
       storage::FileBlockStoreOptions options;
@@ -83,6 +87,9 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
         return metadata.status().WithContext(
             fmt::format("groups[{}].volumes[{}] ({}) metadata", g, v, vc.name));
       }
+      for (const auto& slot : (*metadata)->slots()) {
+        if (slot.added) new_slot_sites.insert(slot.site);
+      }
       for (const auto& notice : (*metadata)->open_notices()) {
         BR_LOG_INFO("site", "volume {}: {}", vc.name, notice);
       }
@@ -98,6 +105,11 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
           ctx, *site->io_, site->config_.site, group, group_volumes));
       onward = site->replication_.back().get();
       if (Status s = onward->OpenDiskQueues(site->config_.data_dir.string()); !s.ok()) {
+        return s;
+      }
+      if (Status s = onward->OpenChecksumSyncs(site->config_.data_dir.string(),
+                                               new_slot_sites);
+          !s.ok()) {
         return s;
       }
     }

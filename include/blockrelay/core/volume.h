@@ -96,8 +96,13 @@ class Volume {
   // the scoreboard WriteSeq the data is current to (for MarkClean once the
   // downstream has it). Holding the range orders the resync data before
   // any later write to those bytes in the replication stream.
+  // With `all_zero`, the store's block status is asked first (under the
+  // range): when the whole range is unallocated or reads as zeroes, nothing
+  // is read, `out` is left as it was and *all_zero is true -- a sparse or
+  // zeroed region costs a seek, not a read.
   Status ReadForResync(uint64_t offset, std::span<std::byte> out,
-                       const std::function<void(storage::WriteSeq)>& with_data);
+                       const std::function<void(storage::WriteSeq)>& with_data,
+                       bool* all_zero = nullptr);
   // Runs fn(current WriteSeq) if no write is in flight on this volume;
   // false otherwise. For clearing a caught-up link's leftover bits.
   template <typename Fn>
