@@ -337,6 +337,89 @@ TEST_CASE("Resync undo: a restarted b whose resync then completes is "
   p.RequireIdentical();
 }
 
+// Goal: the rollback's writes go through b's Volume write path, so b's own
+// downstream (a chain a -> b -> c) ends identical to the rolled-back b.
+TEST_CASE("Resync undo: a rollback in the middle of a chain reaches the next "
+          "site",
+          "[replication][undo]") {
+  testutil::TempDir root("blockrelay-undo-chain");
+  const std::vector<testutil::VolumeSpec> vols = {{"data", 2 * kMiB}};
+  for (const char* s : {"a", "b", "c"}) fs::create_directories(root.path() / s);
+  TestDaemon c(root.path() / "c",
+               testutil::GroupSiteConfig(root.path() / "c", "c", "secondary", vols, "g", "b"));
+  REQUIRE(c.Start().ok());
+  json b_config = testutil::GroupSiteConfig(root.path() / "b", "b", "secondary", vols, "g", "a");
+  testutil::AddDownstream(b_config, "c", c.port("/replication/listen"))["initial_sync"] = "none";
+  TestDaemon b(root.path() / "b", b_config);
+  REQUIRE(b.Start().ok());
+  json a_config = testutil::GroupSiteConfig(root.path() / "a", "a", "primary", vols, "g");
+  json& link = testutil::AddDownstream(a_config, "b", b.port("/replication/listen"));
+  link["initial_sync"] = "none";
+  link["resync_rate"] = "256KiB/s";
+  TestDaemon a(root.path() / "a", a_config);
+  REQUIRE(a.Start().ok());
+  auto cli = [](TestDaemon& d, std::vector<std::string> args) {
+    args.push_back("--socket");
+    args.push_back(d.control_socket().string());
+    return testutil::RunBlockrelay(args, std::chrono::seconds(60));
+  };
+  auto write = [&](uint64_t offset, uint64_t bytes, uint64_t seed) {
+    testutil::NbdOptions options;
+    options.export_name = "data";
+    std::string error;
+    NbdHandle h = testutil::ConnectUnix(*a.nbd_unix_socket(), options, &error);
+    REQUIRE(h != nullptr);
+    REQUIRE(testutil::Pwrite(h.get(), testutil::Pattern(bytes, seed), offset) == 0);
+    REQUIRE(testutil::Flush(h.get()) == 0);
+  };
+  const fs::path a_vol = root.path() / "a" / "data.img";
+  const fs::path b_vol = root.path() / "b" / "data.img";
+  const fs::path c_vol = root.path() / "c" / "data.img";
+  auto logs = [&] {
+    return "a:\n" + a.ReadLog() + "\nb:\n" + b.ReadLog() + "\nc:\n" + c.ReadLog();
+  };
+
+  write(0, 2 * kMiB, 1);
+  REQUIRE(testutil::WaitCaughtUp(a, "g", "b", kTimeout));
+  REQUIRE(testutil::WaitCaughtUp(b, "g", "c", kTimeout));
+  const uint64_t before = testutil::FileChecksum(b_vol);
+  REQUIRE(cli(a, {"pause", "g", "--link", "b"}).exit_code == 0);
+  for (uint64_t off = 0; off < 2 * kMiB; off += 2 * kRegion) write(off, kRegion, 100 + off);
+  REQUIRE(cli(a, {"resume", "g", "--link", "b"}).exit_code == 0);
+  json last;
+  bool under_way = testutil::WaitUntil(
+      [&] {
+        auto u = testutil::UpstreamStatus(b, "g");
+        if (u) last = *u;
+        return u && !u->value("consistent", true) &&
+               u->value("undo_bytes", uint64_t{0}) >= 256 * kKiB;
+      },
+      kTimeout);
+  INFO("b's upstream: " << last.dump());
+  INFO(logs());
+  REQUIRE(under_way);
+  REQUIRE(cli(a, {"pause", "g", "--link", "b"}).exit_code == 0);
+  REQUIRE(testutil::WaitUntil(
+      [&] {
+        auto u = testutil::UpstreamStatus(b, "g");
+        return u && u->value("state", "") != "connected";
+      },
+      kTimeout));
+  ProcessResult r = cli(b, {"rollback", "g"});
+  INFO("rollback: " << r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(testutil::FileChecksum(b_vol) == before);
+  // c gets the restored bytes from b's link.
+  REQUIRE(testutil::WaitCaughtUp(b, "g", "c", kTimeout));
+  CHECK(testutil::CompareFiles(b_vol, c_vol) == "");
+  // And the full resync from a makes all three identical.
+  REQUIRE(cli(a, {"resume", "g", "--link", "b"}).exit_code == 0);
+  REQUIRE(testutil::WaitCaughtUp(a, "g", "b", kTimeout));
+  REQUIRE(testutil::WaitCaughtUp(b, "g", "c", kTimeout));
+  CHECK(testutil::CompareFiles(a_vol, b_vol) == "");
+  CHECK(testutil::CompareFiles(b_vol, c_vol) == "");
+}
+
 TEST_CASE("Resync undo: rollback names an unknown group and needs a group",
           "[replication][undo]") {
   UndoPair p;
