@@ -38,6 +38,14 @@ ErrorFrame MakeError(const std::string& message) {
   return ErrorFrame{100, message.substr(0, kMaxStringBytes)};
 }
 
+// Removes `path` (missing is fine) and syncs its directory.
+Status RemoveDurably(io::Env& env, const std::string& path) {
+  if (env.FileExists(path)) {
+    if (Status s = env.RemoveFile(path); !s.ok()) return s.WithContext("remove " + path);
+  }
+  return env.SyncDir(io::DirName(path));
+}
+
 std::string VolumeNames(const std::vector<std::string>& names) {
   std::string out;
   for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
@@ -309,7 +317,7 @@ Status Receiver::EndResync(GroupState& g) {
   }
   // A full resync asked for after a rollback has ended too.
   if (g.full_resync_needed) {
-    if (Status s = UndoRecord::Remove(*g.env, g.full_resync_path); !s.ok()) return s;
+    if (Status s = RemoveDurably(*g.env, g.full_resync_path); !s.ok()) return s;
     g.full_resync_needed = false;
   }
   return Status::OK();
