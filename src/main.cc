@@ -226,6 +226,37 @@ int LinkControl(const std::string& command, const std::string& config_path,
   return kExitOk;
 }
 
+// rollback GROUP: returns a secondary group whose resync was cut off to its
+// last consistent state. Exit 0 also when it was consistent already (the
+// reply and the message say so): a script may run it before every promote.
+int Rollback(const std::string& config_path, const std::string& socket,
+             const std::string& group, bool json) {
+  int exit_code = kExitOk;
+  auto path = ResolveSocket(config_path, socket, exit_code);
+  if (!path) return exit_code;
+  // Writing back a large undo record takes a while.
+  auto reply = control::Call(*path, {{"command", "rollback"}, {"group", group}},
+                             std::chrono::hours(1));
+  if (!reply.ok()) {
+    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+    return kExitFailed;
+  }
+  if (!reply->value("ok", false)) {
+    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+    return kExitFailed;
+  }
+  if (json) {
+    fmt::print("{}\n", reply->dump(2));
+  } else if (reply->value("rolled_back", false)) {
+    fmt::print("group {}: rolled back to group {} ({} bytes restored); consistent\n",
+               group, reply->value("applied_group_seq", 0ull),
+               reply->value("restored_bytes", 0ull));
+  } else {
+    fmt::print("group {}: already consistent, nothing to roll back\n", group);
+  }
+  return kExitOk;
+}
+
 // verify GROUP --link SITE [--fix]: starts the compare, prints a progress
 // line while it runs, then the result. Exit 0: identical (or fixed with
 // --fix); 1: mismatches found, or the verify failed.
@@ -398,6 +429,19 @@ int main(int argc, char** argv) {
       ->excludes(verify_config_opt);
   verify->add_flag("--json", verify_json, "Print the JSON result");
 
+  std::string rollback_config, rollback_socket, rollback_group;
+  bool rollback_json = false;
+  auto* rollback = app.add_subcommand(
+      "rollback",
+      "Return a secondary group whose resync was cut off to its last consistent "
+      "state (refused while its upstream is connected)");
+  rollback->add_option("group", rollback_group, "Consistency group name")->required();
+  auto* rollback_config_opt =
+      rollback->add_option("--config,-c", rollback_config, "Site configuration file");
+  rollback->add_option("--socket,-s", rollback_socket, "Control socket path")
+      ->excludes(rollback_config_opt);
+  rollback->add_flag("--json", rollback_json, "Print the JSON reply");
+
   std::string inspect_config;
   bool inspect_json = false;
   auto* inspect = app.add_subcommand(
@@ -437,6 +481,9 @@ int main(int argc, char** argv) {
   if (*verify) {
     return Verify(verify_config, verify_socket, verify_group, verify_link,
                   verify_fix, verify_timeout, verify_json);
+  }
+  if (*rollback) {
+    return Rollback(rollback_config, rollback_socket, rollback_group, rollback_json);
   }
   if (*wait) {
     return WaitCaughtUp(wait_config, wait_socket, wait_group, wait_link,

@@ -88,6 +88,9 @@ std::string FormatStatus(const nlohmann::json& status) {
       std::string state = v.contains("error") ? "FAILED: " + Str(v, "error")
                           : read_only ? "read-only"
                                       : "read-write";
+      if (v.contains("consistent") && v["consistent"].is_boolean()) {
+        state += v["consistent"].get<bool>() ? ", consistent" : ", INCONSISTENT";
+      }
       volumes.push_back({Str(g, "name"), Str(g, "role"), Str(v, "name"),
                          FormatBytes(U64(v, "size_bytes")),
                          Str(v, "nbd_clients", "0"),
@@ -109,7 +112,8 @@ std::string FormatStatus(const nlohmann::json& status) {
       {"GROUP", "DOWNSTREAM", "MODE", "STATE", "QUEUED", "LAG", "ACKED SEQ",
        "SENT", "RATE", "NOTE"}};
   std::vector<std::vector<std::string>> upstream = {
-      {"GROUP", "UPSTREAM", "STATE", "PEER", "RECEIVED", "APPLIED SEQ", "NOTE"}};
+      {"GROUP", "UPSTREAM", "STATE", "PEER", "RECEIVED", "APPLIED SEQ",
+       "CONSISTENT", "UNDO", "NOTE"}};
   for (const auto& g : status["groups"]) {
     if (!g.is_object()) continue;
     for (const auto& l : g.value("downstream", nlohmann::json::array())) {
@@ -148,9 +152,14 @@ std::string FormatStatus(const nlohmann::json& status) {
       const auto& u = g["upstream"];
       std::string note = u.contains("error") ? "FAILED: " + Str(u, "error")
                          : u.contains("last_error") ? Str(u, "last_error") : "";
+      if (note.empty() && u.contains("full_resync_requested")) {
+        note = "rolled back; full resync requested from the upstream";
+      }
       upstream.push_back({Str(g, "name"), Str(u, "site"), Str(u, "state"),
                           Str(u, "peer"), FormatBytes(U64(u, "bytes_received")),
-                          Str(u, "applied_group_seq", "0"), note});
+                          Str(u, "applied_group_seq", "0"),
+                          Str(u, "consistent"), FormatBytes(U64(u, "undo_bytes")),
+                          note});
     }
   }
   out += "\n" + FormatTable(volumes);

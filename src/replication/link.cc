@@ -90,6 +90,7 @@ struct Link::Connection {
   uint64_t resync_unacked = 0;  // resync entries not yet durable
   bool resync_done = false;
   uint64_t peer_applied_group_seq = 0;  // from HELLO_REPLY
+  bool peer_wants_full_resync = false;  // from HELLO_REPLY (after a rollback)
   int coroutines = 0;  // reader, writer, resync still running
   asio::steady_timer* done_signal = nullptr;
 };
@@ -179,19 +180,27 @@ void Link::Resume() {
   if (retry_timer_) retry_timer_->cancel();
 }
 
+asio::awaitable<Status> Link::MarkAllDirty() {
+  for (size_t v = 0; v < slots_.size(); ++v) {
+    storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
+    if (!sb || slots_[v] < 0) continue;
+    const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+    Status s = co_await group_.io().Run([sb, slot] { return sb->MarkAllDirty(slot); });
+    if (!s.ok()) co_return s;
+  }
+  // The disk queue no longer covers everything that is dirty.
+  if (disk_mode()) disk_complete_ = false;
+  co_return Status::OK();
+}
+
 asio::awaitable<Status> Link::ForceResync(bool full) {
   if (full) {
-    for (size_t v = 0; v < slots_.size(); ++v) {
-      storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
-      if (!sb || slots_[v] < 0) continue;
-      const uint32_t slot = static_cast<uint32_t>(slots_[v]);
-      Status s = co_await group_.io().Run([sb, slot] { return sb->MarkAllDirty(slot); });
-      if (!s.ok()) co_return s;
-    }
+    Status s = co_await MarkAllDirty();
+    if (!s.ok()) co_return s;
     // A full resync sends every region: no digest compare first.
     if (compare_pending_) {
       compare_pending_ = false;
-      Status s = co_await group_.io().Run([this] { return RemoveCompareRecord(); });
+      s = co_await group_.io().Run([this] { return RemoveCompareRecord(); });
       if (!s.ok()) co_return s;
     }
   }
@@ -236,6 +245,26 @@ asio::awaitable<void> Link::Run() {
       co_await retry_timer_->async_wait(kAsTuple);
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
       continue;
+    }
+    if (c->peer_wants_full_resync) {
+      // The downstream was rolled back to before an unfinished resync: the
+      // regions that resync sent are clean here but old there.
+      BR_LOG_WARN("replication", "group {} link to {}: the downstream was rolled "
+                  "back; marking every region dirty for a full resync",
+                  group_.name(), config_.site);
+      Status ms = co_await MarkAllDirty();
+      if (!ms.ok()) {
+        last_error_ = "cannot mark every region dirty for the full resync the "
+                      "downstream asks for: " + ms.message();
+        BR_LOG_ERROR("replication", "group {} link to {}: {}", group_.name(),
+                     config_.site, last_error_);
+        std::error_code ignored;
+        c->stream.close(ignored);
+        SetState(disk_mode() && capturing_ ? LinkState::kQueuing : LinkState::kLogging);
+        retry_timer_->expires_after(kMaxBackoff);
+        co_await retry_timer_->async_wait(kAsTuple);
+        continue;
+      }
     }
     backoff = kMinBackoff;
     last_error_.clear();
@@ -321,6 +350,7 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
   }
   peer_site_ = reply->site;
   c.peer_applied_group_seq = reply->applied_group_seq;
+  c.peer_wants_full_resync = reply->full_resync;
   co_return Status::OK();
 }
 
@@ -347,15 +377,19 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
       kept_bytes_ -= std::min(kept_bytes_, kept_.front()->footprint());
       kept_.pop_front();
     }
+    resync = !disk_complete_ && AnyDirty();
+    if (!resync) disk_complete_ = true;
+    // The marker goes before the queued groups: without the resync those
+    // lack what only the scoreboard holds.
+    PushResyncMarker(*c, resync);
     for (const auto& g : kept_) {
       c->queue_bytes += QueuedBytes(*g);
       c->queue.push_back(Entry{g, c->next_link_seq++, false});
     }
-    resync = !disk_complete_ && AnyDirty();
-    if (!resync) disk_complete_ = true;
   } else {
     stream_start_seq_ = group_.StartStreaming(this);
     resync = AnyDirty();
+    PushResyncMarker(*c, resync);
   }
   // A due compare finds nothing to compare and drops its record.
   resync = resync || compare_pending_;
@@ -387,6 +421,22 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
   resync_regions_left_ = resync_bytes_left_ = 0;
   // Whatever was queued stays dirty in the scoreboard: the next connection
   // resyncs it.
+}
+
+std::shared_ptr<const SealedGroup> Link::ResyncMarker(uint32_t marker) {
+  auto g = std::make_shared<SealedGroup>();
+  g->flags = kGroupResync | marker;
+  g->opened = std::chrono::steady_clock::now();
+  return g;
+}
+
+void Link::PushResyncMarker(Connection& c, bool resync) {
+  // First frame of the connection. BEGIN: what follows is not write-ordered
+  // until the END the resync pass sends. END: nothing is dirty, so every
+  // write before this connection's first group is durable downstream and
+  // the downstream is at a group boundary now.
+  c.queue.push_back(Entry{ResyncMarker(resync ? kGroupResyncBegin : kGroupResyncEnd),
+                          c.next_link_seq++, false});
 }
 
 void Link::Break(Connection& c, const std::string& why) {
@@ -562,7 +612,11 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
     Entry& e = c.queue.front();
     Clean(*e.group, widen && !(e.group->flags & kGroupResync));
     if (e.group->flags & kGroupResync) {
-      if (c.resync_unacked > 0) --c.resync_unacked;
+      // The walk counts its regions and its END, not the BEGIN (an END
+      // that opens a connection without a resync finds the count at 0).
+      if (!(e.group->flags & kGroupResyncBegin)) {
+        if (c.resync_unacked > 0) --c.resync_unacked;
+      }
     } else if (e.group->group_seq > acked_durable_group_seq_) {
       acked_durable_group_seq_ = e.group->group_seq;
     }
@@ -720,6 +774,24 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
       // takes straight from incoming_ otherwise.
       if (disk_mode()) Wake(); else c->WakeAll();
     }
+  }
+  // Every dirty region is sent: END follows the group open now (a region
+  // read may hold a write of it), so the downstream is at a group boundary
+  // once it has applied everything before END.
+  if (!c->broken) {
+    ++c->resync_unacked;
+    auto end = std::make_shared<SealedGroup>();
+    end->flags = kGroupResync | kGroupResyncEnd;
+    end->opened = std::chrono::steady_clock::now();
+    std::shared_ptr<const SealedGroup> marker = end;
+    ReplicationGroup* grp = &group_;
+    Link* self = this;
+    std::shared_ptr<const SealedGroup>* mp = &marker;  // lives in this frame
+    co_await group_.io().Run([grp, self, mp] {
+      grp->DeliverVerify(self, *mp);
+      return Status::OK();
+    });
+    if (disk_mode()) Wake(); else c->WakeAll();
   }
   // The pass is complete once everything it sent is durable downstream.
   while (!c->broken && c->resync_unacked > 0) {

@@ -77,6 +77,8 @@ class Link {
   // Operator's resync: reconnects and walks the scoreboard again; with
   // `full`, every region is marked dirty first (a full sync).
   asio::awaitable<Status> ForceResync(bool full);
+  // Marks every region of this link's slots dirty, durably (full resync).
+  asio::awaitable<Status> MarkAllDirty();
 
   // Online verify (docs/replication.md): compares every region's digest
   // with the downstream's, in sequence with the write stream, so regions
@@ -114,6 +116,9 @@ class Link {
   void Sweep();
 
  private:
+  // The BEGIN or END marker (protocol.h) that opens every connection:
+  // BEGIN when it will resync, END when nothing is dirty.
+  static std::shared_ptr<const SealedGroup> ResyncMarker(uint32_t marker);
   struct Entry {
     std::shared_ptr<const SealedGroup> group;
     uint64_t link_seq = 0;
@@ -141,6 +146,7 @@ class Link {
   Status RemoveCompareRecord();
   void Clean(const SealedGroup& group, bool widen);
   void Break(Connection& c, const std::string& why);
+  void PushResyncMarker(Connection& c, bool resync);
   void SetState(LinkState s);
   void TakeIncoming(Connection& c);
   // Scoreboard slot of this link in volume `v`, or -1.

@@ -23,7 +23,9 @@
 //   ERROR       := u32 code | str message
 //
 // Header flags: WRITE_GROUP carries the group flags (only bits in
-// kGroupFlagsKnown); every other type must send 0. The payload is exactly
+// kGroupFlagsKnown; a resync marker, BEGIN or END, has kGroupResync, no
+// ops and group_seq 0); HELLO_REPLY may carry kReplyFullResync; every
+// other type must send 0. The payload is exactly
 // what the grammar describes: trailing bytes are an error.
 //
 // Decoders never read past the payload and check every count against the
@@ -282,6 +284,26 @@ Status DecodeHelloPayload(Reader& r, Hello& hello) {
   return r.Finish();
 }
 
+// "" when `group` is fine as far as the resync markers go; otherwise why
+// it is not (a marker without kGroupResync, both markers, a marker with
+// ops or a group_seq).
+std::string ResyncMarkerProblem(const WriteGroup& group) {
+  const uint32_t markers = group.flags & (kGroupResyncBegin | kGroupResyncEnd);
+  if (!markers) return "";
+  if (markers == (kGroupResyncBegin | kGroupResyncEnd)) {
+    return "resync BEGIN and END flags both set";
+  }
+  const char* which = markers == kGroupResyncBegin ? "BEGIN" : "END";
+  if (!(group.flags & kGroupResync)) {
+    return fmt::format("resync {} marker without the resync flag", which);
+  }
+  if (!group.ops.empty() || group.group_seq != 0) {
+    return fmt::format("resync {} marker carries {} op(s) and group_seq {}; it "
+                       "must carry none", which, group.ops.size(), group.group_seq);
+  }
+  return "";
+}
+
 Status DecodeHelloReplyPayload(Reader& r, HelloReply& reply) {
   uint32_t result = 0;
   r.U32("result", result);
@@ -434,6 +456,11 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
       return Status::Corruption(fmt::format("{}: unknown flags {:#x}", name,
                                             header.flags & ~kGroupFlagsKnown));
     }
+  } else if (header.type == FrameType::kHelloReply) {
+    if ((header.flags & ~kReplyFlagsKnown) != 0) {
+      return Status::Corruption(fmt::format("{}: unknown flags {:#x}", name,
+                                            header.flags & ~kReplyFlagsKnown));
+    }
   } else if (header.flags != 0) {
     return Status::Corruption(
         fmt::format("{}: flags {:#x} set, but {} defines no flags", name,
@@ -445,11 +472,19 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
     case FrameType::kHello:
       return DecodeAs<Hello>(r, DecodeHelloPayload);
     case FrameType::kHelloReply:
-      return DecodeAs<HelloReply>(r, DecodeHelloReplyPayload);
+      return DecodeAs<HelloReply>(r, [&](Reader& reader, HelloReply& reply) {
+        reply.full_resync = header.flags & kReplyFullResync;
+        return DecodeHelloReplyPayload(reader, reply);
+      });
     case FrameType::kWriteGroup:
       return DecodeAs<WriteGroup>(r, [&](Reader& reader, WriteGroup& group) {
         group.flags = header.flags;
-        return DecodeWriteGroupPayload(reader, group);
+        Status s = DecodeWriteGroupPayload(reader, group);
+        if (s.ok()) {
+          std::string why = ResyncMarkerProblem(group);
+          if (!why.empty()) return Status::Corruption(name + std::string(": ") + why);
+        }
+        return s;
       });
     case FrameType::kGroupAck:
       return DecodeAs<GroupAck>(r, DecodeGroupAckPayload);
@@ -536,7 +571,7 @@ void EncodeHelloReply(const HelloReply& reply, Bytes& out) {
   if (!IsKnownHelloResult(result)) {
     ThrowInvalid(kType, fmt::format("unknown result {}", result));
   }
-  AppendFrame(kType, 0, out, [&](Bytes& out) {
+  AppendFrame(kType, reply.full_resync ? kReplyFullResync : 0, out, [&](Bytes& out) {
     AppendBe32(out, result);
     AppendString(kType, "site", reply.site, out);
     AppendString(kType, "message", reply.message, out);
@@ -553,6 +588,9 @@ size_t CheckWriteGroupForEncoding(const WriteGroup& group) {
   if ((group.flags & ~kGroupFlagsKnown) != 0) {
     ThrowInvalid(kType, fmt::format("unknown flags {:#x}",
                                     group.flags & ~kGroupFlagsKnown));
+  }
+  if (std::string why = ResyncMarkerProblem(group); !why.empty()) {
+    ThrowInvalid(kType, why);
   }
   if (group.ops.size() > kMaxOpsPerGroup) {
     ThrowInvalid(kType, fmt::format("{} ops exceed the limit of {}",

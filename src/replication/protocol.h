@@ -89,8 +89,17 @@ struct HelloReply {
   std::string generation;
   // Highest group_seq the downstream has applied durably (0 if none).
   uint64_t applied_group_seq = 0;
+  // Header flag kReplyFullResync: the downstream was rolled back to the
+  // state before an unfinished resync (undo record), so regions the
+  // upstream's scoreboard counts as in sync may differ: the upstream must
+  // mark every region dirty before it streams.
+  bool full_resync = false;
   bool operator==(const HelloReply&) const = default;
 };
+
+// HELLO_REPLY header flags.
+inline constexpr uint32_t kReplyFullResync = 1u << 0;
+inline constexpr uint32_t kReplyFlagsKnown = kReplyFullResync;
 
 enum class OpType : uint8_t { kWrite = 1, kTrim = 2, kZero = 3 };
 
@@ -108,7 +117,22 @@ struct Op {
 // Group flags.
 inline constexpr uint32_t kGroupDurable = 1u << 0;  // closed by FLUSH/FUA: ack durable promptly
 inline constexpr uint32_t kGroupResync = 1u << 1;   // bitmap resync data, not write-ordered
-inline constexpr uint32_t kGroupFlagsKnown = kGroupDurable | kGroupResync;
+// Resync markers (docs/replication.md, "Consistent downstream during
+// resync"): WRITE_GROUPs without ops, group_seq 0, always with kGroupResync
+// and never both at once.
+//   BEGIN: sent first on a connection that will resync. From here on the
+//     downstream is not at a group boundary of the primary (the writes
+//     that follow lack the ones only the scoreboard holds) until an END.
+//   END: once the downstream has applied every frame before this one, its
+//     volumes are at a group boundary of the primary again. Sent after the
+//     resync pass has sent every dirty region (behind the group that was
+//     open then), and first on a connection that needs no resync.
+// A downstream that predates them refuses them as unknown flags (the link
+// shows that error); nothing else changed on the wire.
+inline constexpr uint32_t kGroupResyncBegin = 1u << 2;
+inline constexpr uint32_t kGroupResyncEnd = 1u << 3;
+inline constexpr uint32_t kGroupFlagsKnown =
+    kGroupDurable | kGroupResync | kGroupResyncBegin | kGroupResyncEnd;
 
 struct WriteGroup {
   uint64_t link_seq = 0;   // 1, 2, 3... per connection, no gaps

@@ -38,6 +38,14 @@ ErrorFrame MakeError(const std::string& message) {
   return ErrorFrame{100, message.substr(0, kMaxStringBytes)};
 }
 
+// Removes `path` (missing is fine) and syncs its directory.
+Status RemoveDurably(io::Env& env, const std::string& path) {
+  if (env.FileExists(path)) {
+    if (Status s = env.RemoveFile(path); !s.ok()) return s.WithContext("remove " + path);
+  }
+  return env.SyncDir(io::DirName(path));
+}
+
 std::string VolumeNames(const std::vector<std::string>& names) {
   std::string out;
   for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
@@ -83,7 +91,18 @@ struct Receiver::GroupState {
     return failure;
   }
 
+  // Resync consistency (docs/replication.md, "Consistent downstream during
+  // resync").
+  io::Env* env = nullptr;
+  std::string undo_path;         // data_dir/undo-<group>.log
+  std::string full_resync_path;  // data_dir/full-resync-<group>: after a rollback
+  std::unique_ptr<UndoRecord> undo;  // GUARDED_BY(apply_mu); set: inconsistent
+  std::atomic<bool> consistent{true};        // for status
+  std::atomic<uint64_t> undo_bytes{0};       // for status
+  std::atomic<bool> full_resync_needed{false};
+
   // Network thread.
+  bool rolling_back = false;
   std::weak_ptr<Conn> active;
   std::string state = "waiting";  // waiting, connected, refused, error
   std::string peer;
@@ -222,6 +241,15 @@ Status Receiver::ApplyFrame(GroupState& g, const Bytes& frame) {
   auto* group = std::get_if<WriteGroup>(&*decoded);
   if (!group) return Status::Corruption("journal holds a frame that is not a WRITE_GROUP");
   if (Status s = CheckWriteGroup(*group, g.target); !s.ok()) return s;
+  if (group->flags & kGroupResyncBegin) return BeginResync(g);
+  if (group->flags & kGroupResyncEnd) return EndResync(g);
+  // Between BEGIN and END: the old bytes are durable in the undo record
+  // before the write that overwrites them is applied.
+  if (g.undo) {
+    if (Status s = SaveUndo(g, *group); !s.ok()) {
+      return s.WithContext(fmt::format("saving what group {} overwrites", group->group_seq));
+    }
+  }
   if (g.target.onward) g.target.onward->BeginApply();
   Status result;
   for (const Op& op : group->ops) {
@@ -255,6 +283,182 @@ Status Receiver::ApplyFrame(GroupState& g, const Bytes& frame) {
     g.applied_group_seq_seen = group->group_seq;
   }
   return result;
+}
+
+Status Receiver::BeginResync(GroupState& g) {
+  // A resync that starts while an earlier one is unfinished continues its
+  // epoch: the state to return to is still the one saved then.
+  if (g.undo) return Status::OK();
+  auto undo = UndoRecord::Create(*g.env, g.undo_path, g.applied_group_seq);
+  if (!undo.ok()) return undo.status();
+  g.undo = std::move(undo).value();
+  g.consistent = false;
+  g.undo_bytes = g.undo->size_bytes();
+  BR_LOG_INFO("replication", "group {}: resync begins; inconsistent until it "
+              "ends (what it overwrites is kept in {})", g.target.config->name,
+              g.undo_path);
+  return Status::OK();
+}
+
+Status Receiver::EndResync(GroupState& g) {
+  // Every frame before END is applied: the volumes are at a group boundary.
+  // They must be durable before the record that could undo them goes.
+  if (g.undo) {
+    for (const auto& v : g.target.volumes) {
+      if (Status s = v->Flush(); !s.ok()) return s;
+    }
+    const uint64_t saved = g.undo->saved_bytes();
+    g.undo.reset();
+    if (Status s = UndoRecord::Remove(*g.env, g.undo_path); !s.ok()) return s;
+    g.consistent = true;
+    g.undo_bytes = 0;
+    BR_LOG_INFO("replication", "group {}: resync complete, consistent again "
+                "(undo record of {} bytes dropped)", g.target.config->name, saved);
+  }
+  // A full resync asked for after a rollback has ended too.
+  if (g.full_resync_needed) {
+    if (Status s = RemoveDurably(*g.env, g.full_resync_path); !s.ok()) return s;
+    g.full_resync_needed = false;
+  }
+  return Status::OK();
+}
+
+Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group) {
+  bool appended = false;
+  std::vector<std::byte> old;
+  for (const Op& op : group.ops) {
+    core::Volume& v = *g.target.volumes[op.volume];
+    for (auto [offset, length] : g.undo->Unsaved(op.volume, op.offset, op.length)) {
+      while (length > 0) {
+        const uint64_t n = std::min(length, UndoRecord::kMaxRecordBytes);
+        old.resize(n);
+        if (Status s = v.Read(offset, old); !s.ok()) return s;
+        if (Status s = g.undo->Append(op.volume, offset, old); !s.ok()) return s;
+        appended = true;
+        offset += n;
+        length -= n;
+      }
+    }
+  }
+  if (!appended) return Status::OK();
+  Status s = g.undo->Sync();
+  g.undo_bytes = g.undo->size_bytes();
+  return s;
+}
+
+Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
+  // What is journaled goes first: if it holds the END, the resync finished
+  // and there is nothing to roll back.
+  if (!g.failed) {
+    uint64_t ignored = 0;
+    if (Status s = SyncAndApply(g, 0, &ignored); !s.ok()) return s;
+  }
+  std::lock_guard apply_lock(g.apply_mu);
+  out->applied_group_seq = g.applied_group_seq;
+  if (!g.undo) return Status::OK();
+  const std::string& name = g.target.config->name;
+  const uint64_t base = g.undo->base_group_seq();
+  // Through Volume::Write like applied groups, as one group for this
+  // site's own downstream links.
+  if (g.target.onward) g.target.onward->BeginApply();
+  Status s = g.undo->ForEachNewestFirst(
+      [&](uint32_t volume, uint64_t offset, std::span<const std::byte> data) {
+        if (volume >= g.target.volumes.size()) {
+          return Status::Corruption(fmt::format(
+              "undo record {}: volume index {} but the group has {} volume(s)",
+              g.undo_path, volume, g.target.volumes.size()));
+        }
+        core::WriteContext ctx;
+        ctx.from_upstream = true;
+        Status ws = g.target.volumes[volume]->Write(offset, data, false, &ctx);
+        out->restored_bytes += data.size();
+        return ws;
+      });
+  if (g.target.onward) g.target.onward->EndApply();
+  if (!s.ok()) return s.WithContext("rolling back group " + name);
+  // Durability order: volumes restored, then the journal emptied (a replay
+  // would redo the resync's writes), then the request for a full resync
+  // recorded, and only then the undo record dropped. A crash before the
+  // last step leaves the record, and the next rollback writes the same
+  // bytes again.
+  for (const auto& v : g.target.volumes) {
+    if (Status fs = v->Flush(); !fs.ok()) return fs.WithContext("rolling back group " + name);
+  }
+  {
+    std::lock_guard lock(g.append_mu);
+    g.pending.clear();
+    g.pending_bytes = 0;
+    if (Status js = g.journal->Reset(base); !js.ok()) return js;
+  }
+  g.applied_group_seq = base;
+  g.applied_group_seq_seen = base;
+  {
+    auto marker = g.env->OpenFile(g.full_resync_path, io::OpenMode::kCreateTruncate);
+    if (!marker.ok()) return marker.status().WithContext("rolling back group " + name);
+    if (Status ms = (*marker)->Sync(); !ms.ok()) return ms;
+  }
+  if (Status ds = g.env->SyncDir(io::DirName(g.full_resync_path)); !ds.ok()) return ds;
+  g.full_resync_needed = true;
+  g.undo.reset();
+  if (Status rs = UndoRecord::Remove(*g.env, g.undo_path); !rs.ok()) return rs;
+  g.consistent = true;
+  g.undo_bytes = 0;
+  out->rolled_back = true;
+  out->applied_group_seq = base;
+  BR_LOG_INFO("replication", "group {}: rolled back to group {} ({} bytes "
+              "restored); the upstream will be asked for a full resync",
+              name, base, out->restored_bytes);
+  return Status::OK();
+}
+
+asio::awaitable<Result<Receiver::RollbackOutcome>> Receiver::Rollback(
+    const std::string& group) {
+  GroupState* g = nullptr;
+  for (auto& gs : groups_) {
+    if (gs->target.config->name == group) g = gs.get();
+  }
+  if (!g) {
+    co_return Status::NotFound(fmt::format(
+        "site {} has no secondary group \"{}\"", local_site_, group));
+  }
+  if (g->consistent && !g->rolling_back) {
+    // Nothing to undo, connected or not.
+    RollbackOutcome none;
+    none.applied_group_seq = g->applied_group_seq_seen.load();
+    co_return none;
+  }
+  if (auto c = g->active.lock(); c && !c->closed) {
+    co_return Status::Busy(fmt::format(
+        "group {}: the upstream (site {}, {}) is connected; roll back only "
+        "while it is away (pause the link on the upstream, or stop it)",
+        group, g->target.config->upstream ? g->target.config->upstream->site : "?",
+        c->peer));
+  }
+  if (g->rolling_back) {
+    co_return Status::Busy(fmt::format("group {}: a rollback is already running", group));
+  }
+  g->rolling_back = true;
+  RollbackOutcome outcome;
+  RollbackOutcome* op = &outcome;
+  Status s = co_await io_.Run([g, op] { return RollbackGroup(*g, op); });
+  g->rolling_back = false;
+  if (!s.ok()) {
+    BR_LOG_ERROR("replication", "group {}: rollback failed: {}", group, s.ToString());
+    co_return s;
+  }
+  co_return outcome;
+}
+
+asio::awaitable<Status> Receiver::RollbackIfInconsistent(const std::string& group) {
+  auto r = co_await Rollback(group);
+  co_return r.ok() ? Status::OK() : r.status();
+}
+
+std::optional<bool> Receiver::Consistent(const std::string& group) const {
+  for (const auto& g : groups_) {
+    if (g->target.config->name == group) return g->consistent.load();
+  }
+  return std::nullopt;
 }
 
 Status Receiver::AppendFrame(GroupState& g, uint64_t conn_id,
@@ -361,6 +565,29 @@ Result<std::unique_ptr<Receiver>> Receiver::Open(
       return journal.status().WithContext(fmt::format("group {}", t.config->name));
     }
     g->journal = std::move(journal).value();
+    g->env = io::Env::Default();
+    g->undo_path = data_dir + "/undo-" + t.config->name + ".log";
+    g->full_resync_path = data_dir + "/full-resync-" + t.config->name;
+    g->full_resync_needed = g->env->FileExists(g->full_resync_path);
+    if (g->env->FileExists(g->undo_path)) {
+      // A resync was under way when this site stopped: still inconsistent.
+      UndoRecord::Recovered undo_recovered;
+      auto undo = UndoRecord::Open(*g->env, g->undo_path, &undo_recovered);
+      if (!undo.ok()) {
+        return undo.status().WithContext(fmt::format("group {}", t.config->name));
+      }
+      g->undo = std::move(undo).value();
+      g->consistent = false;
+      g->undo_bytes = g->undo->size_bytes();
+      BR_LOG_WARN("replication", "group {}: a resync did not finish; the "
+                  "volumes are inconsistent until it does, or until `blockrelay "
+                  "rollback {}` returns them to group {} (undo record {}, {} "
+                  "bytes{})", t.config->name, t.config->name,
+                  g->undo->base_group_seq(), g->undo_path, g->undo->size_bytes(),
+                  undo_recovered.torn_tail_bytes
+                      ? fmt::format(", {} torn bytes cut off", undo_recovered.torn_tail_bytes)
+                      : "");
+    }
     g->applied_group_seq = recovered.applied_group_seq;
     g->applied_group_seq_seen = recovered.applied_group_seq;
     if (recovered.torn_tail_bytes > 0) {
@@ -514,7 +741,13 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
                                   g->failure_status().message())
                           .substr(0, kMaxStringBytes);
     }
+    if (g->rolling_back) {
+      reply.result = HelloResult::kBusy;
+      reply.message = fmt::format("site {} is rolling group {} back; try again",
+                                  local_site_, hello->group);
+    }
     reply.applied_group_seq = g->applied_group_seq_seen.load();
+    reply.full_resync = g->full_resync_needed.load();
   }
   Bytes out;
   EncodeHelloReply(reply, out);
@@ -749,6 +982,10 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
         {"replayed_groups", g->replayed_groups},
     };
     j["applied_group_seq"] = g->applied_group_seq_seen.load();
+    j["consistent"] = g->consistent.load();
+    j["undo_bytes"] = g->undo_bytes.load();
+    if (g->full_resync_needed) j["full_resync_requested"] = true;
+    if (g->rolling_back) j["rolling_back"] = true;
     {
       std::lock_guard lock(g->append_mu);
       j["journal_bytes"] = g->journal->log_bytes();

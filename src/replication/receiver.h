@@ -15,6 +15,12 @@
 // A group only reaches the volumes after its journal record is durable, so
 // a crash of this site at any point leaves the volumes at a group boundary
 // once Open() has replayed the journal.
+// Resync is the exception: between a resync's BEGIN and END markers
+// (protocol.h) the volumes are at no group boundary of the primary. Before
+// any write in that window overwrites bytes for the first time, their old
+// contents go to the group's UndoRecord (data_dir/undo-<group>.log),
+// synced first; END drops the record. While the record exists the group is
+// "inconsistent", and Rollback() writes the saved bytes back.
 //
 // Threads: connections are coroutines on the network thread; journal and
 // volume I/O run on the IoExecutor under the group's mutex.
@@ -38,6 +44,7 @@
 #include "blockrelay/io/env.h"
 #include "replication/journal.h"
 #include "replication/protocol.h"
+#include "replication/undo_record.h"
 
 namespace blockrelay::replication {
 
@@ -79,7 +86,35 @@ class Receiver {
   asio::awaitable<void> Stop();
 
   // Upstream connection state of `group`, for status; null if not a target.
+  // Includes "consistent" and "undo_bytes".
   nlohmann::json UpstreamJson(const std::string& group) const;
+
+  // Whether `group`'s volumes are at a group boundary of the primary (no
+  // resync under way or cut off); nullopt if `group` is not a target.
+  std::optional<bool> Consistent(const std::string& group) const;
+
+  struct RollbackOutcome {
+    bool rolled_back = false;      // false: the group was consistent already
+    uint64_t restored_bytes = 0;   // bytes written back from the undo record
+    uint64_t applied_group_seq = 0;  // the group the volumes are at now
+  };
+  // Returns `group` to its last consistent state. A consistent group is
+  // left alone (rolled_back false), also while its upstream is connected.
+  // Otherwise: applies what its journal
+  // holds (an END among it makes the group consistent, and nothing is rolled
+  // back), then writes every range of the undo record back through
+  // core::Volume (so this site's own downstream links carry the writes on),
+  // flushes the volumes, empties the journal and drops the undo record.
+  // From then on the group asks its upstream, at the next HELLO, for a full
+  // resync (HelloReply::full_resync): the upstream's scoreboard counts the
+  // rolled-back regions as in sync. Runs the I/O on the IoExecutor; call on
+  // the network thread. Errors: NotFound (not a secondary group of this
+  // site), Busy (the upstream is connected, or a rollback already runs), or
+  // the I/O error that stopped it (the undo record stays, so a retry or a
+  // restart can finish the rollback).
+  asio::awaitable<Result<RollbackOutcome>> Rollback(const std::string& group);
+  // For promote: Rollback() when the group is inconsistent, OK otherwise.
+  asio::awaitable<Status> RollbackIfInconsistent(const std::string& group);
 
  private:
   struct GroupState;
@@ -99,6 +134,15 @@ class Receiver {
   // *durable_link_seq to the last applied frame of connection `conn_id`.
   static Status SyncAndApply(GroupState& g, uint64_t conn_id,
                              uint64_t* durable_link_seq);
+  // Resync markers and the undo record. REQUIRES: g.apply_mu held, or
+  // start-up.
+  static Status BeginResync(GroupState& g);
+  static Status EndResync(GroupState& g);
+  // Saves, durably, the bytes `group` would overwrite that the undo record
+  // does not hold yet.
+  static Status SaveUndo(GroupState& g, const WriteGroup& group);
+  // The I/O of Rollback(), on a pool thread (takes apply_mu).
+  static Status RollbackGroup(GroupState& g, RollbackOutcome* out);
   // Applies what is waiting, then digests the requested regions.
   static Status VerifyRegions(GroupState& g, uint64_t conn_id,
                               const VerifyRequest& request, VerifyResult* result,

@@ -101,7 +101,8 @@ class ReplicationGroup final : public core::ReplicationSink {
   void DeliverResync(Link* link, std::shared_ptr<const SealedGroup> data);
   // A verify request for `link`, from a pool thread while the volume range
   // is held: seals the open group first, so the request follows every
-  // write captured before the read.
+  // write captured before the read. The resync END marker goes this way
+  // too, for the same reason.
   void DeliverVerify(Link* link, std::shared_ptr<const SealedGroup> request);
   // True when nothing captured is waiting in the open group.
   bool OpenGroupEmpty();

@@ -336,6 +336,25 @@ nlohmann::json Site::VerifyReply(const nlohmann::json& request, bool start) {
   return j;
 }
 
+asio::awaitable<nlohmann::json> Site::RollbackReply(const nlohmann::json& request) {
+  if (!request.contains("group") || !request["group"].is_string()) {
+    co_return control::ErrorReply("rollback: \"group\" (a string) is required");
+  }
+  const std::string group = request["group"].get<std::string>();
+  if (!receiver_ || !receiver_->Consistent(group)) {
+    co_return control::ErrorReply(fmt::format(
+        "site {} has no secondary group \"{}\"; rollback applies to a group "
+        "that takes writes from an upstream", config_.site, group));
+  }
+  auto outcome = co_await receiver_->Rollback(group);
+  if (!outcome.ok()) co_return control::ErrorReply(outcome.status().message());
+  co_return nlohmann::json{{"group", group},
+                           {"rolled_back", outcome->rolled_back},
+                           {"restored_bytes", outcome->restored_bytes},
+                           {"applied_group_seq", outcome->applied_group_seq},
+                           {"consistent", true}};
+}
+
 nlohmann::json Site::StatusJson() const {
   using nlohmann::json;
   json groups = json::array();
@@ -360,6 +379,13 @@ nlohmann::json Site::StatusJson() const {
           {"errors", c.errors},
       };
       if (auto err = v->sticky_error()) vol["error"] = err->message();
+      // A secondary's volumes are consistent together: one resync epoch
+      // per group.
+      if (receiver_) {
+        if (auto consistent = receiver_->Consistent(group.name)) {
+          vol["consistent"] = *consistent;
+        }
+      }
       json vol_links = json::array();
       auto* rg = FindReplicationGroup(group.name);
       if (const auto* sb = v->scoreboard()) {
@@ -426,11 +452,14 @@ asio::awaitable<nlohmann::json> Site::HandleControl(
   if (command == "verify" || command == "verify_status") {
     co_return VerifyReply(request, command == "verify");
   }
+  if (command == "rollback") {
+    co_return co_await RollbackReply(request);
+  }
   if (command == "version") {
     co_return nlohmann::json{{"version", BLOCKRELAY_VERSION}};
   }
   co_return control::ErrorReply(fmt::format(
-      "unknown command \"{}\"; known: status, wait, pause, resume, resync, verify, verify_status, version", command));
+      "unknown command \"{}\"; known: status, wait, pause, resume, resync, verify, verify_status, rollback, version", command));
 }
 
 }  // namespace blockrelay::site

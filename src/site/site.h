@@ -60,6 +60,7 @@ class Site {
   nlohmann::json PauseReply(const nlohmann::json& request, bool pause);
   asio::awaitable<nlohmann::json> ResyncReply(const nlohmann::json& request);
   nlohmann::json VerifyReply(const nlohmann::json& request, bool start);
+  asio::awaitable<nlohmann::json> RollbackReply(const nlohmann::json& request);
 
   config::SiteConfig config_;
   std::optional<io::DataDirLock> lock_;

@@ -568,6 +568,28 @@ TEST_CASE("FormatStatus: links get their own table", "[control]") {
   CHECK_THAT(out, Contains("192.0 KiB"));
 }
 
+TEST_CASE("FormatStatus: a secondary shows whether it is consistent and "
+          "its undo record",
+          "[control]") {
+  json s = SampleStatus();
+  s["groups"][0]["role"] = "secondary";
+  s["groups"][0]["volumes"][0]["consistent"] = false;
+  s["groups"][0]["volumes"][1]["consistent"] = false;
+  s["groups"][0]["upstream"] = {{"site", "a"}, {"state", "waiting"},
+                                {"consistent", false}, {"undo_bytes", 3145728}};
+  std::string out = FormatStatus(s);
+  CHECK_THAT(out, Contains("read-write, INCONSISTENT"));
+  CHECK_THAT(out, Contains("CONSISTENT  UNDO"));
+  CHECK_THAT(out, Contains("3.0 MiB"));
+  s["groups"][0]["volumes"][0]["consistent"] = true;
+  s["groups"][0]["upstream"]["consistent"] = true;
+  s["groups"][0]["upstream"]["undo_bytes"] = 0;
+  s["groups"][0]["upstream"]["full_resync_requested"] = true;
+  out = FormatStatus(s);
+  CHECK_THAT(out, Contains("read-write, consistent"));
+  CHECK_THAT(out, Contains("full resync requested"));
+}
+
 TEST_CASE("FormatStatus: missing fields print as dashes and zeroes",
           "[control]") {
   std::string out = FormatStatus(json::object());

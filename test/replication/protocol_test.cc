@@ -229,6 +229,110 @@ TEST_CASE("ReplicationProtocol: HELLO_REPLY round trips every result",
   CHECK(DecodeAs<HelloReply>(Encode(EncodeHelloReply, empty)) == empty);
 }
 
+TEST_CASE("ReplicationProtocol: HELLO_REPLY carries full_resync as header "
+          "flag 1",
+          "[replication][protocol]") {
+  HelloReply reply{HelloResult::kAccepted, "b", "", "", 7, /*full_resync=*/true};
+  Bytes frame = Encode(EncodeHelloReply, reply);
+  CHECK(static_cast<uint32_t>(ReadU64(frame, 8)) == kReplyFullResync);
+  CHECK(DecodeAs<HelloReply>(frame) == reply);
+  reply.full_resync = false;
+  CHECK(static_cast<uint32_t>(ReadU64(Encode(EncodeHelloReply, reply), 8)) == 0);
+}
+
+// --- Resync markers ----------------------------------------------------------
+
+WriteGroup Marker(uint32_t flags) {
+  return WriteGroup{.link_seq = 3, .group_seq = 0, .flags = flags, .ops = {}};
+}
+
+TEST_CASE("ReplicationProtocol: resync BEGIN and END markers round trip",
+          "[replication][protocol]") {
+  for (uint32_t marker : {kGroupResyncBegin, kGroupResyncEnd}) {
+    INFO("flags " << (kGroupResync | marker));
+    Bytes frame = Encode(EncodeWriteGroup, Marker(kGroupResync | marker));
+    CHECK(frame.size() == kFrameHeaderBytes + 20);
+    WriteGroup got = DecodeAs<WriteGroup>(frame);
+    CHECK(got.flags == (kGroupResync | marker));
+    CHECK(got.link_seq == 3);
+    CHECK(got.group_seq == 0);
+    CHECK(got.ops.empty());
+  }
+}
+
+TEST_CASE("ReplicationProtocol: a resync marker without the resync flag is "
+          "refused",
+          "[replication][protocol]") {
+  Bytes payload = Concat({U64(1), U64(0), U32(0)});
+  Status s = DecodeError(MakeFrame(FrameType::kWriteGroup, payload, kGroupResyncEnd));
+  CHECK(s.IsCorruption());
+  CHECK_THAT(s.message(),
+             Equals("WRITE_GROUP: resync END marker without the resync flag"));
+  Bytes out;
+  CHECK_THROWS_AS(EncodeWriteGroup(Marker(kGroupResyncBegin), out),
+                  std::invalid_argument);
+  CHECK(out.empty());
+}
+
+TEST_CASE("ReplicationProtocol: BEGIN and END together are refused",
+          "[replication][protocol]") {
+  const uint32_t flags = kGroupResync | kGroupResyncBegin | kGroupResyncEnd;
+  Bytes payload = Concat({U64(1), U64(0), U32(0)});
+  Status s = DecodeError(MakeFrame(FrameType::kWriteGroup, payload, flags));
+  CHECK_THAT(s.message(), Equals("WRITE_GROUP: resync BEGIN and END flags both set"));
+  Bytes out;
+  CHECK_THROWS_AS(EncodeWriteGroup(Marker(flags), out), std::invalid_argument);
+}
+
+TEST_CASE("ReplicationProtocol: a resync marker with ops or a group_seq is "
+          "refused",
+          "[replication][protocol]") {
+  const uint32_t flags = kGroupResync | kGroupResyncBegin;
+  SECTION("an op") {
+    Bytes payload = Concat({U64(1), U64(0), U32(1), B({3}), U32(0), U64(0), U64(512)});
+    Status s = DecodeError(MakeFrame(FrameType::kWriteGroup, payload, flags));
+    CHECK(s.IsCorruption());
+    CHECK_THAT(s.message(), Equals("WRITE_GROUP: resync BEGIN marker carries 1 "
+                                   "op(s) and group_seq 0; it must carry none"));
+    WriteGroup g = Marker(flags);
+    g.ops = {{OpType::kZero, 0, 0, 512, {}}};
+    Bytes out;
+    CHECK_THROWS_AS(EncodeWriteGroup(g, out), std::invalid_argument);
+  }
+  SECTION("a group_seq") {
+    Bytes payload = Concat({U64(1), U64(9), U32(0)});
+    Status s = DecodeError(MakeFrame(FrameType::kWriteGroup, payload, flags));
+    CHECK_THAT(s.message(), Contains("group_seq 9; it must carry none"));
+    WriteGroup g = Marker(flags);
+    g.group_seq = 9;
+    Bytes out;
+    CHECK_THROWS_AS(EncodeWriteGroup(g, out), std::invalid_argument);
+  }
+}
+
+TEST_CASE("ReplicationProtocol: every truncation of a resync marker is refused",
+          "[replication][protocol]") {
+  for (uint32_t marker : {kGroupResyncBegin, kGroupResyncEnd}) {
+    const Bytes frame = Encode(EncodeWriteGroup, Marker(kGroupResync | marker));
+    const Bytes payload = PayloadOf(frame);
+    for (size_t n = 0; n < payload.size(); ++n) {
+      INFO("payload cut to " << n);
+      Status s = DecodeError(Reframe(frame, Prefix(payload, n)));
+      CHECK(s.IsCorruption());
+      CHECK_THAT(s.message(), StartsWith("WRITE_GROUP"));
+    }
+    // A flipped bit anywhere fails the checksum.
+    for (size_t i = 0; i < frame.size(); ++i) {
+      if (i >= 16 && i < 24) continue;  // the checksum itself
+      Bytes bad = frame;
+      bad[i] ^= std::byte{0x01};
+      INFO("byte " << i);
+      auto r = Decode(bad);
+      CHECK_FALSE(r.ok());
+    }
+  }
+}
+
 TEST_CASE("ReplicationProtocol: WRITE_GROUP round trips ops, flags and data "
           "as views into the payload",
           "[replication][protocol]") {
@@ -612,9 +716,9 @@ TEST_CASE("ReplicationProtocol: WRITE_GROUP with unknown flag bits is refused",
           "[replication][protocol]") {
   Bytes payload = Concat({U64(1), U64(1), U32(0)});
   CHECK(DecodeAs<WriteGroup>(MakeFrame(FrameType::kWriteGroup, payload,
-                                       kGroupFlagsKnown))
-            .flags == kGroupFlagsKnown);
-  for (uint32_t flags : {1u << 2, 1u << 31, ~kGroupFlagsKnown}) {
+                                       kGroupDurable | kGroupResync))
+            .flags == (kGroupDurable | kGroupResync));
+  for (uint32_t flags : {1u << 4, 1u << 31, ~kGroupFlagsKnown}) {
     INFO("flags " << flags);
     Status s = DecodeError(MakeFrame(FrameType::kWriteGroup, payload, flags));
     CHECK(s.IsCorruption());
@@ -628,11 +732,14 @@ TEST_CASE("ReplicationProtocol: flags on a frame type other than WRITE_GROUP "
   for (const Bytes& frame : SampleFrames()) {
     if (TypeNameOf(frame) == "WRITE_GROUP") continue;
     INFO(TypeNameOf(frame));
+    // HELLO_REPLY defines bit 0 (kReplyFullResync) and nothing else.
+    const bool reply = TypeNameOf(frame) == "HELLO_REPLY";
     HeaderFields h{.type = static_cast<uint16_t>(ReadU64(frame, 0)),
-                   .flags = kGroupDurable};
+                   .flags = reply ? 2u : kGroupDurable};
     Status s = DecodeError(MakeFrame(h, PayloadOf(frame)));
     CHECK(s.IsCorruption());
-    CHECK_THAT(s.message(), StartsWith(TypeNameOf(frame) + ": flags 0x1"));
+    CHECK_THAT(s.message(), StartsWith(TypeNameOf(frame) +
+                                       (reply ? ": unknown flags 0x2" : ": flags 0x1")));
   }
 }
 
