@@ -628,6 +628,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   }
   // Generations decide what this upstream may do here (generations.h).
   std::optional<GenerationSet> adopt;
+  // This group took writes only from this upstream since they last
+  // reconciled: whatever its slot for the upstream holds (intent extents
+  // merged after a crash, writes applied since) came from there.
+  bool follower = false;
   if (reply.result == HelloResult::kAccepted) {
     if (auto local = GroupGenerations(g->target.volumes)) {
       reply.generation = EncodeGenerations(*local);
@@ -639,9 +643,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
                                     up.status().message());
       } else {
         GroupRoleState st = g->target.role ? g->target.role->Get() : GroupRoleState{};
+        follower = !st.reconciled_with.empty() && st.reconciled_with == hello->site;
         GenerationDecision d = DecideGenerations(
             hello->group, {hello->site, *up}, {local_site_, *local}, st.fresh,
-            !st.reconciled_with.empty() && st.reconciled_with == hello->site,
+            follower,
             !st.discard_local.empty() && st.discard_local == hello->site);
         if (!d.accepted) {
           reply.result = d.verdict == GenerationVerdict::kSplitBrain
@@ -678,7 +683,8 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     co_return;
   }
   // Our dirty set for this upstream (what we hold that it may lack), so
-  // it resyncs the union of both sides' dirty regions.
+  // it resyncs the union of both sides' dirty regions; empty for a
+  // follower, which holds nothing of its own.
   {
     DirtyRanges ranges;
     size_t full = 0;
@@ -687,10 +693,12 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     const std::string site = hello->site;
     const std::string* sp = &site;
     GroupState* gp = g;
-    co_await io_.Run([gp, rp, fp, sp] {
-      *rp = CollectDirtyRanges(gp->target.volumes, *sp, fp);
-      return Status::OK();
-    });
+    if (!follower) {
+      co_await io_.Run([gp, rp, fp, sp] {
+        *rp = CollectDirtyRanges(gp->target.volumes, *sp, fp);
+        return Status::OK();
+      });
+    }
     if (full > 0) {
       BR_LOG_WARN("replication", "group {}: no scoreboard slot for site {} in "
                   "{} volume(s) here: asking for a full resync of them",
