@@ -90,6 +90,13 @@ asio::awaitable<void> ReplicationGroup::Stop() {
   if (seal_timer_) seal_timer_->cancel();
   if (waiter_timer_) waiter_timer_->cancel();
   for (auto& link : links_) co_await link->Stop();
+  // A new generation being started must be durable before a demote lets
+  // a new primary compare generations with this site.
+  asio::steady_timer bump_wait(ctx_);
+  while (bumps_in_flight_.load() > 0) {
+    bump_wait.expires_after(std::chrono::milliseconds(5));
+    co_await bump_wait.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+  }
   // Replies still waiting: their writes are local and dirty in the
   // scoreboard; the site is going away, so let them go with the policy's
   // answer for a link that is down.
@@ -106,6 +113,7 @@ core::ReplicationSink::Ticket ReplicationGroup::Captured(
     std::span<const std::byte> data, storage::WriteSeq wseq, bool fua) {
   if (bump_armed_.load(std::memory_order_relaxed) && bump_armed_.exchange(false) &&
       streaming_count_.load() < static_cast<int>(links_.size())) {
+    ++bumps_in_flight_;
     asio::co_spawn(ctx_, BumpGeneration(), asio::detached);
   }
   Ticket ticket;
@@ -390,6 +398,7 @@ asio::awaitable<void> ReplicationGroup::BumpGeneration() {
     ++generation_epoch_;
     for (auto& link : links_) link->GenerationChanged();
   }
+  --bumps_in_flight_;
 }
 
 }  // namespace blockrelay::replication

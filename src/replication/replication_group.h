@@ -169,6 +169,7 @@ class ReplicationGroup final : public core::ReplicationSink {
   std::atomic<bool> bumps_enabled_{false};
   std::atomic<bool> bump_armed_{false};
   uint64_t generation_epoch_ = 0;  // network thread
+  std::atomic<int> bumps_in_flight_{0};  // BumpGeneration started, not done
   asio::awaitable<void> BumpGeneration();
 };
 
