@@ -712,9 +712,15 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       co_return;
     }
   }
+  if (!g->target.secondary || stopping_) {
+    // Promoted during the handshake: this upstream may write nothing.
+    c->Close();
+    --active_coroutines_;
+    co_return;
+  }
   c->upstream_site = hello->site;
   c->adopt = adopt;
-  ++g->serving;
+  ++g->serving;  // no suspension since the check above
   // One upstream connection per group: a newer one replaces an older one
   // (whose peer may have gone without a FIN).
   if (auto old = g->active.lock()) {
