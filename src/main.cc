@@ -196,15 +196,50 @@ int WaitCaughtUp(const std::string& config_path, const std::string& socket,
   return kExitOk;
 }
 
+// promote GROUP [--force] / demote GROUP.
+int RoleControl(const std::string& command, const std::string& config_path,
+                const std::string& socket, const std::string& group, bool force,
+                bool json) {
+  int exit_code = kExitOk;
+  auto path = ResolveSocket(config_path, socket, exit_code);
+  if (!path) return exit_code;
+  nlohmann::json request = {{"command", command}, {"group", group}};
+  if (command == "promote") request["force"] = force;
+  auto reply = control::Call(*path, request, std::chrono::seconds(120));
+  if (!reply.ok()) {
+    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+    return kExitFailed;
+  }
+  if (!reply->value("ok", false)) {
+    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+    return kExitFailed;
+  }
+  if (json) {
+    fmt::print("{}\n", reply->dump(2));
+  } else if (command == "promote") {
+    fmt::print("group {}: primary, generation {}\n", group,
+               reply->value("generation", "?"));
+  } else {
+    fmt::print("group {}: secondary (read-only), waiting for an upstream\n", group);
+  }
+  if (reply->contains("links_error")) {
+    fmt::print(stderr, "blockrelay: the group's links did not start: {}\n",
+               (*reply)["links_error"].get<std::string>());
+    return kExitFailed;
+  }
+  return kExitOk;
+}
+
 // pause / resume / resync GROUP --link SITE.
 int LinkControl(const std::string& command, const std::string& config_path,
                 const std::string& socket, const std::string& group,
-                const std::string& link, bool full, bool json) {
+                const std::string& link, bool full, bool discard_local, bool json) {
   int exit_code = kExitOk;
   auto path = ResolveSocket(config_path, socket, exit_code);
   if (!path) return exit_code;
   nlohmann::json request = {{"command", command}, {"group", group}, {"link", link}};
   if (command == "resync") request["full"] = full;
+  if (command == "resync" && discard_local) request["discard_local"] = true;
   auto reply = control::Call(*path, request, std::chrono::seconds(30));
   if (!reply.ok()) {
     fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
@@ -217,6 +252,11 @@ int LinkControl(const std::string& command, const std::string& config_path,
   if (json) {
     fmt::print("{}\n", reply->dump(2));
   } else {
+    if (discard_local) {
+      fmt::print("group {}: the next connection from site {} overwrites this "
+                 "site's own writes\n", group, link);
+      return kExitOk;
+    }
     const std::string what =
         command == "resync" ? (full ? "full resync started" : "resync started")
         : reply->value("paused", false) ? "paused" : "resumed";
@@ -393,7 +433,7 @@ int main(int argc, char** argv) {
     bool json = false;
   };
   LinkCommand pause_cmd, resume_cmd, resync_cmd;
-  bool resync_full = false;
+  bool resync_full = false, resync_discard_local = false;
   for (auto* lc : {&pause_cmd, &resume_cmd, &resync_cmd}) {
     const char* name = lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync";
     const char* help =
@@ -404,7 +444,13 @@ int main(int argc, char** argv) {
             : "Reconnect a link and resync its dirty regions (--full: every region)";
     lc->app = app.add_subcommand(name, help);
     if (lc == &resync_cmd) {
-      lc->app->add_flag("--full", resync_full, "Mark every region dirty first");
+      auto* full_flag =
+          lc->app->add_flag("--full", resync_full, "Mark every region dirty first");
+      lc->app
+          ->add_flag("--discard-local", resync_discard_local,
+                     "On a secondary: let the next connection from site --link "
+                     "overwrite this site's own writes (split brain)")
+          ->excludes(full_flag);
     }
     lc->app->add_option("group", lc->group, "Consistency group name")->required();
     lc->app->add_option("--link,-l", lc->link, "Downstream site")->required();
@@ -441,6 +487,24 @@ int main(int argc, char** argv) {
   rollback->add_option("--socket,-s", rollback_socket, "Control socket path")
       ->excludes(rollback_config_opt);
   rollback->add_flag("--json", rollback_json, "Print the JSON reply");
+  struct RoleCommand {
+    CLI::App* app = nullptr;
+    std::string config, socket, group;
+    bool force = false, json = false;
+  };
+  RoleCommand promote_cmd, demote_cmd;
+  promote_cmd.app = app.add_subcommand(
+      "promote", "Make a group primary here (writable; a new generation)");
+  promote_cmd.app->add_flag("--force", promote_cmd.force,
+                            "Even while its upstream is connected (drops it)");
+  demote_cmd.app = app.add_subcommand(
+      "demote", "Make a primary group secondary here (read-only; takes an upstream)");
+  for (auto* rc : {&promote_cmd, &demote_cmd}) {
+    rc->app->add_option("group", rc->group, "Consistency group name")->required();
+    auto* cfg = rc->app->add_option("--config,-c", rc->config, "Site configuration file");
+    rc->app->add_option("--socket,-s", rc->socket, "Control socket path")->excludes(cfg);
+    rc->app->add_flag("--json", rc->json, "Print the JSON reply");
+  }
 
   std::string inspect_config;
   bool inspect_json = false;
@@ -475,7 +539,14 @@ int main(int argc, char** argv) {
   for (auto* lc : {&pause_cmd, &resume_cmd, &resync_cmd}) {
     if (*lc->app) {
       return LinkControl(lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync",
-                         lc->config, lc->socket, lc->group, lc->link, resync_full, lc->json);
+                         lc->config, lc->socket, lc->group, lc->link, resync_full,
+                         resync_discard_local, lc->json);
+    }
+  }
+  for (auto* rc : {&promote_cmd, &demote_cmd}) {
+    if (*rc->app) {
+      return RoleControl(rc == &promote_cmd ? "promote" : "demote", rc->config,
+                         rc->socket, rc->group, rc->force, rc->json);
     }
   }
   if (*verify) {

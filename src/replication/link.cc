@@ -17,6 +17,7 @@
 #include <xxhash.h>
 
 #include "blockrelay/io/env.h"
+#include "replication/generations.h"
 #include "replication/replication_group.h"
 #include "util/logging.h"
 
@@ -58,6 +59,7 @@ const char* LinkStateName(LinkState state) {
     case LinkState::kReplicating: return "replicating";
     case LinkState::kLogging: return "logging";
     case LinkState::kQueuing: return "queuing";
+    case LinkState::kSplitBrain: return "split_brain";
   }
   return "?";
 }
@@ -160,6 +162,10 @@ bool Link::AnyDirty() const {
   return false;
 }
 
+void Link::GenerationChanged() {
+  if (conn_) Break(*conn_, "this site started a new generation; reconnecting");
+}
+
 void Link::Pause() {
   if (paused_) return;
   paused_ = true;
@@ -240,10 +246,19 @@ asio::awaitable<void> Link::Run() {
                     config_.site, config_.address.ToString(), s.message());
       }
       last_error_ = s.message();
-      SetState(disk_mode() && capturing_ ? LinkState::kQueuing : LinkState::kLogging);
+      SetState(split_brain_ ? LinkState::kSplitBrain
+               : disk_mode() && capturing_ ? LinkState::kQueuing
+                                           : LinkState::kLogging);
       retry_timer_->expires_after(backoff);
       co_await retry_timer_->async_wait(kAsTuple);
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, kMaxBackoff);
+      continue;
+    }
+    if (hello_epoch_ != group_.generation_epoch()) {
+      // A new generation started during the handshake: the downstream
+      // took the old one; connect again so it takes the new one.
+      std::error_code ignored;
+      c->stream.close(ignored);
       continue;
     }
     if (c->peer_wants_full_resync) {
@@ -271,6 +286,7 @@ asio::awaitable<void> Link::Run() {
     ++connects_;
     co_await Serve(c);
     if (stopping_) break;
+    group_.ArmGenerationBump();
     const bool queuing = disk_mode() && capturing_;
     BR_LOG_WARN("replication", "group {} link to {}: connection lost ({}); {}",
                 group_.name(), config_.site, last_error_,
@@ -318,6 +334,11 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
   for (const auto& v : group_.volumes()) {
     hello.volumes.push_back({v->name(), v->size_bytes()});
   }
+  hello_epoch_ = group_.generation_epoch();
+  if (auto gens = GroupGenerations(group_.volumes())) {
+    hello.generation = EncodeGenerations(*gens);
+  }
+  split_brain_ = false;
   Bytes out;
   EncodeHello(hello, out);
   if (Status s = co_await WriteFrameBytes(c.stream, out, c.peer); !s.ok()) co_return s;
@@ -339,6 +360,7 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
         "{} answered HELLO with {}", c.peer, FrameTypeName(frame->header.type)));
   }
   if (reply->result != HelloResult::kAccepted) {
+    split_brain_ = reply->result == HelloResult::kSplitBrain;
     co_return Status::IOError(fmt::format("{} refused the connection ({}): {}",
                                           c.peer, HelloResultName(reply->result),
                                           reply->message));
@@ -351,7 +373,64 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
   peer_site_ = reply->site;
   c.peer_applied_group_seq = reply->applied_group_seq;
   c.peer_wants_full_resync = reply->full_resync;
-  co_return Status::OK();
+  co_return co_await MergeDownstreamDirty(c);
+}
+
+asio::awaitable<Status> Link::MergeDownstreamDirty(Connection& c) {
+  auto frame = co_await ReadFrame(c.stream, c.peer);
+  if (!frame.ok()) co_return frame.status();
+  auto decoded = frame->Decode();
+  if (!decoded.ok()) co_return decoded.status();
+  auto* dirty = std::get_if<DirtyRanges>(&*decoded);
+  if (!dirty) {
+    co_return Status::Corruption(fmt::format(
+        "{} sent {} where DIRTY_RANGES was due", c.peer,
+        FrameTypeName(frame->header.type)));
+  }
+  const auto& volumes = group_.volumes();
+  uint64_t regions = 0, bytes = 0;
+  for (const auto& v : dirty->volumes) {
+    if (v.volume >= volumes.size()) {
+      co_return Status::Corruption(fmt::format(
+          "{}: DIRTY_RANGES names volume {} but the group has {}", c.peer,
+          v.volume, volumes.size()));
+    }
+    storage::Scoreboard* sb = volumes[v.volume]->mutable_scoreboard();
+    const int slot = slots_[v.volume];
+    if (!sb) continue;
+    for (const DirtyRun& run : v.runs) {
+      if (run.first_region + run.region_count > sb->region_count()) {
+        co_return Status::Corruption(fmt::format(
+            "{}: DIRTY_RANGES run {}+{} passes the end of volume {} ({} "
+            "regions)", c.peer, run.first_region, run.region_count,
+            volumes[v.volume]->name(), sb->region_count()));
+      }
+    }
+    if (slot < 0) continue;  // nothing tracked for this site: nothing to merge
+    for (const DirtyRun& run : v.runs) {
+      const uint32_t s = static_cast<uint32_t>(slot);
+      const uint64_t first = run.first_region;
+      const uint64_t last = run.first_region + run.region_count - 1;
+      // Durable before anything is sent: the downstream forgets these
+      // regions once it sees our first frame.
+      Status st = co_await group_.io().Run(
+          [sb, s, first, last] { return sb->MarkRegionsDirty(s, first, last); });
+      if (!st.ok()) co_return st;
+      regions += run.region_count;
+      bytes += run.region_count * sb->region_size_bytes();
+    }
+  }
+  merged_dirty_regions_ = regions;
+  if (regions > 0) {
+    BR_LOG_INFO("replication", "group {} link to {}: the downstream holds {} "
+                "region(s) ({} bytes) of its own writes; they are resynced "
+                "from here too", group_.name(), config_.site, regions, bytes);
+  }
+  // Tells the downstream its dirty set is safe here (it clears it on the
+  // first frame it gets).
+  Bytes out;
+  EncodePing(Ping{0}, out);
+  co_return co_await WriteFrameBytes(c.stream, out, c.peer);
 }
 
 asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
@@ -911,6 +990,7 @@ nlohmann::json Link::Json() const {
       {"resync_bytes_sent", resync_bytes_sent_},
       {"throughput_bytes_per_sec", static_cast<uint64_t>(throughput_)},
       {"connects", connects_},
+      {"merged_dirty_regions", merged_dirty_regions_},
       {"paused", paused_},
       {"queue", disk_mode() ? "disk" : "memory"},
   };

@@ -10,6 +10,10 @@
 //   queuing      "queue": "disk" only: not connected, but writes are kept
 //                in order in the disk queue (up to max_queue), so the
 //                downstream catches up write-ordered, without a resync
+//   split_brain  the downstream refused our HELLO because both sides wrote
+//                independently (generations); writes only mark the
+//                scoreboard, and the link retries with back-off until an
+//                operator chooses (`resync --discard-local`, or demote)
 //
 // One connection at a time; it has one reader coroutine (acknowledgements,
 // pongs) and one writer coroutine (groups, resync data, pings), both on the
@@ -44,7 +48,9 @@ namespace blockrelay::replication {
 
 class ReplicationGroup;
 
-enum class LinkState { kConnecting, kResyncing, kReplicating, kLogging, kQueuing };
+enum class LinkState {
+  kConnecting, kResyncing, kReplicating, kLogging, kQueuing, kSplitBrain
+};
 const char* LinkStateName(LinkState state);
 
 class Link {
@@ -111,6 +117,9 @@ class Link {
   void DeliverLocked(std::shared_ptr<const SealedGroup> group);
   // Network thread: something was delivered.
   void Wake();
+  // Network thread: the group started a new generation; a connected
+  // downstream reconnects so that it takes it (generations.h).
+  void GenerationChanged();
   // Network thread, periodically: clears bits left set by streamed writes
   // once nothing is outstanding.
   void Sweep();
@@ -128,6 +137,9 @@ class Link {
 
   asio::awaitable<void> Run();
   asio::awaitable<Status> Connect(Connection& c);
+  // After an accepted HELLO_REPLY: reads the downstream's DIRTY_RANGES and
+  // marks them dirty in this link's slots, durably, before anything is sent.
+  asio::awaitable<Status> MergeDownstreamDirty(Connection& c);
   asio::awaitable<void> Serve(std::shared_ptr<Connection> c);
   asio::awaitable<void> ReadLoop(std::shared_ptr<Connection> c);
   asio::awaitable<void> WriteLoop(std::shared_ptr<Connection> c);
@@ -238,6 +250,9 @@ class Link {
 
   // Status.
   std::string last_error_;
+  bool split_brain_ = false;  // the last HELLO was refused as a split brain
+  uint64_t hello_epoch_ = 0;  // group generation epoch sent in the last HELLO
+  uint64_t merged_dirty_regions_ = 0;  // reported by the downstream, last connect
   std::string peer_site_;
   uint64_t bytes_sent_ = 0;        // write data sent, resync included
   uint64_t wire_bytes_sent_ = 0;   // frame bytes

@@ -21,6 +21,12 @@
 //   GROUP_ACK   := u64 received_seq | u64 durable_seq (<= received_seq)
 //   PING, PONG  := u64 nonce
 //   ERROR       := u32 code | str message
+//   DIRTY_RANGES := u32 volume_count (<= kMaxVolumesPerGroup)
+//                  | volume_count x (u32 volume | u32 run_count
+//                                    | run_count x (u64 first_region
+//                                                   | u64 region_count))
+//                  volumes strictly ascending; runs ascending, disjoint,
+//                  region_count >= 1, at most kMaxDirtyRuns in all
 //
 // Header flags: WRITE_GROUP carries the group flags (only bits in
 // kGroupFlagsKnown; a resync marker, BEGIN or END, has kGroupResync, no
@@ -78,7 +84,7 @@ constexpr size_t kMinVolumeBytes = 2 + 8;
 
 bool IsKnownType(uint16_t type) {
   return type >= static_cast<uint16_t>(FrameType::kHello) &&
-         type <= static_cast<uint16_t>(FrameType::kVerifyResult);
+         type <= static_cast<uint16_t>(FrameType::kDirtyRanges);
 }
 
 bool IsKnownOpType(uint8_t type) {
@@ -87,7 +93,7 @@ bool IsKnownOpType(uint8_t type) {
 }
 
 bool IsKnownHelloResult(uint32_t result) {
-  return result <= static_cast<uint32_t>(HelloResult::kSplitBrain);
+  return result <= static_cast<uint32_t>(HelloResult::kStaleUpstream);
 }
 
 uint64_t FrameChecksum(std::span<const std::byte> header_prefix,
@@ -378,6 +384,66 @@ Status DecodeErrorPayload(Reader& r, ErrorFrame& error) {
 }
 
 // Decodes a payload of type T with `decode`, wrapping the result as a Frame.
+Status DecodeDirtyRangesPayload(Reader& r, DirtyRanges& d) {
+  uint32_t volume_count = 0;
+  r.U32("volume_count", volume_count);
+  if (r.ok() && volume_count > kMaxVolumesPerGroup) {
+    return Status::Corruption(fmt::format(
+        "DIRTY_RANGES: {} volumes exceed the limit of {}", volume_count,
+        kMaxVolumesPerGroup));
+  }
+  uint64_t total_runs = 0;
+  for (uint32_t i = 0; i < volume_count && r.ok(); ++i) {
+    VolumeDirtyRuns v;
+    uint32_t run_count = 0;
+    r.U32("volume", v.volume);
+    r.U32("run_count", run_count);
+    if (!r.ok()) break;
+    if (!d.volumes.empty() && v.volume <= d.volumes.back().volume) {
+      return Status::Corruption(fmt::format(
+          "DIRTY_RANGES volume {}: volume {} follows volume {} (must ascend)",
+          i, v.volume, d.volumes.back().volume));
+    }
+    total_runs += run_count;
+    if (total_runs > kMaxDirtyRuns) {
+      return Status::Corruption(fmt::format(
+          "DIRTY_RANGES: more than {} runs", kMaxDirtyRuns));
+    }
+    // Each run needs 16 bytes: a lying count cannot make us reserve more
+    // than the payload holds.
+    if (uint64_t{run_count} * 16 > r.remaining()) {
+      return Status::Corruption(fmt::format(
+          "DIRTY_RANGES volume {}: {} runs announced but only {} bytes left",
+          v.volume, run_count, r.remaining()));
+    }
+    v.runs.reserve(run_count);
+    for (uint32_t j = 0; j < run_count && r.ok(); ++j) {
+      DirtyRun run;
+      r.U64("first_region", run.first_region);
+      r.U64("region_count", run.region_count);
+      if (!r.ok()) break;
+      if (run.region_count == 0) {
+        return Status::Corruption(fmt::format(
+            "DIRTY_RANGES volume {} run {}: region_count is 0", v.volume, j));
+      }
+      if (run.first_region + run.region_count < run.first_region) {
+        return Status::Corruption(fmt::format(
+            "DIRTY_RANGES volume {} run {}: {}+{} overflows", v.volume, j,
+            run.first_region, run.region_count));
+      }
+      if (!v.runs.empty() && run.first_region < v.runs.back().first_region +
+                                                    v.runs.back().region_count) {
+        return Status::Corruption(fmt::format(
+            "DIRTY_RANGES volume {} run {}: starts at region {}, inside or "
+            "before the previous run", v.volume, j, run.first_region));
+      }
+      v.runs.push_back(run);
+    }
+    d.volumes.push_back(std::move(v));
+  }
+  return r.Finish();
+}
+
 template <typename T, typename DecodeFn>
 Result<Frame> DecodeAs(Reader& r, DecodeFn decode) {
   T value;
@@ -541,6 +607,8 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
         }
         return reader.Finish();
       });
+    case FrameType::kDirtyRanges:
+      return DecodeAs<DirtyRanges>(r, DecodeDirtyRangesPayload);
   }
   return Status::Corruption(
       fmt::format("unknown frame type {}", static_cast<uint16_t>(header.type)));
@@ -752,6 +820,44 @@ void EncodeVerifyResult(const VerifyResult& v, Bytes& out) {
   });
 }
 
+void EncodeDirtyRanges(const DirtyRanges& d, Bytes& out) {
+  constexpr FrameType kType = FrameType::kDirtyRanges;
+  if (d.volumes.size() > kMaxVolumesPerGroup) {
+    ThrowInvalid(kType, "too many volumes");
+  }
+  uint64_t total = 0;
+  for (size_t i = 0; i < d.volumes.size(); ++i) {
+    const auto& v = d.volumes[i];
+    if (i > 0 && v.volume <= d.volumes[i - 1].volume) {
+      ThrowInvalid(kType, "volumes must ascend");
+    }
+    total += v.runs.size();
+    for (size_t j = 0; j < v.runs.size(); ++j) {
+      const DirtyRun& run = v.runs[j];
+      if (run.region_count == 0 ||
+          run.first_region + run.region_count < run.first_region) {
+        ThrowInvalid(kType, "empty or overflowing run");
+      }
+      if (j > 0 && run.first_region < v.runs[j - 1].first_region +
+                                          v.runs[j - 1].region_count) {
+        ThrowInvalid(kType, "runs must ascend and be disjoint");
+      }
+    }
+  }
+  if (total > kMaxDirtyRuns) ThrowInvalid(kType, "too many runs");
+  AppendFrame(kType, 0, out, [&](Bytes& out) {
+    AppendBe32(out, static_cast<uint32_t>(d.volumes.size()));
+    for (const auto& v : d.volumes) {
+      AppendBe32(out, v.volume);
+      AppendBe32(out, static_cast<uint32_t>(v.runs.size()));
+      for (const DirtyRun& run : v.runs) {
+        AppendBe64(out, run.first_region);
+        AppendBe64(out, run.region_count);
+      }
+    }
+  });
+}
+
 void EncodeError(const ErrorFrame& error, Bytes& out) {
   constexpr FrameType kType = FrameType::kError;
   AppendFrame(kType, 0, out, [&](Bytes& out) {
@@ -800,6 +906,8 @@ const char* FrameTypeName(FrameType type) {
       return "VERIFY";
     case FrameType::kVerifyResult:
       return "VERIFY_RESULT";
+    case FrameType::kDirtyRanges:
+      return "DIRTY_RANGES";
   }
   return "UNKNOWN";
 }
@@ -820,6 +928,8 @@ const char* HelloResultName(HelloResult result) {
       return "BUSY";
     case HelloResult::kSplitBrain:
       return "SPLIT_BRAIN";
+    case HelloResult::kStaleUpstream:
+      return "STALE_UPSTREAM";
   }
   return "UNKNOWN";
 }

@@ -53,6 +53,7 @@ enum class FrameType : uint16_t {
   kError = 7,
   kVerify = 8,
   kVerifyResult = 9,
+  kDirtyRanges = 10,
 };
 
 struct VolumeInfo {
@@ -78,7 +79,8 @@ enum class HelloResult : uint32_t {
   kMismatch = 3,       // volumes, sizes or region size differ
   kNotSecondary = 4,   // the group here is primary
   kBusy = 5,           // another upstream connection is active
-  kSplitBrain = 6,     // issue 5
+  kSplitBrain = 6,     // both sides wrote independently (generations)
+  kStaleUpstream = 7,  // the upstream's generation is older than ours
 };
 
 // Downstream -> upstream.
@@ -187,6 +189,30 @@ struct VerifyResult {
   bool operator==(const VerifyResult&) const = default;
 };
 
+// Downstream -> upstream, right after an accepted HELLO_REPLY: the regions
+// the downstream may hold that the upstream lacks (the downstream's
+// scoreboard slot for the upstream site, e.g. an old primary's writes that
+// never reached the new primary). The upstream marks them dirty in its slot
+// for the downstream, durably, before it sends anything, so the resync
+// covers the union of both sides' dirty sets. Runs are in region units of
+// the group's region_size, ascending and disjoint per volume; volumes
+// ascending. A volume without runs is clean.
+inline constexpr uint32_t kMaxDirtyRuns = 1u << 20;  // per frame, all volumes
+struct DirtyRun {
+  uint64_t first_region = 0;
+  uint64_t region_count = 0;  // >= 1
+  bool operator==(const DirtyRun&) const = default;
+};
+struct VolumeDirtyRuns {
+  uint32_t volume = 0;  // index into Hello::volumes
+  std::vector<DirtyRun> runs;
+  bool operator==(const VolumeDirtyRuns&) const = default;
+};
+struct DirtyRanges {
+  std::vector<VolumeDirtyRuns> volumes;
+  bool operator==(const DirtyRanges&) const = default;
+};
+
 struct FrameHeader {
   uint16_t version = 0;
   FrameType type = FrameType::kPing;
@@ -196,7 +222,8 @@ struct FrameHeader {
 };
 
 using Frame = std::variant<Hello, HelloReply, WriteGroup, GroupAck, Ping,
-                           Pong, ErrorFrame, VerifyRequest, VerifyResult>;
+                           Pong, ErrorFrame, VerifyRequest, VerifyResult,
+                           DirtyRanges>;
 
 // Checks magic, version (a peer with another version gets a message naming
 // both versions), a known type and length <= kMaxFramePayloadBytes.
@@ -212,7 +239,9 @@ Result<FrameHeader> DecodeFrameHeader(std::span<const std::byte> header);
 // whose data is missing, more than kMaxOpsPerGroup ops or
 // kMaxVolumesPerGroup volumes, offset + length overflowing, flags on a frame
 // type other than WRITE_GROUP, an unknown HELLO_REPLY result, GROUP_ACK
-// durable_seq > received_seq. Also Corruption: `header_bytes` not
+// durable_seq > received_seq, DIRTY_RANGES with more than kMaxDirtyRuns
+// runs, an empty run, runs or volumes out of order or overlapping, a run
+// whose end overflows. Also Corruption: `header_bytes` not
 // kFrameHeaderBytes long, or `payload` not header.length long.
 Result<Frame> DecodeFrame(const FrameHeader& header,
                           std::span<const std::byte> header_bytes,
@@ -234,6 +263,7 @@ void EncodePong(const Pong& pong, Bytes& out);
 void EncodeError(const ErrorFrame& error, Bytes& out);
 void EncodeVerifyRequest(const VerifyRequest& request, Bytes& out);
 void EncodeVerifyResult(const VerifyResult& result, Bytes& out);
+void EncodeDirtyRanges(const DirtyRanges& ranges, Bytes& out);
 
 // One piece of a frame encoded for a gathering write: either `size` bytes at
 // `offset` of the encoder's `out` buffer (an offset, because `out` may move

@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include "replication/frame_io.h"
+#include "replication/group_role.h"
 #include "replication/replication_group.h"
 #include "util/logging.h"
 
@@ -101,7 +102,13 @@ struct Receiver::GroupState {
   std::atomic<uint64_t> undo_bytes{0};       // for status
   std::atomic<bool> full_resync_needed{false};
 
+  // The site whose writes need no tracking here (GroupRole's
+  // reconciled_with while secondary); cleared whenever the journal is
+  // emptied. GUARDED_BY(apply_mu)
+  std::string forget_site;
+
   // Network thread.
+  int serving = 0;  // accepted connections still running
   bool rolling_back = false;
   std::weak_ptr<Conn> active;
   std::string state = "waiting";  // waiting, connected, refused, error
@@ -131,6 +138,10 @@ struct Receiver::Conn {
   std::vector<uint64_t> pongs;
   std::vector<VerifyResult> verify_results;
   std::string error;  // sent as ERROR before closing
+  std::string upstream_site;
+  // Set at accept; taken on the first frame (Reconcile).
+  bool reconciled = false;
+  std::optional<GenerationSet> adopt;
   void Close() {
     if (closed) return;
     closed = true;
@@ -163,12 +174,30 @@ HelloCheck CheckHello(const Hello& hello, const std::string& local_site,
                               local_site, hello.group));
   }
   const auto& cfg = *target->config;
-  if (!cfg.upstream || cfg.upstream->site != hello.site) {
+  if (!target->secondary) {
+    return refuse(HelloResult::kNotSecondary,
+                  fmt::format("group {} is primary on site {}: it takes no "
+                              "writes from site {} (demote it first)",
+                              cfg.name, local_site, hello.site));
+  }
+  // After a failover the new primary may be any site this one replicated
+  // to; its generations decide whether it may write here.
+  bool allowed = cfg.upstream && cfg.upstream->site == hello.site;
+  std::string downstream_sites;
+  for (const auto& d : cfg.downstream) {
+    if (d.site == hello.site) allowed = true;
+    downstream_sites += (downstream_sites.empty() ? "" : ", ") + d.site;
+  }
+  if (!allowed) {
     return refuse(HelloResult::kWrongSite,
                   fmt::format("group {} on site {} takes writes only from its "
-                              "configured upstream{}, not from site {}",
+                              "configured upstream{}{}, not from site {}",
                               cfg.name, local_site,
                               cfg.upstream ? " (site " + cfg.upstream->site + ")" : "",
+                              downstream_sites.empty()
+                                  ? ""
+                                  : " or, after a failover, from its downstream "
+                                    "sites (" + downstream_sites + ")",
                               hello.site));
   }
   if (hello.region_size_bytes != cfg.region_size_bytes) {
@@ -521,8 +550,99 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
       g.Fail(s);
       return s;
     }
+    lock.unlock();
+    // Every write applied so far came from the reconciled upstream, which
+    // has it: its slot here need not keep them.
+    if (!g.forget_site.empty()) {
+      if (Status s = ForgetDirtyFor(g.target.volumes, g.forget_site); !s.ok()) {
+        g.Fail(s);
+        return s;
+      }
+    }
   }
   return Status::OK();
+}
+
+Status Receiver::Reconcile(GroupState& g, const std::string& peer_site,
+                           const std::optional<GenerationSet>& adopt) {
+  std::lock_guard apply_lock(g.apply_mu);
+  // Generation first: a crash before the slot is cleared only sends the
+  // same regions again at the next connect.
+  if (adopt) {
+    if (Status s = SetGroupGenerations(g.target.volumes, *adopt); !s.ok()) return s;
+  }
+  if (Status s = ForgetDirtyFor(g.target.volumes, peer_site); !s.ok()) return s;
+  if (g.target.role) {
+    Status s = g.target.role->Update([&](GroupRoleState& st) {
+      st.fresh = false;
+      st.discard_local.clear();
+      st.reconciled_with = peer_site;
+    });
+    if (!s.ok()) return s;
+  }
+  g.forget_site = peer_site;
+  return Status::OK();
+}
+
+Status ForgetDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                      const std::string& site) {
+  for (const auto& v : volumes) {
+    storage::Scoreboard* sb = v->mutable_scoreboard();
+    if (!sb || !v->metadata()) continue;
+    auto slot = v->metadata()->SlotForSite(site);
+    if (!slot) continue;
+    sb->MarkClean(*slot, 0, v->size_bytes(), sb->CurrentWriteSeq());
+    if (Status s = sb->FlushBitmaps(); !s.ok()) return s;
+  }
+  return Status::OK();
+}
+
+Status MarkAllDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                       const std::string& site) {
+  for (const auto& v : volumes) {
+    storage::Scoreboard* sb = v->mutable_scoreboard();
+    if (!sb || !v->metadata()) continue;
+    auto slot = v->metadata()->SlotForSite(site);
+    if (!slot) continue;
+    if (Status s = sb->MarkAllDirty(*slot); !s.ok()) return s;
+  }
+  return Status::OK();
+}
+
+DirtyRanges CollectDirtyRanges(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                               const std::string& site, size_t* full_volumes) {
+  DirtyRanges out;
+  *full_volumes = 0;
+  const size_t per_volume =
+      volumes.empty() ? 0 : kMaxDirtyRuns / std::max<size_t>(1, volumes.size());
+  for (size_t i = 0; i < volumes.size(); ++i) {
+    const auto& v = volumes[i];
+    const storage::Scoreboard* sb = v->scoreboard();
+    if (!sb) continue;
+    VolumeDirtyRuns runs;
+    runs.volume = static_cast<uint32_t>(i);
+    const DirtyRun whole{0, sb->region_count()};
+    auto slot = v->metadata() ? v->metadata()->SlotForSite(site) : std::nullopt;
+    if (!slot) {
+      ++*full_volumes;
+      runs.runs.push_back(whole);
+    } else {
+      uint64_t r = 0;
+      while (auto first = sb->NextDirtyRegion(*slot, r)) {
+        uint64_t end = *first + 1;
+        while (end < sb->region_count() && sb->IsDirty(*slot, end)) ++end;
+        runs.runs.push_back({*first, end - *first});
+        if (runs.runs.size() > per_volume) {
+          // Too scattered to send: all of it is cheaper to describe.
+          runs.runs = {whole};
+          break;
+        }
+        r = end;
+      }
+    }
+    if (!runs.runs.empty()) out.volumes.push_back(std::move(runs));
+  }
+  return out;
 }
 
 Status Receiver::VerifyRegions(GroupState& g, uint64_t conn_id,
@@ -613,6 +733,8 @@ Result<std::unique_ptr<Receiver>> Receiver::Open(
                   recovered.frames.size(), path, g->applied_group_seq);
     }
     g->replayed_groups = recovered.frames.size();
+    if (t.role && t.secondary) g->forget_site = t.role->Get().reconciled_with;
+    if (!t.secondary) g->state = "primary";
     g->last_apply = std::chrono::steady_clock::now();
     r->groups_.push_back(std::move(g));
   }
@@ -749,6 +871,40 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     reply.applied_group_seq = g->applied_group_seq_seen.load();
     reply.full_resync = g->full_resync_needed.load();
   }
+  // Generations decide what this upstream may do here (generations.h).
+  std::optional<GenerationSet> adopt;
+  // This group took writes only from this upstream since they last
+  // reconciled: whatever its slot for the upstream holds (intent extents
+  // merged after a crash, writes applied since) came from there.
+  bool follower = false;
+  if (reply.result == HelloResult::kAccepted) {
+    if (auto local = GroupGenerations(g->target.volumes)) {
+      reply.generation = EncodeGenerations(*local);
+      auto up = ParseGenerations(hello->generation);
+      if (!up.ok()) {
+        reply.result = HelloResult::kMismatch;
+        reply.message = fmt::format("group {}: site {} sent no usable "
+                                    "generation: {}", hello->group, hello->site,
+                                    up.status().message());
+      } else {
+        GroupRoleState st = g->target.role ? g->target.role->Get() : GroupRoleState{};
+        follower = !st.reconciled_with.empty() && st.reconciled_with == hello->site;
+        GenerationDecision d = DecideGenerations(
+            hello->group, {hello->site, *up}, {local_site_, *local}, st.fresh,
+            follower,
+            !st.discard_local.empty() && st.discard_local == hello->site);
+        if (!d.accepted) {
+          reply.result = d.verdict == GenerationVerdict::kSplitBrain
+                             ? HelloResult::kSplitBrain
+                             : HelloResult::kStaleUpstream;
+          reply.message = d.message.substr(0, kMaxStringBytes);
+        } else {
+          if (!d.message.empty()) BR_LOG_WARN("replication", "{}", d.message);
+          if (d.verdict != GenerationVerdict::kSame) adopt = *up;
+        }
+      }
+    }
+  }
   Bytes out;
   EncodeHelloReply(reply, out);
   Status ws = co_await WriteFrameBytes(c->stream, out, c->peer);
@@ -757,7 +913,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
                  hello->site, c->peer, hello->group, reply.message);
     for (auto& gs : groups_) {
       if (gs->target.config->name == hello->group) {
-        gs->state = "refused";
+        gs->state = reply.result == HelloResult::kSplitBrain ? "split_brain" : "refused";
         gs->last_error = reply.message;
         gs->peer = c->peer;
       }
@@ -771,6 +927,45 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     --active_coroutines_;
     co_return;
   }
+  // Our dirty set for this upstream (what we hold that it may lack), so
+  // it resyncs the union of both sides' dirty regions; empty for a
+  // follower, which holds nothing of its own.
+  {
+    DirtyRanges ranges;
+    size_t full = 0;
+    DirtyRanges* rp = &ranges;
+    size_t* fp = &full;
+    const std::string site = hello->site;
+    const std::string* sp = &site;
+    GroupState* gp = g;
+    if (!follower) {
+      co_await io_.Run([gp, rp, fp, sp] {
+        *rp = CollectDirtyRanges(gp->target.volumes, *sp, fp);
+        return Status::OK();
+      });
+    }
+    if (full > 0) {
+      BR_LOG_WARN("replication", "group {}: no scoreboard slot for site {} in "
+                  "{} volume(s) here: asking for a full resync of them",
+                  g->target.config->name, hello->site, full);
+    }
+    Bytes dirty;
+    EncodeDirtyRanges(ranges, dirty);
+    if (Status s = co_await WriteFrameBytes(c->stream, dirty, c->peer); !s.ok()) {
+      c->Close();
+      --active_coroutines_;
+      co_return;
+    }
+  }
+  if (!g->target.secondary || stopping_) {
+    // Promoted during the handshake: this upstream may write nothing.
+    c->Close();
+    --active_coroutines_;
+    co_return;
+  }
+  c->upstream_site = hello->site;
+  c->adopt = adopt;
+  ++g->serving;  // no suspension since the check above
   // One upstream connection per group: a newer one replaces an older one
   // (whose peer may have gone without a FIN).
   if (auto old = g->active.lock()) {
@@ -802,6 +997,30 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     if (!decoded.ok()) {
       c->error = decoded.status().message();
       break;
+    }
+    if (!c->reconciled) {
+      // The upstream sends its first frame only once our dirty set is
+      // durable in its scoreboard.
+      c->reconciled = true;
+      GroupState* gp = g;
+      const std::string site = c->upstream_site;
+      const std::optional<GenerationSet> adopt_set = c->adopt;
+      const std::string* sp = &site;
+      const std::optional<GenerationSet>* ap = &adopt_set;
+      Status rs = co_await io_.Run(
+          [gp, sp, ap] { return Reconcile(*gp, *sp, *ap); });
+      if (!rs.ok()) {
+        c->error = fmt::format("site {} cannot reconcile group {} with site "
+                               "{}: {}", local_site_, g->target.config->name,
+                               site, rs.message());
+        g->last_error = c->error;
+        break;
+      }
+      if (adopt_set) {
+        BR_LOG_INFO("replication", "group {}: now at site {}'s generation {}",
+                    g->target.config->name, site,
+                    GenerationName(adopt_set->current));
+      }
     }
     if (auto* ping = std::get_if<Ping>(&*decoded)) {
       c->pongs.push_back(ping->nonce);
@@ -903,9 +1122,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   }
   c->watchdog.Disarm();
   c->Close();
-  if (g->active.lock() == c || g->active.expired()) {
+  if ((g->active.lock() == c || g->active.expired()) && g->target.secondary) {
     g->state = "waiting";
   }
+  --g->serving;
   BR_LOG_INFO("replication", "group {}: upstream connection from {} closed",
               g->target.config->name, c->peer);
   --active_coroutines_;
@@ -995,6 +1215,63 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
     return j;
   }
   return nullptr;
+}
+
+Receiver::GroupState* Receiver::FindGroup(const std::string& group) const {
+  for (const auto& g : groups_) {
+    if (g->target.config->name == group) return g.get();
+  }
+  return nullptr;
+}
+
+std::optional<std::string> Receiver::UpstreamPeer(const std::string& group) const {
+  GroupState* g = FindGroup(group);
+  if (!g) return std::nullopt;
+  auto c = g->active.lock();
+  if (!c || c->closed) return std::nullopt;
+  return fmt::format("site {} ({})", c->upstream_site, c->peer);
+}
+
+void Receiver::SetRole(const std::string& group, bool secondary,
+                       ReplicationGroup* onward) {
+  GroupState* g = FindGroup(group);
+  if (!g) return;
+  for (auto& t : targets_) {
+    if (t.config->name == group) {
+      t.secondary = secondary;
+      t.onward = onward;
+    }
+  }
+  {
+    std::lock_guard lock(g->apply_mu);
+    g->target.secondary = secondary;
+    g->target.onward = onward;
+    if (!secondary) g->forget_site.clear();
+  }
+  if (!secondary) {
+    if (auto c = g->active.lock()) {
+      c->error = fmt::format("group {} was promoted on site {}", group, local_site_);
+      c->Close();
+    }
+    g->state = "primary";
+  } else {
+    g->state = "waiting";
+  }
+}
+
+asio::awaitable<Status> Receiver::DropUpstream(const std::string& group) {
+  GroupState* g = FindGroup(group);
+  if (!g) co_return Status::OK();
+  if (auto c = g->active.lock()) c->Close();
+  asio::steady_timer t(ctx_);
+  while (g->serving > 0) {
+    t.expires_after(std::chrono::milliseconds(10));
+    co_await t.async_wait(kAsTuple);
+  }
+  co_return co_await io_.Run([g] {
+    uint64_t ignored = 0;
+    return SyncAndApply(*g, 0, &ignored);
+  });
 }
 
 }  // namespace blockrelay::replication

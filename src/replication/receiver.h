@@ -42,6 +42,7 @@
 #include "blockrelay/core/io_executor.h"
 #include "blockrelay/core/volume.h"
 #include "blockrelay/io/env.h"
+#include "replication/generations.h"
 #include "replication/journal.h"
 #include "replication/protocol.h"
 #include "replication/undo_record.h"
@@ -50,11 +51,18 @@ namespace blockrelay::replication {
 
 class ReplicationGroup;
 
-// A secondary group as the receiver sees it.
+class GroupRole;
+
+// A group as the receiver sees it. Only a secondary group takes an
+// upstream; promote/demote switch `secondary` (Receiver::SetRole).
 struct ReceiverTarget {
   const config::GroupConfig* config = nullptr;
   std::vector<std::shared_ptr<core::Volume>> volumes;  // config order
   ReplicationGroup* onward = nullptr;  // this site's own links, if any
+  bool secondary = true;
+  // The group's persisted role state (fresh, discard_local,
+  // reconciled_with); null in tests without generations.
+  GroupRole* role = nullptr;
 };
 
 struct HelloCheck {
@@ -64,9 +72,30 @@ struct HelloCheck {
 };
 
 // Decides whether `hello` may push into one of `targets` of site
-// `local_site`. Pure: the message names what differs on which site.
+// `local_site`: the group must be secondary here, the sender its configured
+// upstream or (the new primary after a failover) one of its downstream
+// sites, and volumes, sizes and region size must match. Generations are
+// checked after this (DecideGenerations). Pure: the message names what
+// differs on which site.
 HelloCheck CheckHello(const Hello& hello, const std::string& local_site,
                       const std::vector<ReceiverTarget>& targets);
+
+// Clears, in every volume, the scoreboard slot for `site` and persists it:
+// this site holds nothing `site` lacks (a secondary whose every write came
+// from `site` after their dirty sets were reconciled). Storage thread.
+Status ForgetDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                      const std::string& site);
+
+// Marks, in every volume, every region of the slot for `site` dirty,
+// durably (after a rollback at promote). Storage thread.
+Status MarkAllDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                       const std::string& site);
+
+// The regions of the slot for `site` in every volume as DIRTY_RANGES; a
+// volume with no slot for `site` is sent as wholly dirty (*full_volumes
+// counts them), a volume with more runs than fit as one whole run.
+DirtyRanges CollectDirtyRanges(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                               const std::string& site, size_t* full_volumes);
 
 // Checks a decoded WRITE_GROUP against the target before it is journaled:
 // volume indexes and ranges. Corruption naming the op otherwise.
@@ -115,6 +144,17 @@ class Receiver {
   asio::awaitable<Result<RollbackOutcome>> Rollback(const std::string& group);
   // For promote: Rollback() when the group is inconsistent, OK otherwise.
   asio::awaitable<Status> RollbackIfInconsistent(const std::string& group);
+  // Promote/demote (network thread). The peer of the live upstream
+  // connection of `group`, or nullopt.
+  std::optional<std::string> UpstreamPeer(const std::string& group) const;
+  // Makes `group` take an upstream (secondary) or refuse one (primary);
+  // `onward` is its own links while secondary. Turning primary closes the
+  // upstream connection; wait for it with DropUpstream().
+  void SetRole(const std::string& group, bool secondary, ReplicationGroup* onward);
+  // Closes the upstream connection of `group`, waits until nothing of it
+  // runs, then applies everything journaled, so the volumes hold every
+  // group received (promote).
+  asio::awaitable<Status> DropUpstream(const std::string& group);
 
  private:
   struct GroupState;
@@ -143,6 +183,11 @@ class Receiver {
   static Status SaveUndo(GroupState& g, const WriteGroup& group);
   // The I/O of Rollback(), on a pool thread (takes apply_mu).
   static Status RollbackGroup(GroupState& g, RollbackOutcome* out);
+  // The accepted upstream's first frame shows it holds our dirty set:
+  // adopt its generations, forget our dirty set for it (storage thread).
+  static Status Reconcile(GroupState& g, const std::string& peer_site,
+                          const std::optional<GenerationSet>& adopt);
+  GroupState* FindGroup(const std::string& group) const;
   // Applies what is waiting, then digests the requested regions.
   static Status VerifyRegions(GroupState& g, uint64_t conn_id,
                               const VerifyRequest& request, VerifyResult* result,

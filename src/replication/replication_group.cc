@@ -10,6 +10,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "replication/generations.h"
 #include "replication/link.h"
 #include "util/logging.h"
 
@@ -100,6 +101,13 @@ asio::awaitable<void> ReplicationGroup::Stop() {
   if (seal_timer_) seal_timer_->cancel();
   if (waiter_timer_) waiter_timer_->cancel();
   for (auto& link : links_) co_await link->Stop();
+  // A new generation being started must be durable before a demote lets
+  // a new primary compare generations with this site.
+  asio::steady_timer bump_wait(ctx_);
+  while (bumps_in_flight_.load() > 0) {
+    bump_wait.expires_after(std::chrono::milliseconds(5));
+    co_await bump_wait.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+  }
   // Replies still waiting: their writes are local and dirty in the
   // scoreboard; the site is going away, so let them go with the policy's
   // answer for a link that is down.
@@ -114,6 +122,11 @@ asio::awaitable<void> ReplicationGroup::Stop() {
 core::ReplicationSink::Ticket ReplicationGroup::Captured(
     uint32_t volume, core::CapturedOp op, uint64_t offset, uint64_t length,
     std::span<const std::byte> data, storage::WriteSeq wseq, bool fua) {
+  if (bump_armed_.load(std::memory_order_relaxed) && bump_armed_.exchange(false) &&
+      streaming_count_.load() < static_cast<int>(links_.size())) {
+    ++bumps_in_flight_;
+    asio::co_spawn(ctx_, BumpGeneration(), asio::detached);
+  }
   Ticket ticket;
   bool wake = false;
   bool wake_links = false;
@@ -404,6 +417,32 @@ Result<bool> ReplicationGroup::CaughtUp(const std::optional<std::string>& site) 
   }
   if (all && !OpenGroupEmpty()) all = false;
   return all;
+}
+
+asio::awaitable<void> ReplicationGroup::BumpGeneration() {
+  const auto* volumes = &volumes_;
+  std::string name;
+  std::string* name_out = &name;
+  Status s = co_await io_.Run([volumes, name_out] {
+    auto old = GroupGenerations(*volumes);
+    if (!old) return Status::OK();
+    GenerationSet next;
+    next.current = storage::Generation{storage::Uuid::Random(), old->current.counter + 1};
+    next.history = old->history;
+    next.history.insert(next.history.begin(), old->current);
+    *name_out = GenerationName(next.current);
+    return SetGroupGenerations(*volumes, next);
+  });
+  if (!s.ok()) {
+    BR_LOG_ERROR("replication", "group {}: cannot start a new generation: {}",
+                 config_.name, s.ToString());
+  } else if (!name.empty()) {
+    BR_LOG_INFO("replication", "group {}: written while a downstream link is "
+                "down: new generation {}", config_.name, name);
+    ++generation_epoch_;
+    for (auto& link : links_) link->GenerationChanged();
+  }
+  --bumps_in_flight_;
 }
 
 }  // namespace blockrelay::replication

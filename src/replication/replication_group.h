@@ -75,6 +75,22 @@ class ReplicationGroup final : public core::ReplicationSink {
   void WhenAcknowledged(Ticket ticket, bool durable,
                         std::function<void(Status)> done) override;
 
+  // Primary groups only. Once armed, the next captured write that finds a
+  // link not streaming starts a new generation for the group
+  // (generations.h): writes a downstream may not get then carry a
+  // generation it can tell apart, so a new primary elsewhere sees a split
+  // brain instead of taking this site as merely behind. Armed at start-up
+  // and whenever a link loses its connection; not after a promote (that
+  // started a generation already). Links that are connected when the new
+  // generation is durable reconnect, so their downstreams take it.
+  void ArmGenerationBump() { bump_armed_ = bumps_enabled_.load(); }
+  void EnableGenerationBumps(bool armed) {
+    bumps_enabled_ = true;
+    bump_armed_ = armed;
+  }
+  // Changes whenever this site starts a new generation (network thread).
+  uint64_t generation_epoch() const { return generation_epoch_; }
+
   // The receiver applies one upstream group between these two calls, so
   // it is never split across two of this site's groups (chains keep write
   // order). Any thread.
@@ -174,6 +190,11 @@ class ReplicationGroup final : public core::ReplicationSink {
   std::optional<asio::steady_timer> seal_timer_;
   std::optional<asio::steady_timer> waiter_timer_;
   bool stopping_ = false;
+  std::atomic<bool> bumps_enabled_{false};
+  std::atomic<bool> bump_armed_{false};
+  uint64_t generation_epoch_ = 0;  // network thread
+  std::atomic<int> bumps_in_flight_{0};  // BumpGeneration started, not done
+  asio::awaitable<void> BumpGeneration();
 };
 
 }  // namespace blockrelay::replication

@@ -11,6 +11,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "replication/generations.h"
 #include "replication/link.h"
 #include "util/logging.h"
 
@@ -54,9 +55,24 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
 
   site->io_ = std::make_unique<core::IoExecutor>(site->config_.nbd.io_threads);
   std::vector<replication::ReceiverTarget> targets;
+  bool any_secondary = false;
+  bool may_become_secondary = false;
   for (size_t g = 0; g < site->config_.groups.size(); ++g) {
     const auto& group = site->config_.groups[g];
-    bool read_only = group.role == config::Role::kSecondary;
+    // The persisted role wins over the config's once it exists.
+    auto role = replication::GroupRole::Open(site->config_.data_dir.string(),
+                                             group.name, group.role);
+    if (!role.ok()) return role.status().WithContext(fmt::format("groups[{}]", g));
+    const config::Role current = (*role)->Get().role;
+    if (current != group.role) {
+      BR_LOG_INFO("site", "group {}: {} (after a promote or demote; {} in the "
+                  "config)", group.name, config::ToString(current),
+                  config::ToString(group.role));
+    }
+    site->roles_.push_back(std::move(role).value());
+    bool read_only = current == config::Role::kSecondary;
+    any_secondary |= read_only;
+    may_become_secondary |= !group.downstream.empty() || group.upstream.has_value();
     std::vector<std::shared_ptr<core::Volume>> group_volumes;
     std::set<std::string> new_slot_sites;  // slots this start created
     for (size_t v = 0; v < group.volumes.size(); ++v) {
@@ -81,6 +97,13 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
         mo.downstream.push_back(
             {d.site, d.initial_sync == config::InitialSync::kNone});
       }
+      // A slot for the upstream too, so that after a promote this site
+      // knows what the old primary misses. Created clean: whatever this
+      // site holds came from there; a site that never synced is caught by
+      // the generations instead (docs/replication.md).
+      if (group.upstream && group.upstream->address) {
+        mo.downstream.push_back({group.upstream->site, /*initial_sync_none=*/true});
+      }
       mo.flush_backing = [raw_store] { return raw_store->Flush(); };
       auto metadata = storage::VolumeMetadata::Open(mo);
       if (!metadata.ok()) {
@@ -99,25 +122,16 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
       site->catalog_.Add(volume);
       group_volumes.push_back(std::move(volume));
     }
-    replication::ReplicationGroup* onward = nullptr;
-    if (!group.downstream.empty()) {
-      site->replication_.push_back(std::make_unique<replication::ReplicationGroup>(
-          ctx, *site->io_, site->config_.site, group, group_volumes));
-      onward = site->replication_.back().get();
-      if (Status s = onward->OpenDiskQueues(site->config_.data_dir.string()); !s.ok()) {
-        return s;
-      }
-      if (Status s = onward->OpenChecksumSyncs(site->config_.data_dir.string(),
-                                               new_slot_sites);
-          !s.ok()) {
-        return s;
-      }
-    }
-    if (group.role == config::Role::kSecondary) {
-      targets.push_back({&group, group_volumes, onward});
-    }
+    site->group_volumes_.push_back(group_volumes);
+    auto onward = site->MakeReplicationGroup(g, current, new_slot_sites);
+    if (!onward.ok()) return onward.status();
+    targets.push_back({&group, group_volumes, current == config::Role::kSecondary
+                                                  ? *onward : nullptr,
+                       current == config::Role::kSecondary,
+                       site->roles_.back().get()});
   }
-  if (!targets.empty()) {
+  // A primary that may be demoted needs its receiver too (if it listens).
+  if (any_secondary || (site->config_.replication.listen && may_become_secondary)) {
     auto receiver = replication::Receiver::Open(
         ctx, *site->io_, site->config_.site, site->config_.data_dir.string(),
         std::move(targets));
@@ -125,6 +139,68 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
     site->receiver_ = std::move(receiver).value();
   }
   return site;
+}
+
+int Site::GroupIndex(const std::string& name) const {
+  for (size_t g = 0; g < config_.groups.size(); ++g) {
+    if (config_.groups[g].name == name) return static_cast<int>(g);
+  }
+  return -1;
+}
+
+std::vector<config::DownstreamConfig> Site::LinksFor(size_t g,
+                                                     config::Role role) const {
+  const auto& group = config_.groups[g];
+  if (role == config::Role::kSecondary) {
+    if (group.role == config::Role::kSecondary) return group.downstream;
+    return {};
+  }
+  std::vector<config::DownstreamConfig> links = group.downstream;
+  if (group.upstream && group.upstream->address) {
+    // The reversed direction after a failover: asynchronous, so the new
+    // primary never waits on the site that just failed.
+    config::DownstreamConfig d;
+    d.site = group.upstream->site;
+    d.address = *group.upstream->address;
+    d.mode = config::LinkMode::kAsync;
+    links.push_back(d);
+  }
+  return links;
+}
+
+Result<replication::ReplicationGroup*> Site::MakeReplicationGroup(
+    size_t g, config::Role role, const std::set<std::string>& new_slot_sites) {
+  auto links = LinksFor(g, role);
+  const auto& volumes = group_volumes_[g];
+  if (links.empty()) {
+    for (const auto& v : volumes) v->AttachReplication(nullptr, 0);
+    return static_cast<replication::ReplicationGroup*>(nullptr);
+  }
+  config::GroupConfig effective = config_.groups[g];
+  effective.downstream = std::move(links);
+  auto rg = std::make_unique<replication::ReplicationGroup>(
+      ctx_, *io_, config_.site, effective, volumes);
+  // A promote started a generation already; a start-up did not.
+  if (role == config::Role::kPrimary) rg->EnableGenerationBumps(/*armed=*/!started_once_);
+  if (Status s = rg->OpenDiskQueues(config_.data_dir.string()); !s.ok()) return s;
+  if (Status s = rg->OpenChecksumSyncs(config_.data_dir.string(), new_slot_sites);
+      !s.ok()) {
+    return s;
+  }
+  replication_.push_back(std::move(rg));
+  return replication_.back().get();
+}
+
+asio::awaitable<void> Site::RetireReplicationGroup(const std::string& name) {
+  for (auto it = replication_.begin(); it != replication_.end(); ++it) {
+    if ((*it)->name() != name) continue;
+    std::unique_ptr<replication::ReplicationGroup> rg = std::move(*it);
+    replication_.erase(it);
+    co_await rg->Stop();
+    for (const auto& v : rg->volumes()) v->AttachReplication(nullptr, 0);
+    retired_.push_back(std::move(rg));
+    co_return;
+  }
 }
 
 Status Site::Start() {
@@ -136,15 +212,22 @@ Status Site::Start() {
     return s;
   }
   if (receiver_) {
-    if (!config_.replication.listen) {
+    bool any_secondary = false;
+    for (size_t g = 0; g < config_.groups.size(); ++g) {
+      any_secondary |= RoleOf(g) == config::Role::kSecondary;
+    }
+    if (any_secondary && !config_.replication.listen) {
       return Status::InvalidArgument(
           "replication.listen: a site with a secondary group must listen for "
           "its upstream");
     }
-    if (Status s = receiver_->Listen(*config_.replication.listen); !s.ok()) {
-      return s;
+    if (config_.replication.listen) {
+      if (Status s = receiver_->Listen(*config_.replication.listen); !s.ok()) {
+        return s;
+      }
     }
   }
+  started_once_ = true;
   nbd_server_->Start();
   control_server_->Start();
   if (receiver_) receiver_->Start();
@@ -290,6 +373,17 @@ asio::awaitable<nlohmann::json> Site::ResyncReply(const nlohmann::json& request)
   if (request.contains("full") && !request["full"].is_boolean()) {
     co_return control::ErrorReply("resync: \"full\" must be true or false");
   }
+  if (request.contains("discard_local") && !request["discard_local"].is_boolean()) {
+    co_return control::ErrorReply("resync: \"discard_local\" must be true or false");
+  }
+  if (request.value("discard_local", false)) {
+    if (request.value("full", false)) {
+      co_return control::ErrorReply(
+          "resync: \"full\" and \"discard_local\" exclude each other (full is "
+          "for this site's downstream links, discard_local for its upstream)");
+    }
+    co_return co_await DiscardLocalReply(request);
+  }
   const std::string group = request["group"].get<std::string>();
   const std::string link = request["link"].get<std::string>();
   const bool full = request.value("full", false);
@@ -355,6 +449,264 @@ asio::awaitable<nlohmann::json> Site::RollbackReply(const nlohmann::json& reques
                            {"consistent", true}};
 }
 
+asio::awaitable<nlohmann::json> Site::PromoteReply(const nlohmann::json& request) {
+  if (!request.contains("group") || !request["group"].is_string()) {
+    co_return control::ErrorReply("promote: \"group\" (a string) is required");
+  }
+  if (request.contains("force") && !request["force"].is_boolean()) {
+    co_return control::ErrorReply("promote: \"force\" must be true or false");
+  }
+  const std::string group = request["group"].get<std::string>();
+  const bool force = request.value("force", false);
+  const int gi = GroupIndex(group);
+  if (gi < 0) {
+    co_return control::ErrorReply(fmt::format("site {} has no group \"{}\"",
+                                              config_.site, group));
+  }
+  const size_t g = static_cast<size_t>(gi);
+  if (std::find(changing_role_.begin(), changing_role_.end(), group) !=
+      changing_role_.end()) {
+    co_return control::ErrorReply(fmt::format(
+        "group {} is changing its role already; try again", group));
+  }
+  if (RoleOf(g) == config::Role::kPrimary) {
+    co_return control::ErrorReply(fmt::format(
+        "group {} is primary on site {} already", group, config_.site));
+  }
+  if (receiver_) {
+    if (auto peer = receiver_->UpstreamPeer(group); peer && !force) {
+      co_return control::ErrorReply(fmt::format(
+          "group {}: upstream {} is connected and primary; promoting now would "
+          "make two primaries. Demote it first (planned switchover), or use "
+          "--force to drop it", group, *peer));
+    }
+  }
+  changing_role_.push_back(group);
+  struct Done {
+    std::vector<std::string>& v;
+    std::string name;
+    ~Done() { v.erase(std::find(v.begin(), v.end(), name)); }
+  } done{changing_role_, group};
+
+  // No upstream may write from here on; what it sent is applied first.
+  if (receiver_) {
+    receiver_->SetRole(group, /*secondary=*/false, nullptr);
+    Status s = co_await receiver_->DropUpstream(group);
+    if (!s.ok()) {
+      receiver_->SetRole(group, true, FindReplicationGroup(group));
+      co_return control::ErrorReply(fmt::format(
+          "promote {}: applying what the upstream sent failed: {}", group,
+          s.message()));
+    }
+  }
+  // A resync cut off by the failure left the volumes at no state the old
+  // primary ever had: return to the last consistent one before they become
+  // writable (docs/replication.md, "Consistent downstream during resync").
+  replication::Receiver::RollbackOutcome rollback;
+  if (receiver_) {
+    auto rb = co_await receiver_->Rollback(group);
+    if (!rb.ok() && rb.status().code() != Status::Code::kNotFound) {
+      receiver_->SetRole(group, true, FindReplicationGroup(group));
+      co_return control::ErrorReply(fmt::format(
+          "promote {}: rolling back the unfinished resync failed, the group "
+          "stays secondary: {}", group, rb.status().message()));
+    }
+    if (rb.ok()) rollback = *rb;
+  }
+  co_await RetireReplicationGroup(group);
+
+  const auto& volumes = group_volumes_[g];
+  replication::GroupRole* role = roles_[g].get();
+  std::string new_generation;
+  std::string* gen_out = &new_generation;
+  const auto* vp = &volumes;
+  const bool rolled_back = rollback.rolled_back;
+  std::string old_upstream = role->Get().reconciled_with;
+  if (old_upstream.empty() && config_.groups[g].upstream) {
+    old_upstream = config_.groups[g].upstream->site;
+  }
+  const std::string* up = &old_upstream;
+  Status s = co_await io_->Run([vp, role, gen_out, rolled_back, up] {
+    const std::string& old_upstream = *up;
+    const auto& volumes = *vp;
+    // Writes from the old upstream need no tracking for it (it has them);
+    // from now on this slot tracks what the old primary misses.
+    const auto st = role->Get();
+    if (!st.reconciled_with.empty()) {
+      if (Status fs = replication::ForgetDirtyFor(volumes, st.reconciled_with); !fs.ok()) {
+        return fs;
+      }
+    }
+    // The rollback put back bytes the old primary had already overwritten
+    // (the cut-off resync brought them) and the slots do not say which
+    // regions those are on its side: it gets a full resync when it returns.
+    if (rolled_back && !old_upstream.empty()) {
+      if (Status ms = replication::MarkAllDirtyFor(volumes, old_upstream); !ms.ok()) {
+        return ms;
+      }
+    }
+    auto old = replication::GroupGenerations(volumes);
+    if (old) {
+      replication::GenerationSet next;
+      next.current = storage::Generation{storage::Uuid::Random(), old->current.counter + 1};
+      next.history = old->history;
+      next.history.insert(next.history.begin(), old->current);
+      if (Status gs = replication::SetGroupGenerations(volumes, next); !gs.ok()) return gs;
+      *gen_out = replication::GenerationName(next.current);
+    }
+    return role->Update([](replication::GroupRoleState& r) {
+      r.role = config::Role::kPrimary;
+      r.fresh = false;
+      r.discard_local.clear();
+      r.reconciled_with.clear();
+    });
+  });
+  if (!s.ok()) {
+    // Still secondary on disk: take an upstream again.
+    auto back = MakeReplicationGroup(g, config::Role::kSecondary);
+    if (back.ok() && *back) (*back)->Start();
+    if (receiver_) receiver_->SetRole(group, true, back.ok() ? *back : nullptr);
+    co_return control::ErrorReply(fmt::format("promote {} failed: {}", group,
+                                              s.message()));
+  }
+  // On the network thread: replication_ is only touched here. Opening a
+  // disk queue blocks briefly.
+  replication::ReplicationGroup* rg = nullptr;
+  Status ms;
+  if (auto made = MakeReplicationGroup(g, config::Role::kPrimary); made.ok()) {
+    rg = *made;
+  } else {
+    ms = made.status();
+  }
+  if (!ms.ok()) {
+    BR_LOG_ERROR("site", "group {}: promoted, but its links cannot start: {}",
+                 group, ms.ToString());
+  }
+  if (rg) rg->Start();
+  for (const auto& v : volumes) v->set_read_only(false);
+  BR_LOG_INFO("site", "group {}: promoted to primary{}, generation {}; "
+              "{} downstream link(s)", group, force ? " (forced)" : "",
+              new_generation, rg ? rg->links().size() : 0);
+  nlohmann::json links = rg ? rg->LinksJson() : nlohmann::json::array();
+  nlohmann::json reply = {{"group", group}, {"role", "primary"},
+                          {"generation", new_generation}, {"links", links},
+                          {"rolled_back", rollback.rolled_back},
+                          {"restored_bytes", rollback.restored_bytes}};
+  if (!ms.ok()) reply["links_error"] = ms.message();
+  co_return reply;
+}
+
+asio::awaitable<nlohmann::json> Site::DemoteReply(const nlohmann::json& request) {
+  if (!request.contains("group") || !request["group"].is_string()) {
+    co_return control::ErrorReply("demote: \"group\" (a string) is required");
+  }
+  const std::string group = request["group"].get<std::string>();
+  const int gi = GroupIndex(group);
+  if (gi < 0) {
+    co_return control::ErrorReply(fmt::format("site {} has no group \"{}\"",
+                                              config_.site, group));
+  }
+  const size_t g = static_cast<size_t>(gi);
+  if (std::find(changing_role_.begin(), changing_role_.end(), group) !=
+      changing_role_.end()) {
+    co_return control::ErrorReply(fmt::format(
+        "group {} is changing its role already; try again", group));
+  }
+  if (RoleOf(g) == config::Role::kSecondary) {
+    co_return control::ErrorReply(fmt::format(
+        "group {} is secondary on site {} already", group, config_.site));
+  }
+  if (!receiver_ || !config_.replication.listen) {
+    co_return control::ErrorReply(fmt::format(
+        "group {}: site {} has no replication.listen, so as a secondary no "
+        "upstream could reach it; add \"replication\": {{\"listen\": ...}} to "
+        "its config and restart first", group, config_.site));
+  }
+  changing_role_.push_back(group);
+  struct Done {
+    std::vector<std::string>& v;
+    std::string name;
+    ~Done() { v.erase(std::find(v.begin(), v.end(), name)); }
+  } done{changing_role_, group};
+
+  // New NBD writes fail from here on (read-only export); writes already
+  // past that check finish, and their replies are answered when the links
+  // stop (their data is local and dirty in the scoreboard).
+  const auto& volumes = group_volumes_[g];
+  for (const auto& v : volumes) v->set_read_only(true);
+  co_await RetireReplicationGroup(group);
+  replication::GroupRole* role = roles_[g].get();
+  const auto* vp = &volumes;
+  Status s = co_await io_->Run([vp, role] {
+    for (const auto& v : *vp) {
+      if (Status fs = v->Flush(); !fs.ok()) return fs;
+      if (Status fs = v->FlushScoreboard(); !fs.ok()) return fs;
+    }
+    return role->Update([](replication::GroupRoleState& r) {
+      r.role = config::Role::kSecondary;
+      r.reconciled_with.clear();
+    });
+  });
+  if (!s.ok()) {
+    for (const auto& v : volumes) v->set_read_only(false);
+    auto back = MakeReplicationGroup(g, config::Role::kPrimary);
+    if (back.ok() && *back) (*back)->Start();
+    co_return control::ErrorReply(fmt::format("demote {} failed: {}", group,
+                                              s.message()));
+  }
+  // On the network thread: replication_ is only touched here. Opening a
+  // disk queue blocks briefly.
+  replication::ReplicationGroup* rg = nullptr;
+  Status ms;
+  if (auto made = MakeReplicationGroup(g, config::Role::kSecondary); made.ok()) {
+    rg = *made;
+  } else {
+    ms = made.status();
+  }
+  if (rg) rg->Start();
+  receiver_->SetRole(group, /*secondary=*/true, rg);
+  BR_LOG_INFO("site", "group {}: demoted to secondary; read-only, waiting for "
+              "an upstream", group);
+  nlohmann::json reply = {{"group", group}, {"role", "secondary"}};
+  if (!ms.ok()) reply["links_error"] = ms.message();
+  co_return reply;
+}
+
+asio::awaitable<nlohmann::json> Site::DiscardLocalReply(const nlohmann::json& request) {
+  const std::string group = request["group"].get<std::string>();
+  const std::string link = request["link"].get<std::string>();
+  const int gi = GroupIndex(group);
+  if (gi < 0) {
+    co_return control::ErrorReply(fmt::format("site {} has no group \"{}\"",
+                                              config_.site, group));
+  }
+  const size_t g = static_cast<size_t>(gi);
+  const auto& gc = config_.groups[g];
+  bool known = gc.upstream && gc.upstream->site == link;
+  for (const auto& d : gc.downstream) known |= d.site == link;
+  if (!known) {
+    co_return control::ErrorReply(fmt::format(
+        "group {} on site {} neither has site \"{}\" as upstream nor lists it "
+        "downstream, so it cannot take writes from it", group, config_.site, link));
+  }
+  if (RoleOf(g) != config::Role::kSecondary) {
+    co_return control::ErrorReply(fmt::format(
+        "group {} is primary on site {}: --discard-local drops this site's "
+        "writes in favour of site {}'s, which needs this site secondary; run "
+        "`blockrelay demote {}` first", group, config_.site, link, group));
+  }
+  replication::GroupRole* role = roles_[g].get();
+  const std::string* lp = &link;
+  Status s = co_await io_->Run([role, lp] {
+    return role->Update([lp](replication::GroupRoleState& r) { r.discard_local = *lp; });
+  });
+  if (!s.ok()) co_return control::ErrorReply(s.message());
+  BR_LOG_WARN("site", "group {}: the next connection from site {} may overwrite "
+              "this site's own writes (resync --discard-local)", group, link);
+  co_return nlohmann::json{{"group", group}, {"link", link},
+                           {"discard_local", true}};
+}
+
 nlohmann::json Site::StatusJson() const {
   using nlohmann::json;
   json groups = json::array();
@@ -367,7 +719,7 @@ nlohmann::json Site::StatusJson() const {
       json vol = {
           {"name", v->name()},
           {"size_bytes", v->size_bytes()},
-          {"role", config::ToString(group.role)},
+          {"role", config::ToString(RoleOf(static_cast<size_t>(GroupIndex(group.name))))},
           {"read_only", v->read_only()},
           {"backing", v->backing()},
           {"nbd_clients", v->nbd_clients()},
@@ -413,12 +765,24 @@ nlohmann::json Site::StatusJson() const {
     json links = json::array();
     auto* rg = FindReplicationGroup(group.name);
     if (rg) links = rg->LinksJson();
+    const size_t gi = static_cast<size_t>(GroupIndex(group.name));
+    const auto role_state = roles_[gi]->Get();
     json entry = {{"name", group.name},
-                  {"role", config::ToString(group.role)},
+                  {"role", config::ToString(role_state.role)},
+                  {"configured_role", config::ToString(group.role)},
                   {"region_size_bytes", group.region_size_bytes},
                   {"volumes", std::move(volumes)},
                   {"downstream", std::move(links)}};
-    if (receiver_) {
+    if (auto gens = replication::GroupGenerations(group_volumes_[gi])) {
+      entry["generation"] = replication::GenerationName(gens->current);
+      json history = json::array();
+      for (const auto& h : gens->history) history.push_back(replication::GenerationName(h));
+      entry["generation_history"] = std::move(history);
+    }
+    if (!role_state.discard_local.empty()) {
+      entry["discard_local"] = role_state.discard_local;
+    }
+    if (receiver_ && role_state.role == config::Role::kSecondary) {
       json up = receiver_->UpstreamJson(group.name);
       if (!up.is_null()) entry["upstream"] = std::move(up);
     }
@@ -455,11 +819,17 @@ asio::awaitable<nlohmann::json> Site::HandleControl(
   if (command == "rollback") {
     co_return co_await RollbackReply(request);
   }
+  if (command == "promote") {
+    co_return co_await PromoteReply(request);
+  }
+  if (command == "demote") {
+    co_return co_await DemoteReply(request);
+  }
   if (command == "version") {
     co_return nlohmann::json{{"version", BLOCKRELAY_VERSION}};
   }
   co_return control::ErrorReply(fmt::format(
-      "unknown command \"{}\"; known: status, wait, pause, resume, resync, verify, verify_status, rollback, version", command));
+      "unknown command \"{}\"; known: status, wait, pause, resume, resync, verify, verify_status, rollback, promote, demote, version", command));
 }
 
 }  // namespace blockrelay::site

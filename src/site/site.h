@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <optional>
+#include <set>
 #include <memory>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "control/control_server.h"
 #include "nbd/server.h"
 #include "nbd/volume_catalog.h"
+#include "replication/group_role.h"
 #include "replication/receiver.h"
 #include "replication/replication_group.h"
 
@@ -61,7 +63,29 @@ class Site {
   asio::awaitable<nlohmann::json> ResyncReply(const nlohmann::json& request);
   nlohmann::json VerifyReply(const nlohmann::json& request, bool start);
   asio::awaitable<nlohmann::json> RollbackReply(const nlohmann::json& request);
+  asio::awaitable<nlohmann::json> PromoteReply(const nlohmann::json& request);
+  asio::awaitable<nlohmann::json> DemoteReply(const nlohmann::json& request);
+  asio::awaitable<nlohmann::json> DiscardLocalReply(const nlohmann::json& request);
 
+  // Index of group `name` in config_.groups, or -1.
+  int GroupIndex(const std::string& name) const;
+  config::Role RoleOf(size_t g) const { return roles_[g]->Get().role; }
+  // The links group `g` runs in `role`: as primary its downstream list plus
+  // its upstream (if the upstream has an address: the failover reversal);
+  // as secondary its downstream list when it was configured secondary (a
+  // chain), none when it was configured primary (demoted after a failover,
+  // it is the end of the line).
+  std::vector<config::DownstreamConfig> LinksFor(size_t g, config::Role role) const;
+  // Creates group `g`'s ReplicationGroup for `role` (null when it has no
+  // links) and attaches its volumes; disk queues opened. Blocks (start-up
+  // or a storage thread).
+  // `new_slot_sites`: the sites whose slots this start created (they may
+  // need a checksum compare; replication_group.h, OpenChecksumSyncs).
+  Result<replication::ReplicationGroup*> MakeReplicationGroup(
+      size_t g, config::Role role, const std::set<std::string>& new_slot_sites = {});
+  // Stops and retires group `name`'s ReplicationGroup, if any; its volumes
+  // are detached. Network thread.
+  asio::awaitable<void> RetireReplicationGroup(const std::string& name);
   config::SiteConfig config_;
   std::optional<io::DataDirLock> lock_;
   asio::io_context& ctx_;
@@ -71,10 +95,19 @@ class Site {
   std::unique_ptr<control::ControlServer> control_server_;
   std::chrono::steady_clock::time_point started_;
   bool stopping_ = false;
+  bool started_once_ = false;  // Start() ran: later groups come from promote
   std::optional<asio::steady_timer> flush_timer_;
   std::optional<asio::steady_timer> sweep_timer_;
-  // One per group with downstream links, in config order.
+  // One per group with links in its current role.
   std::vector<std::unique_ptr<replication::ReplicationGroup>> replication_;
+  // Stopped by promote/demote; kept so a write that was in flight then
+  // still finds its sink alive.
+  std::vector<std::unique_ptr<replication::ReplicationGroup>> retired_;
+  // Per group of config_.groups: persisted role, volumes.
+  std::vector<std::unique_ptr<replication::GroupRole>> roles_;
+  std::vector<std::vector<std::shared_ptr<core::Volume>>> group_volumes_;
+  // Groups in the middle of a promote or demote.
+  std::vector<std::string> changing_role_;
   std::unique_ptr<replication::Receiver> receiver_;
 };
 

@@ -358,4 +358,15 @@ Status VolumeMetadata::StartNewGeneration() {
   });
 }
 
+Status VolumeMetadata::SetGeneration(const Generation& current,
+                                     std::vector<Generation> history) {
+  if (history.size() > format::kMaxGenerationHistory) {
+    history.resize(format::kMaxGenerationHistory);
+  }
+  return UpdateSuperblock(*scoreboard_, [&](format::Superblock& sb) {
+    sb.generation = current;
+    sb.generation_history = history;
+  });
+}
+
 }  // namespace blockrelay::storage

@@ -570,7 +570,7 @@ TEST_CASE("ReplicationProtocol: header with another version is NotSupported "
 
 TEST_CASE("ReplicationProtocol: header with an unknown frame type is refused",
           "[replication][protocol]") {
-  for (uint16_t type : {0, 10, 0xffff}) {
+  for (uint16_t type : {0, 11, 0xffff}) {
     INFO("type " << type);
     auto h = DecodeFrameHeader(HeaderOf(MakeFrame({.type = type}, {})));
     REQUIRE_FALSE(h.ok());
@@ -874,9 +874,9 @@ TEST_CASE("ReplicationProtocol: string longer than kMaxStringBytes is refused "
 TEST_CASE("ReplicationProtocol: HELLO_REPLY with an unknown result is refused",
           "[replication][protocol]") {
   Status s = DecodeError(MakeFrame(
-      FrameType::kHelloReply, Concat({U32(7), S("w"), S(""), S("g"), U64(0)})));
+      FrameType::kHelloReply, Concat({U32(8), S("w"), S(""), S("g"), U64(0)})));
   CHECK(s.IsCorruption());
-  CHECK_THAT(s.message(), Equals("HELLO_REPLY: unknown result 7"));
+  CHECK_THAT(s.message(), Equals("HELLO_REPLY: unknown result 8"));
 }
 
 TEST_CASE("ReplicationProtocol: GROUP_ACK with durable_seq beyond "

@@ -137,6 +137,8 @@ class Volume {
     return metadata_ ? &metadata_->scoreboard() : nullptr;
   }
   const storage::VolumeMetadata* metadata() const { return metadata_.get(); }
+  // For promote and generation adoption (SetGeneration).
+  storage::VolumeMetadata* mutable_metadata() { return metadata_.get(); }
   // For the replication links, which clear bits as downstreams acknowledge.
   storage::Scoreboard* mutable_scoreboard() {
     return metadata_ ? &metadata_->scoreboard() : nullptr;

@@ -128,6 +128,10 @@ class VolumeMetadata {
   // Moves the current generation into the history (keeping 4) and starts a
   // new one (random uuid, counter + 1), durably. For promote/demote.
   Status StartNewGeneration();
+  // Replaces the current generation and the history (cut to the newest 4),
+  // durably: a promote of a group (one new generation shared by all its
+  // volumes), or a downstream adopting its upstream's generation.
+  Status SetGeneration(const Generation& current, std::vector<Generation> history);
 
   // Scoreboard().Close(): flush and mark the shutdown clean.
   Status Close() { return scoreboard_->Close(); }
