@@ -255,6 +255,45 @@ TEST_CASE("Resync undo: a resync cut off half way is rolled back to the "
   p.RequireIdentical();
 }
 
+// Issue 5: "resync cut off half way, then promote -> downstream rolls back
+// to consistent state". The failure cuts the resync off (here: a's link is
+// paused, as if a had gone away); promoting b must not hand out a volume
+// that mixes old and resynced regions.
+TEST_CASE("Resync undo: promoting b after its resync was cut off half way "
+          "first rolls it back to the state before the resync",
+          "[replication][undo]") {
+  UndoPair p("512KiB/s");
+  const Digest before = Prepare(p);
+  p.Resume();
+  p.RequireResyncUnderWay(512 * kKiB);
+  p.Pause();  // cuts the resync off
+  REQUIRE_FALSE(p.DigestB() == before);
+
+  ProcessResult r = p.Cli(p.b(), {"promote", "g", "--json"});
+  INFO("promote: " << r.out << r.err);
+  INFO("site b log:\n" << p.b().ReadLog());
+  REQUIRE(r.exit_code == 0);
+  json reply = json::parse(r.out);
+  CHECK(reply.value("role", "") == "primary");
+  CHECK(reply.value("rolled_back", false));
+  CHECK(reply.value("restored_bytes", uint64_t{0}) >= 512 * kKiB);
+
+  // b holds exactly what a and b both held before the resync began.
+  CHECK(p.DigestB() == before);
+  CHECK_FALSE(fs::exists(p.UndoFile()));
+  p.CheckVolumesSay(true);
+
+  // And b is a writable primary now.
+  testutil::NbdOptions options;
+  options.export_name = "log";
+  std::string error;
+  NbdHandle h = testutil::ConnectUnix(*p.b().nbd_unix_socket(), options, &error);
+  INFO("libnbd: " << error);
+  REQUIRE(h != nullptr);
+  auto data = testutil::Pattern(4 * kKiB, 4242);
+  CHECK(testutil::Pwrite(h.get(), data, 0) == 0);
+}
+
 TEST_CASE("Resync undo: a resync that finishes drops the undo record and b "
           "is consistent",
           "[replication][undo]") {
