@@ -1,6 +1,7 @@
 #include "replication/receiver.h"
 
 #include <atomic>
+#include <cstring>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
@@ -362,7 +363,13 @@ Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group) {
         const uint64_t n = std::min(length, UndoRecord::kMaxRecordBytes);
         old.resize(n);
         if (Status s = v.Read(offset, old); !s.ok()) return s;
-        if (Status s = g.undo->Append(op.volume, offset, old); !s.ok()) return s;
+        // Holes and zeroed ranges (all of a fresh sparse volume) cost a
+        // record header, not their size.
+        const bool zeros = old[0] == std::byte{0} &&
+                           std::memcmp(old.data(), old.data() + 1, n - 1) == 0;
+        Status s = zeros ? g.undo->AppendZeros(op.volume, offset, n)
+                         : g.undo->Append(op.volume, offset, old);
+        if (!s.ok()) return s;
         appended = true;
         offset += n;
         length -= n;
@@ -391,7 +398,8 @@ Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
   // site's own downstream links.
   if (g.target.onward) g.target.onward->BeginApply();
   Status s = g.undo->ForEachNewestFirst(
-      [&](uint32_t volume, uint64_t offset, std::span<const std::byte> data) {
+      [&](uint32_t volume, uint64_t offset, uint64_t length,
+          std::span<const std::byte> data) {
         if (volume >= g.target.volumes.size()) {
           return Status::Corruption(fmt::format(
               "undo record {}: volume index {} but the group has {} volume(s)",
@@ -399,8 +407,12 @@ Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
         }
         core::WriteContext ctx;
         ctx.from_upstream = true;
-        Status ws = g.target.volumes[volume]->Write(offset, data, false, &ctx);
-        out->restored_bytes += data.size();
+        core::Volume& v = *g.target.volumes[volume];
+        Status ws = data.empty()
+                        ? v.WriteZeroes(offset, length, /*may_trim=*/true,
+                                        /*fast_only=*/false, /*fua=*/false, &ctx)
+                        : v.Write(offset, data, false, &ctx);
+        out->restored_bytes += length;
         return ws;
       });
   if (g.target.onward) g.target.onward->EndApply();
@@ -558,6 +570,41 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
         g.Fail(s);
         return s;
       }
+    }
+  }
+  return Status::OK();
+}
+
+Status Receiver::ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
+                             uint64_t* durable_link_seq) {
+  if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+  std::lock_guard apply_lock(g.apply_mu);
+  // The state BEGIN keeps (and END declares consistent) must be durable.
+  for (const auto& v : g.target.volumes) {
+    if (Status s = v->Flush(); !s.ok()) {
+      g.Fail(s);
+      return s;
+    }
+  }
+  if (Status s = begin ? BeginResync(g) : EndResync(g); !s.ok()) {
+    g.Fail(s);
+    return s;
+  }
+  // Everything journaled is applied and durable: empty the journal, so a
+  // replay after a crash never runs frames from before this marker again.
+  // Replayed, they would go into (or, past an old END, drop) the undo
+  // record of the resync under way and make a rollback restore the wrong
+  // bytes.
+  std::lock_guard lock(g.append_mu);
+  if (!g.pending.empty() || g.journal->log_bytes() == 0) return Status::OK();
+  if (Status s = g.journal->Reset(g.applied_group_seq); !s.ok()) {
+    g.Fail(s);
+    return s;
+  }
+  if (!g.forget_site.empty()) {
+    if (Status s = ForgetDirtyFor(g.target.volumes, g.forget_site); !s.ok()) {
+      g.Fail(s);
+      return s;
     }
   }
   return Status::OK();
@@ -1081,6 +1128,27 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     const bool durable = wg->flags & kGroupDurable;
     const uint64_t link_seq = wg->link_seq;
     const uint64_t conn_id = c->id;
+    if (wg->flags & (kGroupResyncBegin | kGroupResyncEnd)) {
+      // Resync markers are applied here, not journaled (ApplyMarker).
+      const bool begin = wg->flags & kGroupResyncBegin;
+      uint64_t marker_durable = 0;
+      uint64_t* marker_out = &marker_durable;
+      s = co_await io_.Run([g, conn_id, begin, marker_out] {
+        return ApplyMarker(*g, conn_id, begin, marker_out);
+      });
+      if (!s.ok()) {
+        BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
+        c->error = fmt::format("site {} cannot take writes for group {}: {}",
+                               local_site_, g->target.config->name, s.message());
+        g->last_error = c->error;
+        break;
+      }
+      // Every frame up to this one is applied and durable now.
+      c->received = link_seq;
+      c->durable = link_seq;
+      c->wake.cancel();
+      continue;
+    }
     Bytes* frame_bytes = &f->bytes;
     uint64_t durable_seq = 0;
     uint64_t* durable_out = &durable_seq;

@@ -178,6 +178,12 @@ class Receiver {
   // start-up.
   static Status BeginResync(GroupState& g);
   static Status EndResync(GroupState& g);
+  // A BEGIN or END marker as it arrives: applies everything received
+  // before it, flushes the volumes, opens or closes the resync epoch, and
+  // empties the journal (markers are never journaled: a replay must not
+  // see frames from before the epoch it recovers). Pool thread.
+  static Status ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
+                            uint64_t* durable_link_seq);
   // Saves, durably, the bytes `group` would overwrite that the undo record
   // does not hold yet.
   static Status SaveUndo(GroupState& g, const WriteGroup& group);

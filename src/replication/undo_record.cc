@@ -43,16 +43,32 @@ uint64_t RecordChecksum(std::span<const std::byte> header,
   return h;
 }
 
+constexpr uint32_t kRecordZeros = 1;  // record flag: no data, all zeros
+
 std::array<std::byte, UndoRecord::kRecordHeaderBytes> EncodeRecordHeader(
-    uint32_t volume, uint64_t offset, std::span<const std::byte> data) {
+    uint32_t volume, uint64_t offset, std::span<const std::byte> data,
+    uint64_t zero_length = 0) {
   std::array<std::byte, UndoRecord::kRecordHeaderBytes> h{};
   PutLe(h, 0, kRecordMagic, 4);
   PutLe(h, 4, volume, 4);
   PutLe(h, 8, offset, 8);
-  PutLe(h, 16, data.size(), 4);
-  PutLe(h, 20, 0, 4);
+  PutLe(h, 16, zero_length ? zero_length : data.size(), 4);
+  PutLe(h, 20, zero_length ? kRecordZeros : 0, 4);
   PutLe(h, 24, RecordChecksum(h, data), 8);
   return h;
+}
+
+// Bytes of data that follow a record header, or nullopt if its length and
+// flags are impossible.
+std::optional<uint64_t> RecordDataBytes(std::span<const std::byte> rh) {
+  const uint64_t length = GetLe(rh, 16, 4);
+  const uint64_t flags = GetLe(rh, 20, 4);
+  if (flags == kRecordZeros) {
+    if (length == 0 || length > UndoRecord::kMaxZeroRecordBytes) return std::nullopt;
+    return 0;
+  }
+  if (flags != 0 || length > UndoRecord::kMaxRecordBytes) return std::nullopt;
+  return length;
 }
 
 // Offset of the first intact record (magic, sane length, checksum) that
@@ -75,11 +91,11 @@ Result<std::optional<uint64_t>> NextIntactRecord(io::RandomRWFile& file,
       if (at + UndoRecord::kRecordHeaderBytes > size) continue;
       Result<size_t> h = file.PRead(at, rh);
       if (!h.ok()) return h.status();
-      const uint64_t length = GetLe(rh, 16, 4);
-      if (length > UndoRecord::kMaxRecordBytes ||
-          at + UndoRecord::kRecordHeaderBytes + length > size) {
+      const std::optional<uint64_t> data_bytes = RecordDataBytes(rh);
+      if (!data_bytes || at + UndoRecord::kRecordHeaderBytes + *data_bytes > size) {
         continue;
       }
+      const uint64_t length = *data_bytes;
       data.resize(length);
       Result<size_t> d = file.PRead(at + UndoRecord::kRecordHeaderBytes, data);
       if (!d.ok()) return d.status();
@@ -168,11 +184,13 @@ Result<std::unique_ptr<UndoRecord>> UndoRecord::Open(io::Env& env,
       Result<size_t> got = f.PRead(offset, rh);
       if (!got.ok()) return got.status().WithContext(context);
       const uint32_t rmagic = static_cast<uint32_t>(GetLe(rh, 0, 4));
-      const uint64_t length = GetLe(rh, 16, 4);
+      const std::optional<uint64_t> data_bytes = RecordDataBytes(rh);
+      const uint64_t length = data_bytes.value_or(0);
       if (rmagic != kRecordMagic) {
         bad = fmt::format("bad record magic {:#010x}", rmagic);
-      } else if (length > kMaxRecordBytes) {
-        bad = fmt::format("record length {} exceeds {}", length, kMaxRecordBytes);
+      } else if (!data_bytes) {
+        bad = fmt::format("record length {} with flags {:#x} is impossible",
+                          GetLe(rh, 16, 4), GetLe(rh, 20, 4));
       } else {
         record_end = offset + kRecordHeaderBytes + length;
         if (record_end > *size) {
@@ -191,7 +209,8 @@ Result<std::unique_ptr<UndoRecord>> UndoRecord::Open(io::Env& env,
       const uint32_t volume = static_cast<uint32_t>(GetLe(rh, 4, 4));
       const uint64_t voff = GetLe(rh, 8, 8);
       const uint32_t length = static_cast<uint32_t>(GetLe(rh, 16, 4));
-      undo->records_.push_back(RecordPos{offset, volume, voff, length});
+      const bool zeros = GetLe(rh, 20, 4) == kRecordZeros;
+      undo->records_.push_back(RecordPos{offset, volume, voff, length, zeros});
       undo->MarkSaved(volume, voff, length);
       undo->saved_bytes_ += length;
       ++recovered->records;
@@ -285,12 +304,28 @@ Status UndoRecord::Append(uint32_t volume, uint64_t offset,
     Status s = file_->PWrite(end_, h);
     if (s.ok()) s = file_->PWrite(end_ + kRecordHeaderBytes, piece);
     if (!s.ok()) return Fail(s, "append");
-    records_.push_back(RecordPos{end_, volume, offset, static_cast<uint32_t>(n)});
+    records_.push_back(RecordPos{end_, volume, offset, static_cast<uint32_t>(n), false});
     MarkSaved(volume, offset, n);
     saved_bytes_ += n;
     end_ += kRecordHeaderBytes + n;
     offset += n;
     old = old.subspan(n);
+  }
+  return Status::OK();
+}
+
+Status UndoRecord::AppendZeros(uint32_t volume, uint64_t offset, uint64_t length) {
+  if (!error_.ok()) return error_;
+  while (length > 0) {
+    const uint64_t n = std::min(length, kMaxZeroRecordBytes);
+    auto h = EncodeRecordHeader(volume, offset, {}, n);
+    if (Status s = file_->PWrite(end_, h); !s.ok()) return Fail(s, "append");
+    records_.push_back(RecordPos{end_, volume, offset, static_cast<uint32_t>(n), true});
+    MarkSaved(volume, offset, n);
+    saved_bytes_ += n;
+    end_ += kRecordHeaderBytes;
+    offset += n;
+    length -= n;
   }
   return Status::OK();
 }
@@ -302,23 +337,25 @@ Status UndoRecord::Sync() {
 }
 
 Status UndoRecord::ForEachNewestFirst(
-    const std::function<Status(uint32_t, uint64_t, std::span<const std::byte>)>& fn) {
+    const std::function<Status(uint32_t, uint64_t, uint64_t,
+                               std::span<const std::byte>)>& fn) {
   std::vector<std::byte> data;
   std::array<std::byte, kRecordHeaderBytes> rh{};
   for (auto it = records_.rbegin(); it != records_.rend(); ++it) {
-    data.resize(it->length);
+    data.resize(it->zeros ? 0 : it->length);
     Result<size_t> got = file_->PRead(it->file_offset, rh);
     if (got.ok() && *got == rh.size()) {
       got = file_->PRead(it->file_offset + kRecordHeaderBytes, data);
     }
     if (!got.ok()) return got.status().WithContext("undo record " + path());
     // Checked again: restoring damaged bytes would be worse than stopping.
-    if (*got != it->length || RecordChecksum(rh, data) != GetLe(rh, 24, 8)) {
+    if (*got != data.size() || RecordChecksum(rh, data) != GetLe(rh, 24, 8) ||
+        GetLe(rh, 16, 4) != it->length) {
       return Status::Corruption(fmt::format(
           "undo record {}: record at offset {} no longer reads back intact",
           path(), it->file_offset));
     }
-    if (Status s = fn(it->volume, it->offset, data); !s.ok()) return s;
+    if (Status s = fn(it->volume, it->offset, it->length, data); !s.ok()) return s;
   }
   return Status::OK();
 }

@@ -24,8 +24,12 @@
 //     | zeros up to 4096
 //   then records back to back:
 //     u32 magic "BRUR" | u32 volume | u64 offset | u32 length
-//     | u32 reserved (0) | u64 xxh3-64 of the preceding 24 bytes + data
+//     | u32 flags | u64 xxh3-64 of the preceding 24 bytes + data
 //     | data (`length` bytes: the old contents of [offset, offset+length))
+//   flags: 0, or 1 ("zeros": the range held only zero bytes; no data
+//   follows, and length may be up to kMaxZeroRecordBytes). A fresh sparse
+//   downstream's first resync saves nothing but such records, so an initial
+//   sync does not write the volume's size into the record first.
 // base_group_seq is the group the volumes were at when BEGIN was applied.
 // The header is written whole into <path>.tmp, synced and renamed, so an
 // existing file always has a durable header; a header that fails its
@@ -62,6 +66,8 @@ class UndoRecord {
   static constexpr uint64_t kRecordHeaderBytes = 32;
   // Larger saves are split into records of at most this size.
   static constexpr uint64_t kMaxRecordBytes = 1ull << 20;
+  // A "zeros" record covers at most this much.
+  static constexpr uint64_t kMaxZeroRecordBytes = 1ull << 30;
 
   struct Recovered {
     // Bytes after the last good record that were dropped as a torn tail.
@@ -101,12 +107,17 @@ class UndoRecord {
   // durable); a full data_dir gives NoSpace.
   Status Append(uint32_t volume, uint64_t offset,
                 std::span<const std::byte> old);
+  // As Append() for a range whose old contents were all zero bytes: stores
+  // no data.
+  Status AppendZeros(uint32_t volume, uint64_t offset, uint64_t length);
   Status Sync();
 
-  // Calls fn(volume, offset, data) for every saved range, the newest record
-  // first; stops at fn's first error and returns it. Reads the file.
+  // Calls fn(volume, offset, length, data) for every saved range, the
+  // newest record first; `data` is empty for a range of zeros, else it has
+  // `length` bytes. Stops at fn's first error and returns it. Reads the file.
   Status ForEachNewestFirst(
-      const std::function<Status(uint32_t, uint64_t, std::span<const std::byte>)>& fn);
+      const std::function<Status(uint32_t, uint64_t, uint64_t,
+                                 std::span<const std::byte>)>& fn);
 
   uint64_t base_group_seq() const { return base_group_seq_; }
   // File size: header + records.
@@ -121,6 +132,7 @@ class UndoRecord {
     uint32_t volume;
     uint64_t offset;
     uint32_t length;
+    bool zeros;
   };
   UndoRecord(std::unique_ptr<io::RandomRWFile> file, uint64_t base_group_seq);
   void MarkSaved(uint32_t volume, uint64_t offset, uint64_t length);

@@ -62,8 +62,12 @@ struct UndoFixture {
   }
   static std::vector<Saved> All(UndoRecord& u) {
     std::vector<Saved> out;
-    REQUIRE(u.ForEachNewestFirst([&](uint32_t v, uint64_t off, std::span<const std::byte> d) {
-                 out.push_back(Saved{v, off, std::vector<std::byte>(d.begin(), d.end())});
+    REQUIRE(u.ForEachNewestFirst([&](uint32_t v, uint64_t off, uint64_t length,
+                                     std::span<const std::byte> d) {
+                 // A range of zeros comes without data.
+                 std::vector<std::byte> bytes(d.begin(), d.end());
+                 if (d.empty()) bytes.assign(length, std::byte{0});
+                 out.push_back(Saved{v, off, bytes});
                  return Status::OK();
                }).ok());
     return out;
@@ -132,6 +136,46 @@ TEST_CASE("UndoRecord: records round trip through reopen, newest first",
   REQUIRE(u->Sync().ok());
   UndoRecord::Recovered again;
   CHECK(UndoFixture::All(*fx.OpenOk(&again)).front() == Saved{0, 512, Pattern(8, 4)});
+}
+
+TEST_CASE("UndoRecord: a range of zeros is saved as a header without data "
+          "and round trips through reopen",
+          "[replication][undo]") {
+  UndoFixture fx;
+  constexpr uint64_t kBig = 3 * UndoRecord::kMaxRecordBytes + 512;
+  {
+    auto u = fx.CreateOk(7);
+    REQUIRE(u->AppendZeros(0, 0, kBig).ok());
+    REQUIRE(u->Append(0, kBig, Pattern(100, 9)).ok());
+    REQUIRE(u->Sync().ok());
+    CHECK(u->size_bytes() == UndoRecord::kHeaderBytes + 2 * kRec + 100);
+    CHECK(u->saved_bytes() == kBig + 100);
+  }
+  UndoRecord::Recovered r;
+  auto u = fx.OpenOk(&r);
+  CHECK(r.records == 2);
+  CHECK(u->saved_bytes() == kBig + 100);
+  CHECK(u->Unsaved(0, 0, kBig + 200) == Ranges{{kBig + 100, 100}});
+  auto all = UndoFixture::All(*u);
+  REQUIRE(all.size() == 2);
+  CHECK(all[0] == Saved{0, kBig, Pattern(100, 9)});
+  CHECK(all[1] == Saved{0, 0, std::vector<std::byte>(kBig, std::byte{0})});
+}
+
+TEST_CASE("UndoRecord: a record with unknown flags is refused when records "
+          "follow it",
+          "[replication][undo]") {
+  UndoFixture fx;
+  {
+    auto u = fx.CreateOk(1);
+    REQUIRE(u->AppendZeros(0, 0, 4096).ok());
+    REQUIRE(u->Append(0, 4096, Pattern(10, 1)).ok());
+    REQUIRE(u->Sync().ok());
+  }
+  fx.IncrementByte(UndoRecord::kHeaderBytes + 21);  // flags 1 -> 0x101
+  Status s = fx.OpenError();
+  CHECK(s.IsCorruption());
+  CHECK_THAT(s.message(), Catch::Contains("flags"));
 }
 
 TEST_CASE("UndoRecord: a save larger than kMaxRecordBytes is split into records",
@@ -234,7 +278,7 @@ TEST_CASE("UndoRecord: a record damaged after reopen is refused at rollback",
   REQUIRE(u->Sync().ok());
   fx.IncrementByte(UndoRecord::kHeaderBytes + kRec + 3);
   Status s = u->ForEachNewestFirst(
-      [](uint32_t, uint64_t, std::span<const std::byte>) { return Status::OK(); });
+      [](uint32_t, uint64_t, uint64_t, std::span<const std::byte>) { return Status::OK(); });
   CHECK(s.IsCorruption());
   CHECK_THAT(s.message(), Contains("no longer reads back intact"));
 }
