@@ -924,6 +924,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   // reconciled: whatever its slot for the upstream holds (intent extents
   // merged after a crash, writes applied since) came from there.
   bool follower = false;
+  bool holds_nothing_own = false;
   if (reply.result == HelloResult::kAccepted) {
     if (auto local = GroupGenerations(g->target.volumes)) {
       reply.generation = EncodeGenerations(*local);
@@ -936,6 +937,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       } else {
         GroupRoleState st = g->target.role ? g->target.role->Get() : GroupRoleState{};
         follower = !st.reconciled_with.empty() && st.reconciled_with == hello->site;
+        // Created secondary and never written on its own: it holds nothing
+        // the upstream lacks, slot or not (initial_sync "none" must stay
+        // none, not turn into a full resync for want of a slot here).
+        holds_nothing_own = follower || st.fresh;
         GenerationDecision d = DecideGenerations(
             hello->group, {hello->site, *up}, {local_site_, *local}, st.fresh,
             follower,
@@ -976,7 +981,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   }
   // Our dirty set for this upstream (what we hold that it may lack), so
   // it resyncs the union of both sides' dirty regions; empty for a
-  // follower, which holds nothing of its own.
+  // follower or a fresh secondary, which hold nothing of their own.
   {
     DirtyRanges ranges;
     size_t full = 0;
@@ -985,7 +990,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     const std::string site = hello->site;
     const std::string* sp = &site;
     GroupState* gp = g;
-    if (!follower) {
+    if (!holds_nothing_own) {
       co_await io_.Run([gp, rp, fp, sp] {
         *rp = CollectDirtyRanges(gp->target.volumes, *sp, fp);
         return Status::OK();

@@ -105,6 +105,27 @@ TEST_CASE("Checksum initial sync: a downstream copied from the primary gets "
   CHECK(compare.value("matched_bytes", uint64_t{0}) == 252 * kRegionBytes);
 }
 
+// The contrast: "none" is the operator's word that both sides are the same.
+// A fresh downstream has no scoreboard slot for its upstream, and must not
+// turn that into a request for a full resync at its first connect.
+TEST_CASE("Checksum initial sync: with initial_sync none nothing is "
+          "resynced, not even regions that do differ",
+          "[replication]") {
+  testutil::PairOptions options;
+  options.initial_sync = "none";
+  options.volumes = {{"data", 16 * kMiB}};
+  SitePair pair(options);
+  PrepareCopies(pair, 16 * kMiB, {3}, {});
+
+  RequireStarted(pair);
+  RequireCaughtUp(pair);
+  json link = Link(pair.a());
+  INFO(link.dump());
+  INFO("site b log:\n" << pair.b().ReadLog());
+  CHECK(link.value("resync_bytes_sent", uint64_t{1}) == 0);
+  CHECK(pair.CompareVolumes() != "");  // region 3 was declared equal
+}
+
 TEST_CASE("Checksum initial sync: with initial_sync full the same copy is "
           "sent whole",
           "[replication]") {
