@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <iostream>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -38,7 +39,8 @@ int ConfigError(const Status& s) {
   return kExitUsage;
 }
 
-int RunDaemon(const std::string& config_path) {
+int RunDaemon(const std::string& config_path,
+              const std::vector<std::string>& accept_backing_change) {
   auto config = config::LoadSiteConfig(config_path);
   if (!config.ok()) return ConfigError(config.status());
   if (Status s = config::CheckSiteEnvironment(*config); !s.ok()) {
@@ -51,7 +53,9 @@ int RunDaemon(const std::string& config_path) {
   ::mallopt(M_MMAP_THRESHOLD, 128 << 20);
   ::mallopt(M_TRIM_THRESHOLD, 256 << 20);
   asio::io_context ctx(1);
-  auto site = site::Site::Open(std::move(config).value(), ctx);
+  auto site = site::Site::Open(
+      std::move(config).value(), ctx,
+      std::set<std::string>(accept_backing_change.begin(), accept_backing_change.end()));
   if (!site.ok()) {
     fmt::print(stderr, "blockrelay: cannot open site: {}\n",
                site.status().ToString());
@@ -395,6 +399,11 @@ int main(int argc, char** argv) {
   auto* run = app.add_subcommand("run", "Run the site's daemon in the foreground");
   run->add_option("--config,-c", config_path, "Site configuration file")
       ->required();
+  std::vector<std::string> accept_backing_change;
+  run->add_option("--accept-backing-change", accept_backing_change,
+                  "Volume whose backing file or device was replaced by one "
+                  "holding the same data (restored, moved, renumbered): keep "
+                  "its scoreboard (repeatable)");
 
   std::string check_path;
   auto* check = app.add_subcommand("check-config",
@@ -532,7 +541,7 @@ int main(int argc, char** argv) {
                                 : log_level == "warning" ? LogLevel::kWarning
                                 : log_level == "error"   ? LogLevel::kError
                                                          : LogLevel::kInfo);
-  if (*run) return RunDaemon(config_path);
+  if (*run) return RunDaemon(config_path, accept_backing_change);
   if (*check) return CheckConfig(check_path);
   if (*status) return ShowStatus(status_config, status_socket, status_json);
   if (*inspect) return Inspect(inspect_config, inspect_json);

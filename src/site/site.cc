@@ -23,8 +23,19 @@ Site::Site(config::SiteConfig config, asio::io_context& ctx)
 
 Site::~Site() = default;
 
-Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
-                                         asio::io_context& ctx) {
+Result<std::unique_ptr<Site>> Site::Open(
+    config::SiteConfig config, asio::io_context& ctx,
+    const std::set<std::string>& accept_backing_change) {
+  for (const std::string& name : accept_backing_change) {
+    bool known = false;
+    for (const auto& g : config.groups) {
+      for (const auto& v : g.volumes) known = known || v.name == name;
+    }
+    if (!known) {
+      return Status::InvalidArgument(fmt::format(
+          "--accept-backing-change {}: the config has no volume of that name", name));
+    }
+  }
   std::unique_ptr<Site> site(new Site(std::move(config), ctx));
   // CheckSiteEnvironment() accepted missing directories whose parent is
   // writable; create them now.
@@ -93,6 +104,7 @@ Result<std::unique_ptr<Site>> Site::Open(config::SiteConfig config,
       mo.size_bytes = raw_store->size_bytes();
       mo.region_size_bytes = group.region_size_bytes;
       mo.backing_path = vc.path.string();
+      mo.accept_backing_change = accept_backing_change.count(vc.name) > 0;
       for (const auto& d : group.downstream) {
         mo.downstream.push_back(
             {d.site, d.initial_sync == config::InitialSync::kNone});

@@ -36,8 +36,13 @@ namespace blockrelay::site {
 class Site {
  public:
   // Opens the volumes; binds nothing yet. Errors name the volume and path.
-  static Result<std::unique_ptr<Site>> Open(config::SiteConfig config,
-                                            asio::io_context& ctx);
+  // `accept_backing_change`: names of volumes whose backing file or device
+  // may differ from the one their metadata was made for (the operator says
+  // it holds the same data: restored from a copy, moved, renumbered);
+  // `blockrelay run --accept-backing-change NAME`.
+  static Result<std::unique_ptr<Site>> Open(
+      config::SiteConfig config, asio::io_context& ctx,
+      const std::set<std::string>& accept_backing_change = {});
   ~Site();
 
   // Binds the NBD and control listeners and starts accepting.

@@ -69,10 +69,11 @@ Result<BackingIdentity> CheckBacking(const BackingIdentity& stored, const Backin
           "(at {}), now it is a {}. The scoreboard describes the old contents, so trusting it "
           "could hide differences from downstream sites. If {} holds the same data (restored "
           "from a copy, moved, or the device was renumbered), start once with "
-          "accept_backing_change to keep the scoreboard; if it does not, remove {} so that "
+          "`blockrelay run --accept-backing-change {}` to keep the scoreboard; if it does "
+          "not, remove {} so that "
           "every downstream link gets a full sync.",
           label, current.path, format::DescribeBacking(stored), stored.path, format::DescribeBacking(current), current.path,
-          meta_path));
+          o.volume, meta_path));
     }
     notices->push_back(fmt::format(
         "backing identity changed from {} ({}) to {} ({}); accepted as the same data "

@@ -26,6 +26,7 @@ BR_CMD_TIMEOUT=${BR_CMD_TIMEOUT:-180}   # seconds, for any one client command
 BR_START_TIMEOUT=${BR_START_TIMEOUT:-20} # seconds until the daemon must serve
 BR_STOP_TIMEOUT=${BR_STOP_TIMEOUT:-20}   # seconds after SIGTERM before SIGKILL
 BR_PID=
+BR_RUN_ARGS=()   # extra arguments of `blockrelay run` for br_start
 BR_EXIT=
 BR_CLEANUP=()
 BR_TEST_NAME=$(basename "${0%.sh}")
@@ -178,8 +179,8 @@ br_start() {
 }
 _br_start_once() {
   [ -z "$BR_PID" ] || die "br_start: daemon already running (pid $BR_PID)"
-  echo "==== blockrelay run --config $BR_CONFIG ($(date +%T)) ====" >>"$BR_LOG"
-  "$BR_BIN" run --config "$BR_CONFIG" >>"$BR_LOG" 2>&1 </dev/null &
+  echo "==== blockrelay run --config $BR_CONFIG ${BR_RUN_ARGS[*]} ($(date +%T)) ====" >>"$BR_LOG"
+  "$BR_BIN" run --config "$BR_CONFIG" "${BR_RUN_ARGS[@]}" >>"$BR_LOG" 2>&1 </dev/null &
   BR_PID=$!
   BR_EXIT=
   local deadline=$((SECONDS + BR_START_TIMEOUT))

@@ -126,7 +126,7 @@ TEST_CASE("VolumeMetadata: a backing file replaced by another file is refused", 
   CHECK(s.IsInvalidArgument());
   CHECK_THAT(s.message(), Catch::Contains("backing /backing.img is not the one"));
   CHECK_THAT(s.message(), Catch::Contains("it was a regular file, inode"));
-  CHECK_THAT(s.message(), Catch::Contains("accept_backing_change"));
+  CHECK_THAT(s.message(), Catch::Contains("--accept-backing-change"));
   CHECK_THAT(s.message(), Catch::Contains("remove /data/g/v.meta"));
 }
 
