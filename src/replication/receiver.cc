@@ -108,6 +108,13 @@ struct Receiver::GroupState {
   // emptied. GUARDED_BY(apply_mu)
   std::string forget_site;
 
+  // Resync data written straight to the volumes (ApplyResyncData) and
+  // not flushed yet: not durable, so not acknowledged as durable.
+  // GUARDED_BY(apply_mu)
+  uint64_t resync_unflushed_bytes = 0;
+  uint64_t resync_conn_id = 0;
+  uint64_t resync_link_seq = 0;
+
   // Network thread.
   int serving = 0;  // accepted connections still running
   bool rolling_back = false;
@@ -543,6 +550,7 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
     }
     g.last_apply = std::chrono::steady_clock::now();
   }
+  if (Status s = FlushResyncData(g, conn_id, durable_link_seq); !s.ok()) return s;
   const bool idle = std::chrono::steady_clock::now() - g.last_apply >= kIdleReset;
   std::unique_lock lock(g.append_mu);
   const uint64_t log_bytes = g.journal->log_bytes();
@@ -575,6 +583,43 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
   return Status::OK();
 }
 
+Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
+                                 const Bytes& frame, uint64_t* durable_link_seq) {
+  // What came before it is applied first: the upstream read these regions
+  // at exactly this point of the stream.
+  if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+  std::lock_guard apply_lock(g.apply_mu);
+  if (g.failed) return g.failure_status();
+  if (Status s = ApplyFrame(g, frame); !s.ok()) {
+    g.Fail(s);
+    return s;
+  }
+  g.resync_unflushed_bytes += frame.size();
+  g.resync_conn_id = conn_id;
+  g.resync_link_seq = link_seq;
+  g.last_apply = std::chrono::steady_clock::now();
+  if (g.resync_unflushed_bytes >= kSyncBatchBytes) {
+    return FlushResyncData(g, conn_id, durable_link_seq);
+  }
+  return Status::OK();
+}
+
+Status Receiver::FlushResyncData(GroupState& g, uint64_t conn_id,
+                                 uint64_t* durable_link_seq) {
+  if (g.resync_unflushed_bytes == 0) return Status::OK();
+  for (const auto& v : g.target.volumes) {
+    if (Status s = v->Flush(); !s.ok()) {
+      g.Fail(s);
+      return s;
+    }
+  }
+  g.resync_unflushed_bytes = 0;
+  if (g.resync_conn_id == conn_id && g.resync_link_seq > *durable_link_seq) {
+    *durable_link_seq = g.resync_link_seq;
+  }
+  return Status::OK();
+}
+
 Status Receiver::ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
                              uint64_t* durable_link_seq) {
   if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
@@ -596,11 +641,15 @@ Status Receiver::ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
   // record of the resync under way and make a rollback restore the wrong
   // bytes.
   std::lock_guard lock(g.append_mu);
-  if (!g.pending.empty() || g.journal->log_bytes() == 0) return Status::OK();
-  if (Status s = g.journal->Reset(g.applied_group_seq); !s.ok()) {
-    g.Fail(s);
-    return s;
+  if (!g.pending.empty()) return Status::OK();
+  if (g.journal->log_bytes() > 0) {
+    if (Status s = g.journal->Reset(g.applied_group_seq); !s.ok()) {
+      g.Fail(s);
+      return s;
+    }
   }
+  // Resync data never went through the journal, so this may be the first
+  // point since it was written where everything applied is durable.
   if (!g.forget_site.empty()) {
     if (Status s = ForgetDirtyFor(g.target.volumes, g.forget_site); !s.ok()) {
       g.Fail(s);
@@ -1157,6 +1206,23 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     Bytes* frame_bytes = &f->bytes;
     uint64_t durable_seq = 0;
     uint64_t* durable_out = &durable_seq;
+    if (wg->flags & kGroupResync) {
+      // Resync data skips the journal (ApplyResyncData).
+      s = co_await io_.Run([g, frame_bytes, link_seq, conn_id, durable_out] {
+        return ApplyResyncData(*g, conn_id, link_seq, *frame_bytes, durable_out);
+      });
+      if (!s.ok()) {
+        BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
+        c->error = fmt::format("site {} cannot take writes for group {}: {}",
+                               local_site_, g->target.config->name, s.message());
+        g->last_error = c->error;
+        break;
+      }
+      c->received = link_seq;
+      if (durable_seq > c->durable) c->durable = durable_seq;
+      c->wake.cancel();
+      continue;
+    }
     // A small append goes straight to the page cache from here, unless
     // the journal is being reset; a durable group also needs the sync.
     bool appended = false;

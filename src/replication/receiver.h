@@ -184,6 +184,22 @@ class Receiver {
   // see frames from before the epoch it recovers). Pool thread.
   static Status ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
                             uint64_t* durable_link_seq);
+  // Resync data (kGroupResync) as it arrives: applies what was received
+  // before it, then writes it straight to the volumes, not through the
+  // journal. Resync is not write-ordered, so a crash may keep any part of
+  // it: the upstream keeps the regions dirty until they are acknowledged
+  // durable, which waits for a flush of the volumes (every kSyncBatchBytes
+  // here, and at every SyncAndApply), and the undo record still saves what
+  // it overwrites. A replay never sees journaled frames from before the
+  // resync's BEGIN (ApplyMarker empties the journal), so replaying the
+  // journal after such a write only re-applies streamed writes that came
+  // after the resync started, in order. Pool thread.
+  static Status ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
+                                const Bytes& frame, uint64_t* durable_link_seq);
+  // Flushes the volumes if resync data is waiting for it, and reports it
+  // durable. REQUIRES: g.apply_mu held.
+  static Status FlushResyncData(GroupState& g, uint64_t conn_id,
+                                uint64_t* durable_link_seq);
   // Saves, durably, the bytes `group` would overwrite that the undo record
   // does not hold yet.
   static Status SaveUndo(GroupState& g, const WriteGroup& group);
