@@ -114,6 +114,16 @@ struct Receiver::GroupState {
   uint64_t resync_unflushed_bytes = 0;
   uint64_t resync_conn_id = 0;
   uint64_t resync_link_seq = 0;
+  // Resync frames received but not applied yet, in arrival order: applied
+  // in batches, so that one undo-record sync covers many of them.
+  struct QueuedResync {
+    uint64_t conn_id;
+    uint64_t link_seq;
+    Bytes frame;
+  };
+  std::vector<QueuedResync> resync_queue;  // GUARDED_BY(apply_mu)
+  uint64_t resync_queue_bytes = 0;         // GUARDED_BY(apply_mu)
+  bool undo_unsynced = false;              // GUARDED_BY(apply_mu)
 
   // Network thread.
   int serving = 0;  // accepted connections still running
@@ -277,12 +287,18 @@ Status Receiver::ApplyFrame(GroupState& g, const Bytes& frame) {
   if (!decoded.ok()) return decoded.status();
   auto* group = std::get_if<WriteGroup>(&*decoded);
   if (!group) return Status::Corruption("journal holds a frame that is not a WRITE_GROUP");
+  return ApplyDecoded(g, *group, /*undo_saved=*/false);
+}
+
+Status Receiver::ApplyDecoded(GroupState& g, const WriteGroup& decoded_group,
+                              bool undo_saved) {
+  const WriteGroup* group = &decoded_group;
   if (Status s = CheckWriteGroup(*group, g.target); !s.ok()) return s;
   if (group->flags & kGroupResyncBegin) return BeginResync(g);
   if (group->flags & kGroupResyncEnd) return EndResync(g);
   // Between BEGIN and END: the old bytes are durable in the undo record
   // before the write that overwrites them is applied.
-  if (g.undo) {
+  if (g.undo && !undo_saved) {
     if (Status s = SaveUndo(g, *group); !s.ok()) {
       return s.WithContext(fmt::format("saving what group {} overwrites", group->group_seq));
     }
@@ -360,7 +376,7 @@ Status Receiver::EndResync(GroupState& g) {
   return Status::OK();
 }
 
-Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group) {
+Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group, bool sync) {
   bool appended = false;
   std::vector<std::byte> old;
   for (const Op& op : group.ops) {
@@ -384,9 +400,54 @@ Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group) {
     }
   }
   if (!appended) return Status::OK();
-  Status s = g.undo->Sync();
   g.undo_bytes = g.undo->size_bytes();
-  return s;
+  if (!sync) {
+    g.undo_unsynced = true;
+    return Status::OK();
+  }
+  g.undo_unsynced = false;
+  return g.undo->Sync();
+}
+
+Status Receiver::DrainResyncQueue(GroupState& g) {
+  if (g.resync_queue.empty()) return Status::OK();
+  std::vector<GroupState::QueuedResync> queue;
+  queue.swap(g.resync_queue);
+  g.resync_queue_bytes = 0;
+  std::vector<WriteGroup> groups;
+  groups.reserve(queue.size());
+  for (const auto& q : queue) {
+    std::span<const std::byte> bytes(q.frame);
+    auto header = DecodeFrameHeader(bytes.first(kFrameHeaderBytes));
+    if (!header.ok()) return header.status();
+    auto decoded = DecodeFrame(*header, bytes.first(kFrameHeaderBytes),
+                               bytes.subspan(kFrameHeaderBytes));
+    if (!decoded.ok()) return decoded.status();
+    auto* group = std::get_if<WriteGroup>(&*decoded);
+    if (!group) return Status::Corruption("queued resync frame is not a WRITE_GROUP");
+    if (Status s = CheckWriteGroup(*group, g.target); !s.ok()) return s;
+    groups.push_back(std::move(*group));
+  }
+  // One undo sync for the whole batch, before any of it reaches a volume.
+  if (g.undo) {
+    for (const auto& group : groups) {
+      if (Status s = SaveUndo(g, group, /*sync=*/false); !s.ok()) {
+        return s.WithContext("saving what resync data overwrites");
+      }
+    }
+    if (g.undo_unsynced) {
+      g.undo_unsynced = false;
+      if (Status s = g.undo->Sync(); !s.ok()) return s;
+    }
+  }
+  for (size_t i = 0; i < groups.size(); ++i) {
+    if (Status s = ApplyDecoded(g, groups[i], /*undo_saved=*/true); !s.ok()) return s;
+    g.resync_unflushed_bytes += queue[i].frame.size();
+    g.resync_conn_id = queue[i].conn_id;
+    g.resync_link_seq = queue[i].link_seq;
+  }
+  g.last_apply = std::chrono::steady_clock::now();
+  return Status::OK();
 }
 
 Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
@@ -527,6 +588,11 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
                               uint64_t* durable_link_seq) {
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
+  // Queued resync data arrived before everything now pending in the journal.
+  if (Status s = DrainResyncQueue(g); !s.ok()) {
+    g.Fail(s);
+    return s;
+  }
   std::vector<GroupState::Pending> batch;
   {
     std::lock_guard lock(g.append_mu);
@@ -584,20 +650,27 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
 }
 
 Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
-                                 const Bytes& frame, uint64_t* durable_link_seq) {
-  // What came before it is applied first: the upstream read these regions
-  // at exactly this point of the stream.
-  if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+                                 Bytes&& frame, uint64_t* durable_link_seq) {
+  // What came before it through the journal is applied first: the upstream
+  // read these regions at exactly this point of the stream.
+  bool journal_pending;
+  {
+    std::lock_guard lock(g.append_mu);
+    journal_pending = !g.pending.empty();
+  }
+  if (journal_pending) {
+    if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+  }
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
-  if (Status s = ApplyFrame(g, frame); !s.ok()) {
-    g.Fail(s);
-    return s;
+  g.resync_queue_bytes += frame.size();
+  g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
+  if (g.resync_queue_bytes >= kSyncBatchBytes) {
+    if (Status s = DrainResyncQueue(g); !s.ok()) {
+      g.Fail(s);
+      return s;
+    }
   }
-  g.resync_unflushed_bytes += frame.size();
-  g.resync_conn_id = conn_id;
-  g.resync_link_seq = link_seq;
-  g.last_apply = std::chrono::steady_clock::now();
   if (g.resync_unflushed_bytes >= kSyncBatchBytes) {
     return FlushResyncData(g, conn_id, durable_link_seq);
   }
@@ -1209,7 +1282,8 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     if (wg->flags & kGroupResync) {
       // Resync data skips the journal (ApplyResyncData).
       s = co_await io_.Run([g, frame_bytes, link_seq, conn_id, durable_out] {
-        return ApplyResyncData(*g, conn_id, link_seq, *frame_bytes, durable_out);
+        return ApplyResyncData(*g, conn_id, link_seq, std::move(*frame_bytes),
+                               durable_out);
       });
       if (!s.ok()) {
         BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());

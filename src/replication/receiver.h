@@ -185,8 +185,9 @@ class Receiver {
   static Status ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
                             uint64_t* durable_link_seq);
   // Resync data (kGroupResync) as it arrives: applies what was received
-  // before it, then writes it straight to the volumes, not through the
-  // journal. Resync is not write-ordered, so a crash may keep any part of
+  // before it, then queues it to be written straight to the volumes, not
+  // through the journal, in batches of up to kSyncBatchBytes (or at the
+  // next SyncAndApply) so that one undo-record sync covers many frames. Resync is not write-ordered, so a crash may keep any part of
   // it: the upstream keeps the regions dirty until they are acknowledged
   // durable, which waits for a flush of the volumes (every kSyncBatchBytes
   // here, and at every SyncAndApply), and the undo record still saves what
@@ -195,14 +196,21 @@ class Receiver {
   // journal after such a write only re-applies streamed writes that came
   // after the resync started, in order. Pool thread.
   static Status ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
-                                const Bytes& frame, uint64_t* durable_link_seq);
+                                Bytes&& frame, uint64_t* durable_link_seq);
   // Flushes the volumes if resync data is waiting for it, and reports it
   // durable. REQUIRES: g.apply_mu held.
   static Status FlushResyncData(GroupState& g, uint64_t conn_id,
                                 uint64_t* durable_link_seq);
   // Saves, durably, the bytes `group` would overwrite that the undo record
   // does not hold yet.
-  static Status SaveUndo(GroupState& g, const WriteGroup& group);
+  // With `sync` false the appends are not synced yet (the caller syncs the
+  // record before it applies anything they protect).
+  static Status SaveUndo(GroupState& g, const WriteGroup& group, bool sync = true);
+  // Applies the queued resync frames in order: saves what they overwrite,
+  // syncs the undo record once, then writes them. REQUIRES: g.apply_mu held.
+  static Status DrainResyncQueue(GroupState& g);
+  // ApplyFrame() after decoding; `undo_saved`: SaveUndo already ran.
+  static Status ApplyDecoded(GroupState& g, const WriteGroup& group, bool undo_saved);
   // The I/O of Rollback(), on a pool thread (takes apply_mu).
   static Status RollbackGroup(GroupState& g, RollbackOutcome* out);
   // The accepted upstream's first frame shows it holds our dirty set:
