@@ -682,9 +682,16 @@ Result<std::unique_ptr<Scoreboard>> StartScoreboard(ScoreboardStart start,
   }
   {
     std::lock_guard<std::mutex> io_lock(impl->io_mu);
+    // What we read may not be durable: a superblock copy (or a page) whose
+    // sync failed before this open can still sit in the page cache. Make it
+    // durable before the write below overwrites the other superblock copy,
+    // or a power loss could tear both (found by the randomized crash test:
+    // an injected sync failure, a reopen, then a power cut).
+    Status s = impl->SyncLocked();
+    if (!s.ok()) return s;
     // Merged and new bits durable first; only then may the empty record
     // below replace the log they came from.
-    Status s = impl->WritePagesLocked(impl->UnflushedPages(), nullptr);
+    s = impl->WritePagesLocked(impl->UnflushedPages(), nullptr);
     if (!s.ok()) return s;
     s = impl->WriteIntentRecordLocked({}, /*sync=*/false);
     if (!s.ok()) return s;
