@@ -347,7 +347,9 @@ fi
 if [ -f "$BR_BIN.build-info" ] && [ ! "$BR_BIN" -nt "$BR_BIN.build-info" ]; then
   BUILD_INFO=$(head -1 "$BR_BIN.build-info")
 else
-  BUILD_INFO="unknown: $BR_BIN was not built by bench.sh (HEAD now: $(git_state))"
+  # Named relative to the repository: the report goes into docs/, which
+  # must not name a path of the machine it ran on.
+  BUILD_INFO="unknown: ${BR_BIN#"$REPO"/} was not built by bench.sh (HEAD now: $(git_state))"
 fi
 
 # ------------------------------------------------------------ work dir ----
