@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
@@ -753,29 +754,36 @@ Status Receiver::Reconcile(GroupState& g, const std::string& peer_site,
   return Status::OK();
 }
 
-Status ForgetDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
-                      const std::string& site) {
+namespace {
+// Calls fn(scoreboard, slot) for the slot of `site` in every volume that
+// has one; stops at the first error.
+Status ForEachSlotFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                      const std::string& site,
+                      const std::function<Status(storage::Scoreboard&, uint32_t)>& fn) {
   for (const auto& v : volumes) {
     storage::Scoreboard* sb = v->mutable_scoreboard();
     if (!sb || !v->metadata()) continue;
     auto slot = v->metadata()->SlotForSite(site);
     if (!slot) continue;
-    sb->MarkClean(*slot, 0, v->size_bytes(), sb->CurrentWriteSeq());
-    if (Status s = sb->FlushBitmaps(); !s.ok()) return s;
+    if (Status s = fn(*sb, *slot); !s.ok()) return s;
   }
   return Status::OK();
+}
+}  // namespace
+
+Status ForgetDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
+                      const std::string& site) {
+  return ForEachSlotFor(volumes, site, [](storage::Scoreboard& sb, uint32_t slot) {
+    sb.MarkClean(slot, 0, sb.size_bytes(), sb.CurrentWriteSeq());
+    return sb.FlushBitmaps();
+  });
 }
 
 Status MarkAllDirtyFor(const std::vector<std::shared_ptr<core::Volume>>& volumes,
                        const std::string& site) {
-  for (const auto& v : volumes) {
-    storage::Scoreboard* sb = v->mutable_scoreboard();
-    if (!sb || !v->metadata()) continue;
-    auto slot = v->metadata()->SlotForSite(site);
-    if (!slot) continue;
-    if (Status s = sb->MarkAllDirty(*slot); !s.ok()) return s;
-  }
-  return Status::OK();
+  return ForEachSlotFor(volumes, site, [](storage::Scoreboard& sb, uint32_t slot) {
+    return sb.MarkAllDirty(slot);
+  });
 }
 
 DirtyRanges CollectDirtyRanges(const std::vector<std::shared_ptr<core::Volume>>& volumes,
