@@ -207,7 +207,13 @@ asio::awaitable<Status> Link::MarkAllDirty() {
 
 asio::awaitable<Status> Link::ForceResync(bool full) {
   if (full) {
+    // Until the next connection starts its resync, nothing may clear what
+    // is being marked: the sweep and widened acknowledgements assume the
+    // slot was in sync apart from its bits.
+    full_resync_pending_ = true;
+    ++marking_all_dirty_;
     Status s = co_await MarkAllDirty();
+    --marking_all_dirty_;
     if (!s.ok()) co_return s;
     // A full resync sends every region: no digest compare first.
     if (compare_pending_) {
@@ -478,6 +484,9 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
   }
   // A due compare finds nothing to compare and drops its record.
   resync = resync || compare_pending_;
+  // This connection's resync covers a finished full marking; one still
+  // running is followed by a reconnect (ForceResync breaks it).
+  if (marking_all_dirty_ == 0) full_resync_pending_ = false;
   streaming_ = true;
   acked_received_group_seq_ = acked_durable_group_seq_ = stream_start_seq_ - 1;
   if (is_sync()) group_.SyncAcknowledged();
@@ -684,15 +693,33 @@ asio::awaitable<void> Link::ReadLoop(std::shared_ptr<Connection> c) {
 }
 
 void Link::HandleAck(Connection& c, const GroupAck& ack) {
+  const uint64_t newly_received_from = c.acked_received + 1;
   c.acked_received = ack.received_seq;
   c.acked_durable = ack.durable_seq;
-  for (const auto& e : c.queue) {
-    if (e.link_seq > ack.received_seq) break;
-    if (e.group->group_seq > acked_received_group_seq_) {
-      acked_received_group_seq_ = e.group->group_seq;
+  // Entries carry consecutive link_seqs, so the newly received ones are
+  // found by index, without walking what was received before.
+  if (!c.queue.empty()) {
+    const uint64_t first = c.queue.front().link_seq;
+    for (uint64_t seq = std::max(newly_received_from, first);
+         seq <= ack.received_seq && seq - first < c.queue.size(); ++seq) {
+      Entry& e = c.queue[seq - first];
+      if (e.group->group_seq > acked_received_group_seq_) {
+        acked_received_group_seq_ = e.group->group_seq;
+      }
+      // The downstream holds the data now (in its journal): until the
+      // group is durable there, keeping its ranges is enough, since a lost
+      // connection resyncs from the scoreboard bits that stay set until
+      // then. So max_queue bounds what the downstream has not received,
+      // and a downstream whose disk is slower to sync than its network
+      // does not make the link drop. A disk queue keeps whole groups.
+      if (!disk_mode() && IsStreamedGroup(*e.group) && !e.group->data.empty()) {
+        c.queue_bytes -= std::min(c.queue_bytes, QueuedBytes(*e.group));
+        e.group = e.group->Stripped();
+        c.queue_bytes += QueuedBytes(*e.group);
+      }
     }
   }
-  const bool widen = state_ == LinkState::kReplicating;
+  const bool widen = state_ == LinkState::kReplicating && !full_resync_pending_;
   while (!c.queue.empty() && c.queue.front().link_seq <= ack.durable_seq) {
     Entry& e = c.queue.front();
     Clean(*e.group, widen && !(e.group->flags & kGroupResync));
@@ -911,7 +938,10 @@ void Link::Sweep() {
     rate_sample_bytes_ = bytes_sent_;
     rate_sample_time_ = now;
   }
-  if (state_ != LinkState::kReplicating || !conn_ || !conn_->queue.empty()) return;
+  if (state_ != LinkState::kReplicating || !conn_ || !conn_->queue.empty() ||
+      full_resync_pending_) {
+    return;
+  }
   {
     std::lock_guard lock(group_.mu_);
     if (!incoming_.empty()) return;
@@ -967,7 +997,7 @@ nlohmann::json Link::Json() const {
   if (conn_) {
     queue_bytes = conn_->queue_bytes;
     queue_groups = conn_->queue.size();
-    for (const auto& e : conn_->queue) lag_bytes += e.group->data.size();
+    for (const auto& e : conn_->queue) lag_bytes += e.group->data_bytes();
     if (!conn_->queue.empty()) {
       lag_seconds = std::chrono::duration<double>(now - conn_->queue.front().group->opened).count();
     }
@@ -977,7 +1007,7 @@ nlohmann::json Link::Json() const {
     std::lock_guard lock(group_.mu_);
     queue_bytes += incoming_bytes_;
     queue_groups += incoming_.size();
-    for (const auto& g : incoming_) lag_bytes += g->data.size();
+    for (const auto& g : incoming_) lag_bytes += g->data_bytes();
     if (!incoming_.empty() && lag_seconds == 0) {
       lag_seconds = std::chrono::duration<double>(now - incoming_.front()->opened).count();
     }

@@ -180,6 +180,10 @@ class Link {
   LinkState state_ = LinkState::kConnecting;
   bool stopping_ = false;
   bool paused_ = false;
+  // ForceResync(full) marked (or is marking) every region dirty and the
+  // connection that resyncs them has not started yet.
+  bool full_resync_pending_ = false;
+  int marking_all_dirty_ = 0;
   bool streaming_ = false;
   uint64_t stream_start_seq_ = 0;
   uint64_t acked_received_group_seq_ = 0;

@@ -3,9 +3,11 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <thread>
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/post.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
@@ -28,10 +30,15 @@ constexpr auto kSyncInterval = std::chrono::milliseconds(5);
 constexpr uint64_t kSyncBatchBytes = 4ull << 20;
 // Appends up to this size are done on the network thread (page cache).
 constexpr size_t kInlineAppendBytes = 256u << 10;
-// The journal is emptied (volumes flushed first) past this size, and when
-// the link has been idle for kIdleReset.
+// The journal is rotated past this size, and when the link has been idle
+// for kIdleReset: the full one is retired once the volumes are flushed
+// (RotateJournal, RetireJournal).
 constexpr uint64_t kJournalResetBytes = 64ull << 20;
 constexpr auto kIdleReset = std::chrono::seconds(1);
+// Received frames waiting to be synced and applied are held in memory; past
+// this many bytes the connection stops taking frames until they are
+// applied (the upstream's queue, bounded by its max_queue, absorbs it).
+constexpr uint64_t kMaxPendingBytes = 256ull << 20;
 // How long a quiet upstream may stay connected (it pings every
 // keepalive/3; its keepalive is at most 10 minutes).
 constexpr auto kReceiveTimeout = std::chrono::minutes(10);
@@ -58,7 +65,17 @@ std::string VolumeNames(const std::vector<std::string>& names) {
 
 struct Receiver::GroupState {
   ReceiverTarget target;
+  // Swapped by RotateJournal under both locks below.
   std::unique_ptr<GroupJournal> journal;
+  std::string journal_path;          // data_dir/journal-<group>.log
+  // A rotated-out journal: every group in it is applied, not necessarily
+  // durable in the volumes yet; removed once they are (RetireJournal).
+  // After a crash its frames are replayed before the journal's.
+  std::string retired_journal_path;  // data_dir/journal-<group>.log.old
+  bool retire_running = false;       // GUARDED_BY(apply_mu)
+  std::atomic<uint64_t> retired_journal_bytes{0};  // for status
+  std::atomic<int> retires_in_flight{0};
+  core::IoExecutor* io = nullptr;
   // Two locks, so that appending (what a sync link's writer waits for)
   // never waits behind a journal sync or the apply:
   //   append_mu: journal appends and `pending`; held briefly, except
@@ -277,7 +294,15 @@ Receiver::Receiver(asio::io_context& ctx, core::IoExecutor& io,
                    std::string local_site)
     : ctx_(ctx), io_(io), local_site_(std::move(local_site)) {}
 
-Receiver::~Receiver() = default;
+Receiver::~Receiver() {
+  // A retire posted to the pool uses its GroupState (Stop() waits for it;
+  // this covers a receiver destroyed without Stop()).
+  for (auto& g : groups_) {
+    while (g->retires_in_flight.load() > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+}
 
 Status Receiver::ApplyFrame(GroupState& g, const Bytes& frame) {
   std::span<const std::byte> bytes(frame);
@@ -498,6 +523,7 @@ Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
     std::lock_guard lock(g.append_mu);
     g.pending.clear();
     g.pending_bytes = 0;
+    if (Status js = DropRetiredJournal(g); !js.ok()) return js;
     if (Status js = g.journal->Reset(base); !js.ok()) return js;
   }
   g.applied_group_seq = base;
@@ -619,34 +645,87 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
   }
   if (Status s = FlushResyncData(g, conn_id, durable_link_seq); !s.ok()) return s;
   const bool idle = std::chrono::steady_clock::now() - g.last_apply >= kIdleReset;
-  std::unique_lock lock(g.append_mu);
-  const uint64_t log_bytes = g.journal->log_bytes();
-  if (g.pending.empty() &&
-      (log_bytes > kJournalResetBytes || (idle && log_bytes > 0))) {
-    // Everything journaled is applied; once the volumes are durable the
-    // journal is not needed any more. Appends wait meanwhile.
-    for (const auto& v : g.target.volumes) {
-      if (Status s = v->Flush(); !s.ok()) {
+  bool retire = false;
+  {
+    std::unique_lock lock(g.append_mu);
+    const uint64_t log_bytes = g.journal->log_bytes();
+    if (g.pending.empty() && !g.retire_running &&
+        (log_bytes > kJournalResetBytes || (idle && log_bytes > 0))) {
+      // Everything journaled is applied; once the volumes are durable the
+      // journal is not needed any more. Flushing them can take long (the
+      // page cache writes back every region written since the last
+      // flush), so the journal is moved aside and new frames go to a fresh
+      // one meanwhile: appends wait only for the rotation itself.
+      if (Status s = RotateJournal(g); !s.ok()) {
         lock.unlock();
         g.Fail(s);
         return s;
       }
-    }
-    if (Status s = g.journal->Reset(g.applied_group_seq); !s.ok()) {
-      lock.unlock();
-      g.Fail(s);
-      return s;
-    }
-    lock.unlock();
-    // Every write applied so far came from the reconciled upstream, which
-    // has it: its slot here need not keep them.
-    if (!g.forget_site.empty()) {
-      if (Status s = ForgetDirtyFor(g.target.volumes, g.forget_site); !s.ok()) {
-        g.Fail(s);
-        return s;
-      }
+      retire = true;
     }
   }
+  if (retire) StartRetire(g);
+  return Status::OK();
+}
+
+Status Receiver::RotateJournal(GroupState& g) {
+  const uint64_t bytes = g.journal->log_bytes();
+  if (Status s = g.env->RenameFile(g.journal_path, g.retired_journal_path); !s.ok()) {
+    return s.WithContext(fmt::format("rotating journal {}", g.journal_path));
+  }
+  // A crash from here on finds the retired journal (and maybe no journal):
+  // Open() replays the retired one first.
+  GroupJournal::Recovered fresh;
+  auto next = GroupJournal::Open(*g.env, g.journal_path, &fresh);
+  Status s = next.ok() ? (*next)->RecordApplied(g.applied_group_seq) : next.status();
+  if (!s.ok()) {
+    // Keep the file and the open journal in agreement.
+    g.env->RenameFile(g.retired_journal_path, g.journal_path).IgnoreError();
+    return s.WithContext(fmt::format("rotating journal {}", g.journal_path));
+  }
+  g.journal = std::move(next).value();
+  g.retired_journal_bytes = bytes;
+  g.retire_running = true;
+  return Status::OK();
+}
+
+void Receiver::StartRetire(GroupState& g) {
+  ++g.retires_in_flight;
+  GroupState* gp = &g;
+  asio::post(g.io->executor(), [gp] {
+    if (Status s = RetireJournal(*gp); !s.ok()) {
+      BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
+      gp->Fail(s);
+    }
+    --gp->retires_in_flight;
+  });
+}
+
+Status Receiver::RetireJournal(GroupState& g) {
+  // Every group of the retired journal was applied before it was rotated,
+  // so this flush makes all of them durable. Applying goes on meanwhile.
+  for (const auto& v : g.target.volumes) {
+    if (Status s = v->Flush(); !s.ok()) return s;
+  }
+  std::lock_guard apply_lock(g.apply_mu);
+  if (g.failed) return Status::OK();
+  if (Status s = DropRetiredJournal(g); !s.ok()) return s;
+  // Every write applied so far came from the reconciled upstream, which
+  // has it: its slot here need not keep them.
+  if (!g.forget_site.empty()) {
+    if (Status s = ForgetDirtyFor(g.target.volumes, g.forget_site); !s.ok()) return s;
+  }
+  return Status::OK();
+}
+
+Status Receiver::DropRetiredJournal(GroupState& g) {
+  if (g.env->FileExists(g.retired_journal_path)) {
+    if (Status s = RemoveDurably(*g.env, g.retired_journal_path); !s.ok()) {
+      return s.WithContext("retiring the journal");
+    }
+  }
+  g.retire_running = false;
+  g.retired_journal_bytes = 0;
   return Status::OK();
 }
 
@@ -714,13 +793,20 @@ Status Receiver::ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
   // Replayed, they would go into (or, past an old END, drop) the undo
   // record of the resync under way and make a rollback restore the wrong
   // bytes.
-  std::lock_guard lock(g.append_mu);
-  if (!g.pending.empty()) return Status::OK();
-  if (g.journal->log_bytes() > 0) {
-    if (Status s = g.journal->Reset(g.applied_group_seq); !s.ok()) {
+  {
+    std::unique_lock lock(g.append_mu);
+    // A retired journal holds only applied groups, durable since the flush
+    // above; it too must not be replayed into the new epoch.
+    Status s = DropRetiredJournal(g);
+    if (s.ok() && g.pending.empty() && g.journal->log_bytes() > 0) {
+      s = g.journal->Reset(g.applied_group_seq);
+    }
+    if (!s.ok()) {
+      lock.unlock();
       g.Fail(s);
       return s;
     }
+    if (!g.pending.empty()) return Status::OK();
   }
   // Resync data never went through the journal, so this may be the first
   // point since it was written where everything applied is durable.
@@ -856,13 +942,32 @@ Result<std::unique_ptr<Receiver>> Receiver::Open(
     auto g = std::make_unique<GroupState>();
     g->target = t;
     const std::string path = data_dir + "/journal-" + t.config->name + ".log";
+    g->env = io::Env::Default();
+    g->io = &io;
+    g->journal_path = path;
+    g->retired_journal_path = path + ".old";
+    // A journal retired before a crash (RotateJournal) holds older groups
+    // than the journal: its frames are replayed first.
     GroupJournal::Recovered recovered;
-    auto journal = GroupJournal::Open(*io::Env::Default(), path, &recovered);
+    uint64_t retired_torn_bytes = 0;
+    const bool had_retired = g->env->FileExists(g->retired_journal_path);
+    if (had_retired) {
+      auto retired = GroupJournal::Open(*g->env, g->retired_journal_path, &recovered);
+      if (!retired.ok()) {
+        return retired.status().WithContext(fmt::format("group {}", t.config->name));
+      }
+      retired_torn_bytes = recovered.torn_tail_bytes;
+    }
+    GroupJournal::Recovered current;
+    auto journal = GroupJournal::Open(*g->env, path, &current);
     if (!journal.ok()) {
       return journal.status().WithContext(fmt::format("group {}", t.config->name));
     }
     g->journal = std::move(journal).value();
-    g->env = io::Env::Default();
+    recovered.applied_group_seq =
+        std::max(recovered.applied_group_seq, current.applied_group_seq);
+    recovered.torn_tail_bytes = current.torn_tail_bytes + retired_torn_bytes;
+    for (auto& f : current.frames) recovered.frames.push_back(std::move(f));
     g->undo_path = data_dir + "/undo-" + t.config->name + ".log";
     g->full_resync_path = data_dir + "/full-resync-" + t.config->name;
     g->full_resync_needed = g->env->FileExists(g->full_resync_path);
@@ -900,14 +1005,18 @@ Result<std::unique_ptr<Receiver>> Receiver::Open(
                                          t.config->name, path));
       }
     }
-    if (!recovered.frames.empty()) {
+    if (!recovered.frames.empty() || had_retired) {
       for (const auto& v : t.volumes) {
         if (Status s = v->Flush(); !s.ok()) return s;
       }
       if (Status s = g->journal->Reset(g->applied_group_seq); !s.ok()) return s;
+      if (Status s = DropRetiredJournal(*g); !s.ok()) return s;
+    }
+    if (!recovered.frames.empty()) {
       BR_LOG_INFO("replication", "group {}: replayed {} write group(s) from "
-                  "journal {}; volumes now at group {}", t.config->name,
-                  recovered.frames.size(), path, g->applied_group_seq);
+                  "journal {}{}; volumes now at group {}", t.config->name,
+                  recovered.frames.size(), had_retired ? g->retired_journal_path + " and " : "",
+                  path, g->applied_group_seq);
     }
     g->replayed_groups = recovered.frames.size();
     if (t.role && t.secondary) g->forget_site = t.role->Get().reconciled_with;
@@ -971,6 +1080,13 @@ asio::awaitable<void> Receiver::Stop() {
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: applying journaled groups at "
                    "shutdown failed: {}", gs->target.config->name, s.ToString());
+    }
+  }
+  // A journal being retired: its volume flush is on a pool thread.
+  for (auto& g : groups_) {
+    while (g->retires_in_flight.load() > 0) {
+      t.expires_after(std::chrono::milliseconds(5));
+      co_await t.async_wait(kAsTuple);
     }
   }
 }
@@ -1307,12 +1423,17 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     }
     // A small append goes straight to the page cache from here, unless
     // the journal is being reset; a durable group also needs the sync.
+    // Past kMaxPendingBytes waiting to be applied, the pool thread also
+    // applies them before this connection reads on (back-pressure).
     bool appended = false;
     if (!durable && frame_bytes->size() <= kInlineAppendBytes &&
         g->append_mu.try_lock()) {
+      const bool room = g->pending_bytes < kMaxPendingBytes;
       g->append_mu.unlock();
-      s = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
-      appended = true;
+      if (room) {
+        s = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
+        appended = true;
+      }
     }
     if (!appended) {
       s = co_await io_.Run([g, frame_bytes, durable, link_seq, conn_id, durable_out] {
@@ -1429,7 +1550,7 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
     if (g->rolling_back) j["rolling_back"] = true;
     {
       std::lock_guard lock(g->append_mu);
-      j["journal_bytes"] = g->journal->log_bytes();
+      j["journal_bytes"] = g->journal->log_bytes() + g->retired_journal_bytes.load();
       if (!g->failure.ok()) j["error"] = g->failure.message();
     }
     if (!g->last_error.empty()) j["last_error"] = g->last_error;

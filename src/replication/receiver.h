@@ -174,6 +174,19 @@ class Receiver {
   // *durable_link_seq to the last applied frame of connection `conn_id`.
   static Status SyncAndApply(GroupState& g, uint64_t conn_id,
                              uint64_t* durable_link_seq);
+  // The journal holds only applied groups: moves it aside (retired) and
+  // opens an empty one, so appends go on while the volumes are flushed.
+  // REQUIRES: g.apply_mu and g.append_mu held, nothing pending, no retire
+  // running.
+  static Status RotateJournal(GroupState& g);
+  // Posts RetireJournal to the pool; a failure makes the group failed.
+  static void StartRetire(GroupState& g);
+  // Flushes the volumes, then removes the retired journal (takes apply_mu
+  // for that). Pool thread.
+  static Status RetireJournal(GroupState& g);
+  // Removes the retired journal, if any. REQUIRES: g.apply_mu held and
+  // every group in it durable in the volumes.
+  static Status DropRetiredJournal(GroupState& g);
   // Resync markers and the undo record. REQUIRES: g.apply_mu held, or
   // start-up.
   static Status BeginResync(GroupState& g);

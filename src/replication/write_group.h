@@ -14,6 +14,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -48,9 +49,32 @@ struct SealedGroup {
   // sequence with the groups (protocol.h, VerifyRequest).
   std::shared_ptr<const VerifyRequest> verify;
   std::chrono::steady_clock::time_point opened;
+  // Set on a copy without `data` (Stripped()): the write data's size.
+  bool stripped = false;
+  uint64_t stripped_data_bytes = 0;
+
+  // Bytes of write data the group carries (or carried, once stripped).
+  uint64_t data_bytes() const { return stripped ? stripped_data_bytes : data.size(); }
+
+  // The same group without its write data: what a link keeps of a group its
+  // downstream has received but not yet made durable (the ranges and
+  // WriteSeqs, to clear scoreboard bits at the durable acknowledgement).
+  // REQUIRES: !verify.
+  std::shared_ptr<const SealedGroup> Stripped() const {
+    auto g = std::make_shared<SealedGroup>();
+    g->group_seq = group_seq;
+    g->flags = flags;
+    g->ops = ops;
+    g->bytes_written = bytes_written;
+    g->opened = opened;
+    g->stripped = true;
+    g->stripped_data_bytes = data_bytes();
+    return g;
+  }
 
   // The frame for `link_seq`, op data pointing into this group.
   WriteGroup ToFrame(uint64_t link_seq) const {
+    assert(!stripped && "a stripped group has no data to send");
     WriteGroup g;
     g.link_seq = link_seq;
     g.group_seq = group_seq;
