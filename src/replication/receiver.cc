@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <thread>
 
 #include <asio/co_spawn.hpp>
@@ -16,6 +17,7 @@
 
 #include "replication/frame_io.h"
 #include "replication/group_role.h"
+#include "replication/resync_diff.h"
 #include "replication/replication_group.h"
 #include "util/logging.h"
 
@@ -28,6 +30,13 @@ constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
 // wait before that happens at once.
 constexpr auto kSyncInterval = std::chrono::milliseconds(5);
 constexpr uint64_t kSyncBatchBytes = 4ull << 20;
+// Resync data is applied in batches of this many frame bytes (one undo
+// sync each), and made durable (volumes flushed, acknowledged as durable)
+// every kResyncFlushBytes: a flush after allocating writes costs a file
+// system commit, so fewer of them move a full sync faster. The upstream's
+// resync window (link.cc) holds several flushes' worth.
+constexpr uint64_t kResyncBatchBytes = 8ull << 20;
+constexpr uint64_t kResyncFlushBytes = 32ull << 20;
 // Appends up to this size are done on the network thread (page cache).
 constexpr size_t kInlineAppendBytes = 256u << 10;
 // The journal is rotated past this size, and when the link has been idle
@@ -454,26 +463,153 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
     if (Status s = CheckWriteGroup(*group, g.target); !s.ok()) return s;
     groups.push_back(std::move(*group));
   }
-  // One undo sync for the whole batch, before any of it reaches a volume.
-  if (g.undo) {
-    for (const auto& group : groups) {
-      if (Status s = SaveUndo(g, group, /*sync=*/false); !s.ok()) {
-        return s.WithContext("saving what resync data overwrites");
+  // Frames are diffed against the volume before any of a batch is
+  // written, so a frame that overlaps an earlier one of the batch starts a
+  // new batch (it must be compared with what the earlier one wrote).
+  std::map<std::pair<uint32_t, uint64_t>, uint64_t> taken;  // (volume, offset) -> end
+  auto overlaps = [&](const Op& op) {
+    auto it = taken.upper_bound({op.volume, op.offset});
+    if (it != taken.begin()) {
+      auto prev = std::prev(it);
+      if (prev->first.first == op.volume && prev->second > op.offset) return true;
+    }
+    return it != taken.end() && it->first.first == op.volume &&
+           it->first.second < op.offset + op.length;
+  };
+  size_t begin = 0;
+  for (size_t i = 0; i <= groups.size(); ++i) {
+    bool cut = i == groups.size();
+    if (!cut) {
+      for (const Op& op : groups[i].ops) cut = cut || overlaps(op);
+    }
+    if (cut && i > begin) {
+      if (Status s = ApplyResyncBatch(g, std::span(groups).subspan(begin, i - begin));
+          !s.ok()) {
+        return s;
+      }
+      taken.clear();
+      begin = i;
+    }
+    if (i < groups.size()) {
+      for (const Op& op : groups[i].ops) {
+        if (op.length) taken[{op.volume, op.offset}] = op.offset + op.length;
       }
     }
-    if (g.undo_unsynced) {
+  }
+  for (const auto& q : queue) {
+    g.resync_unflushed_bytes += q.frame.size();
+    g.resync_conn_id = q.conn_id;
+    g.resync_link_seq = q.link_seq;
+  }
+  g.last_apply = std::chrono::steady_clock::now();
+  return Status::OK();
+}
+
+Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> groups) {
+  // 1. What each op would change: the granules that differ from what the
+  //    volume holds (a hole reads as zeroes without a read).
+  struct Plan {
+    const Op* op;
+    std::vector<std::byte> current;  // empty: the range is a hole / zeroes
+    std::vector<ByteRun> runs;       // relative to op->offset
+  };
+  std::vector<Plan> plans;
+  for (const WriteGroup& group : groups) {
+    for (const Op& op : group.ops) {
+      if (op.length == 0 || op.type == OpType::kTrim) {
+        // Resync sends writes and zeroes only; a trim is applied whole.
+        plans.push_back(Plan{&op, {}, {ByteRun{0, op.length}}});
+        continue;
+      }
+      core::Volume& v = *g.target.volumes[op.volume];
+      Plan plan{&op, {}, {}};
+      bool zeroes = false;
+      if (auto extents = v.BlockStatus(op.offset, op.length); extents.ok()) {
+        uint64_t covered = 0;
+        zeroes = true;
+        for (const auto& e : *extents) {
+          zeroes = zeroes && e.zero;
+          covered += e.length_bytes;
+        }
+        zeroes = zeroes && covered >= op.length;
+      }
+      if (!zeroes) {
+        plan.current.resize(op.length);
+        if (Status s = v.Read(op.offset, plan.current); !s.ok()) {
+          return s.WithContext("reading what resync data overwrites");
+        }
+      }
+      plan.runs = op.type == OpType::kWrite ? DifferingRuns(plan.current, op.data)
+                                            : NonZeroRuns(plan.current);
+      plans.push_back(std::move(plan));
+    }
+  }
+  // 2. Between BEGIN and END: the old bytes of what changes are durable in
+  //    the undo record (one sync for the batch) before any of it is written.
+  if (g.undo) {
+    bool appended = false;
+    for (const Plan& p : plans) {
+      const Op& op = *p.op;
+      for (const ByteRun& run : p.runs) {
+        for (auto [offset, length] :
+             g.undo->Unsaved(op.volume, op.offset + run.offset, run.length)) {
+          while (length > 0) {
+            const uint64_t n = std::min(length, UndoRecord::kMaxRecordBytes);
+            std::span<const std::byte> old;
+            if (!p.current.empty()) {
+              old = std::span<const std::byte>(p.current).subspan(offset - op.offset, n);
+            }
+            Status s = old.empty() || IsAllZero(old)
+                           ? g.undo->AppendZeros(op.volume, offset, n)
+                           : g.undo->Append(op.volume, offset, old);
+            if (!s.ok()) return s.WithContext("saving what resync data overwrites");
+            appended = true;
+            offset += n;
+            length -= n;
+          }
+        }
+      }
+    }
+    if (appended || g.undo_unsynced) {
+      g.undo_bytes = g.undo->size_bytes();
       g.undo_unsynced = false;
       if (Status s = g.undo->Sync(); !s.ok()) return s;
     }
   }
-  for (size_t i = 0; i < groups.size(); ++i) {
-    if (Status s = ApplyDecoded(g, groups[i], /*undo_saved=*/true); !s.ok()) return s;
-    g.resync_unflushed_bytes += queue[i].frame.size();
-    g.resync_conn_id = queue[i].conn_id;
-    g.resync_link_seq = queue[i].link_seq;
+  // 3. Write what differs, through Volume like any applied group (this
+  //    site's own downstream links get it too).
+  if (g.target.onward) g.target.onward->BeginApply();
+  Status result;
+  for (const Plan& p : plans) {
+    const Op& op = *p.op;
+    core::Volume& v = *g.target.volumes[op.volume];
+    for (const ByteRun& run : p.runs) {
+      core::WriteContext ctx;
+      ctx.from_upstream = true;
+      const uint64_t offset = op.offset + run.offset;
+      Status s;
+      switch (op.type) {
+        case OpType::kWrite:
+          s = v.Write(offset, op.data.subspan(run.offset, run.length), false, &ctx);
+          break;
+        case OpType::kTrim:
+          s = v.Trim(offset, run.length, false, &ctx);
+          break;
+        case OpType::kZero:
+          s = v.WriteZeroes(offset, run.length, /*may_trim=*/true,
+                            /*fast_only=*/false, false, &ctx);
+          break;
+      }
+      if (!s.ok()) {
+        result = s.WithContext(fmt::format("applying resync data to volume {} at {}+{}",
+                                           v.name(), offset, run.length));
+        break;
+      }
+    }
+    if (!result.ok()) break;
   }
-  g.last_apply = std::chrono::steady_clock::now();
-  return Status::OK();
+  if (g.target.onward) g.target.onward->EndApply();
+  return result;
 }
 
 Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
@@ -745,13 +881,13 @@ Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_
   if (g.failed) return g.failure_status();
   g.resync_queue_bytes += frame.size();
   g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
-  if (g.resync_queue_bytes >= kSyncBatchBytes) {
+  if (g.resync_queue_bytes >= kResyncBatchBytes) {
     if (Status s = DrainResyncQueue(g); !s.ok()) {
       g.Fail(s);
       return s;
     }
   }
-  if (g.resync_unflushed_bytes >= kSyncBatchBytes) {
+  if (g.resync_unflushed_bytes >= kResyncFlushBytes) {
     return FlushResyncData(g, conn_id, durable_link_seq);
   }
   return Status::OK();

@@ -30,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -222,6 +223,10 @@ class Receiver {
   // Applies the queued resync frames in order: saves what they overwrite,
   // syncs the undo record once, then writes them. REQUIRES: g.apply_mu held.
   static Status DrainResyncQueue(GroupState& g);
+  // Applies resync frames that do not overlap each other: reads what the
+  // volumes hold, saves in the undo record (one sync) and writes only the
+  // granules that differ (resync_diff.h). REQUIRES: g.apply_mu held.
+  static Status ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> groups);
   // ApplyFrame() after decoding; `undo_saved`: SaveUndo already ran.
   static Status ApplyDecoded(GroupState& g, const WriteGroup& group, bool undo_saved);
   // The I/O of Rollback(), on a pool thread (takes apply_mu).
