@@ -292,19 +292,25 @@ asio::awaitable<void> Session::ReadRequests() {
             ? r.length : 0;
     in_flight_.fetch_add(1);
     in_flight_bytes_.fetch_add(accounted);
-    // With nothing else in flight, a small request is cheaper to carry out
-    // here than to hand to a pool thread and wake it (the hop is most of a
-    // QD1 request's latency). Only what cannot wait on the disk qualifies:
-    // a buffered write without FUA whose scoreboard bits are already
-    // durable, or a read the page cache holds. Everything else, and every
-    // request while others are in flight, goes to the pool.
-    if (in_flight_.load() == 1 && r.length <= kInlineMaxBytes &&
+    // With nothing executing on the pool, a small request is cheaper to
+    // carry out here than to hand to a pool thread and wake it (the hop is
+    // most of a QD1 request's latency). Only what cannot wait on the disk
+    // qualifies: a buffered write without FUA whose scoreboard bits are
+    // already durable, or a read the page cache holds. Requests that only
+    // wait for a sync downstream's acknowledgement do not count: with a
+    // sync link a pipelined writer keeps many of those in flight, and
+    // sending each write to the pool would cost a hop and a wake-up each.
+    // Everything else, and every request while another executes on the
+    // pool, goes to the pool.
+    if (executing_.load() == 0 && r.length <= kInlineMaxBytes &&
         TryExecuteInline(r, payload, accounted)) {
       continue;
     }
+    executing_.fetch_add(1);
     asio::post(io_.executor(),
                [self, r, accounted, payload = std::move(payload)]() mutable {
                  self->Execute(r, payload, accounted);
+                 self->executing_.fetch_sub(1);
                });
   }
 }

@@ -140,6 +140,9 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::steady_timer wake_;
 
   std::atomic<size_t> in_flight_{0};
+  // Requests handed to the pool whose Execute() has not returned (in_flight_
+  // also counts those waiting only for replication acknowledgements).
+  std::atomic<size_t> executing_{0};
   std::atomic<size_t> in_flight_bytes_{0};
   // Reply bytes queued but not yet written to the socket. They count
   // against kMaxInFlightBytes too: a client that stops reading must not

@@ -2,8 +2,7 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#define XXH_INLINE_ALL
-#include <xxhash.h>
+#include "util/xxhash.h"
 
 #include "blockrelay/io/env.h"
 

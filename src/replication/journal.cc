@@ -8,7 +8,7 @@
 #include <variant>
 
 #include <fmt/format.h>
-#include <xxhash.h>
+#include "util/xxhash.h"
 
 namespace blockrelay::replication {
 

@@ -13,8 +13,7 @@
 #include <asio/ip/tcp.hpp>
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
-#define XXH_INLINE_ALL
-#include <xxhash.h>
+#include "util/xxhash.h"
 
 #include "blockrelay/io/env.h"
 #include "replication/generations.h"

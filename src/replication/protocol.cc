@@ -43,8 +43,7 @@
 
 // For XXH3_state_t on the stack; the struct matches the linked libxxhash
 // because both come from the same Debian package.
-#define XXH_STATIC_LINKING_ONLY
-#include <xxhash.h>
+#include "util/xxhash.h"
 
 #include <algorithm>
 #include <limits>

@@ -12,8 +12,7 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
-#define XXH_INLINE_ALL
-#include <xxhash.h>
+#include "util/xxhash.h"
 
 #include "replication/frame_io.h"
 #include "replication/group_role.h"

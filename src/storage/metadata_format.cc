@@ -3,7 +3,7 @@
 #include "storage/metadata_format.h"
 
 #include <sys/sysmacros.h>
-#include <xxhash.h>
+#include "util/xxhash.h"
 
 #include <algorithm>
 #include <bit>
