@@ -44,6 +44,8 @@ constexpr uint32_t kMinKeepaliveMs = 1000;
 constexpr uint32_t kMaxKeepaliveMs = 10 * 60'000;
 constexpr uint32_t kMinSyncTimeoutMs = 1;
 constexpr uint32_t kMaxSyncTimeoutMs = 60 * 60'000;
+constexpr uint32_t kMinBitmapFlushIntervalMs = 100;
+constexpr uint32_t kMaxBitmapFlushIntervalMs = 60 * 60'000;
 constexpr size_t kMaxNameLength = 64;
 
 constexpr std::string_view kTopKeys[] = {
@@ -53,8 +55,9 @@ constexpr std::string_view kNbdKeys[] = {
 constexpr std::string_view kReplicationKeys[] = {
     "listen"};
 constexpr std::string_view kGroupKeys[] = {
-    "name",         "role",    "region_size", "on_sync_failure",
-    "sync_timeout", "volumes", "downstream",  "upstream"};
+    "name",         "role",                  "region_size", "on_sync_failure",
+    "sync_timeout", "bitmap_flush_interval", "volumes",     "downstream",
+    "upstream"};
 constexpr std::string_view kVolumeKeys[] = {
     "name", "path", "size"};
 constexpr std::string_view kDownstreamKeys[] = {
@@ -476,6 +479,12 @@ class SiteParser {
       CONFIG_RETURN_IF_ERROR(ReadDuration(*f, Join(path, "sync_timeout"),
                                           kMinSyncTimeoutMs, kMaxSyncTimeoutMs,
                                           &out->sync_timeout_ms));
+    }
+
+    if ((f = Find(v, "bitmap_flush_interval")) != nullptr) {
+      CONFIG_RETURN_IF_ERROR(ReadDuration(
+          *f, Join(path, "bitmap_flush_interval"), kMinBitmapFlushIntervalMs,
+          kMaxBitmapFlushIntervalMs, &out->bitmap_flush_interval_ms));
     }
 
     f = Find(v, "volumes");
@@ -970,6 +979,7 @@ nlohmann::json ToJson(const SiteConfig& c) {
     group["region_size"] = FormatSize(g.region_size_bytes);
     group["on_sync_failure"] = ToString(g.on_sync_failure);
     group["sync_timeout"] = FormatDurationMs(g.sync_timeout_ms);
+    group["bitmap_flush_interval"] = FormatDurationMs(g.bitmap_flush_interval_ms);
     json volumes = json::array();
     for (const VolumeConfig& v : g.volumes) {
       json vol = {{"name", v.name}, {"path", v.path.native()}};

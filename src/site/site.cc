@@ -246,8 +246,10 @@ Status Site::Start() {
   for (auto& g : replication_) g->Start();
   sweep_timer_.emplace(ctx_);
   asio::co_spawn(ctx_, SweepLinksPeriodically(), asio::detached);
-  flush_timer_.emplace(ctx_);
-  asio::co_spawn(ctx_, FlushScoreboardsPeriodically(), asio::detached);
+  for (size_t g = 0; g < config_.groups.size(); ++g) {
+    flush_timers_.push_back(std::make_unique<asio::steady_timer>(ctx_));
+    asio::co_spawn(ctx_, FlushScoreboardsPeriodically(g), asio::detached);
+  }
   std::string where;
   if (config_.nbd.unix_socket) where += config_.nbd.unix_socket->string();
   if (auto tcp = nbd_server_->tcp_endpoint()) {
@@ -261,7 +263,7 @@ Status Site::Start() {
 
 asio::awaitable<Status> Site::Shutdown() {
   stopping_ = true;
-  if (flush_timer_) flush_timer_->cancel();
+  for (auto& timer : flush_timers_) timer->cancel();
   if (control_server_) control_server_->Stop();
   if (sweep_timer_) sweep_timer_->cancel();
   // NBD first: replies still waiting for a sync downstream need the links.
@@ -283,14 +285,16 @@ asio::awaitable<Status> Site::Shutdown() {
   co_return first_error;
 }
 
-asio::awaitable<void> Site::FlushScoreboardsPeriodically() {
-  constexpr auto kScoreboardFlushInterval = std::chrono::seconds(5);
+asio::awaitable<void> Site::FlushScoreboardsPeriodically(size_t g) {
+  const auto interval =
+      std::chrono::milliseconds(config_.groups[g].bitmap_flush_interval_ms);
+  asio::steady_timer& timer = *flush_timers_[g];
   while (!stopping_) {
-    flush_timer_->expires_after(kScoreboardFlushInterval);
-    auto [ec] = co_await flush_timer_->async_wait(
+    timer.expires_after(interval);
+    auto [ec] = co_await timer.async_wait(
         asio::experimental::as_tuple(asio::use_awaitable));
     if (ec || stopping_) co_return;
-    for (const auto& volume : catalog_.volumes()) {
+    for (const auto& volume : group_volumes_[g]) {
       core::Volume* v = volume.get();
       Status s = co_await io_->Run([v] { return v->FlushScoreboard(); });
       if (!s.ok()) {

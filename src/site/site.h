@@ -57,9 +57,9 @@ class Site {
  private:
   Site(config::SiteConfig config, asio::io_context& ctx);
   asio::awaitable<nlohmann::json> HandleControl(const nlohmann::json& request);
-  // Persists scoreboard bitmaps every kScoreboardFlushInterval so a crash
-  // recovers few intent extents.
-  asio::awaitable<void> FlushScoreboardsPeriodically();
+  // Persists the scoreboard bitmaps of group `g`'s volumes every
+  // bitmap_flush_interval of its config (see GroupConfig), until Shutdown.
+  asio::awaitable<void> FlushScoreboardsPeriodically(size_t g);
   // Clears scoreboard bits of caught-up links and samples throughput.
   asio::awaitable<void> SweepLinksPeriodically();
   replication::ReplicationGroup* FindReplicationGroup(const std::string& name) const;
@@ -101,7 +101,8 @@ class Site {
   std::chrono::steady_clock::time_point started_;
   bool stopping_ = false;
   bool started_once_ = false;  // Start() ran: later groups come from promote
-  std::optional<asio::steady_timer> flush_timer_;
+  // One per group of config_.groups, for FlushScoreboardsPeriodically.
+  std::vector<std::unique_ptr<asio::steady_timer>> flush_timers_;
   std::optional<asio::steady_timer> sweep_timer_;
   // One per group with links in its current role.
   std::vector<std::unique_ptr<replication::ReplicationGroup>> replication_;

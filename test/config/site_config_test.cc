@@ -144,6 +144,7 @@ TEST_CASE("ParseSiteConfig: minimal document gets the documented defaults",
   CHECK(g.region_size_bytes == 64 * 1024);
   CHECK(g.on_sync_failure == OnSyncFailure::kLogging);
   CHECK(g.sync_timeout_ms == 30000);
+  CHECK(g.bitmap_flush_interval_ms == 5000);  // what the site did before the key existed
   CHECK(g.downstream.empty());
   CHECK_FALSE(g.upstream.has_value());
   REQUIRE(g.volumes.size() == 1);
@@ -209,6 +210,7 @@ TEST_CASE("ParseSiteConfig: full document fills every field", "[config]") {
       {
         "name": "db", "role": "secondary", "region_size": "1MiB",
         "on_sync_failure": "block", "sync_timeout": "5s",
+        "bitmap_flush_interval": "30s",
         "volumes": [{"name": "wal", "path": "/srv/wal.img", "size": 1048576},
                     {"name": "data", "path": "/dev/sdb"}],
         "upstream": {"site": "a", "address": "10.0.0.1:7800"},
@@ -236,6 +238,7 @@ TEST_CASE("ParseSiteConfig: full document fills every field", "[config]") {
   CHECK(g.region_size_bytes == (1u << 20));
   CHECK(g.on_sync_failure == OnSyncFailure::kBlock);
   CHECK(g.sync_timeout_ms == 5000);
+  CHECK(g.bitmap_flush_interval_ms == 30000);
   REQUIRE(g.volumes.size() == 2);
   CHECK(g.volumes[0].size_bytes == 1048576u);
   CHECK_FALSE(g.volumes[1].size_bytes.has_value());
@@ -269,6 +272,7 @@ TEST_CASE("ParseSiteConfig: ToJson output parses back to the same config",
   doc["groups"][0]["downstream"][0]["max_lag"] = "10min";
   doc["groups"][0]["downstream"][0]["resync_rate"] = "1536/s";
   doc["groups"][0]["upstream"] = {{"site", "z"}};
+  doc["groups"][0]["bitmap_flush_interval"] = "250ms";
   doc["groups"][0]["volumes"].push_back(
       {{"name", "raw"}, {"path", "relative/raw"}});
   doc["groups"].push_back(json::parse(R"({
@@ -281,6 +285,8 @@ TEST_CASE("ParseSiteConfig: ToJson output parses back to the same config",
   CHECK(first == second);
   CHECK(ToJson(second) == canonical);
   CHECK(canonical["groups"][0]["downstream"][0]["max_lag"] == "10min");
+  CHECK(canonical["groups"][0]["bitmap_flush_interval"] == "250ms");
+  CHECK(canonical["groups"][1]["bitmap_flush_interval"] == "5s");
 }
 
 TEST_CASE("ParseSiteConfig: sizes may be JSON integers", "[config]") {
@@ -408,7 +414,8 @@ TEST_CASE("ParseSiteConfig: unknown key in group", "[config]") {
   CHECK_THAT(ParseError(doc),
              StartsWith("groups[0].volume: unknown key") &&
                  Contains("name, role, region_size, on_sync_failure, "
-                          "sync_timeout, volumes, downstream, upstream"));
+                          "sync_timeout, bitmap_flush_interval, volumes, "
+                          "downstream, upstream"));
 }
 
 TEST_CASE("ParseSiteConfig: unknown key in downstream", "[config]") {
@@ -889,6 +896,36 @@ TEST_CASE("ParseSiteConfig: keepalive outside 1s..10min", "[config]") {
         "10min, got \"500ms\"");
   doc["groups"][0]["downstream"][0]["keepalive"] = "11min";
   CHECK_THAT(ParseError(doc), EndsWith("got \"11min\""));
+}
+
+TEST_CASE("ParseSiteConfig: bitmap_flush_interval outside 100ms..1h is refused",
+          "[config]") {
+  json doc = MinimalDoc();
+  doc["groups"][0]["bitmap_flush_interval"] = "50ms";
+  CHECK(ParseError(doc) ==
+        "groups[0].bitmap_flush_interval: expected a duration from 100ms to "
+        "1h, got \"50ms\"");
+  doc["groups"][0]["bitmap_flush_interval"] = 0;
+  CHECK(ParseError(doc) ==
+        "groups[0].bitmap_flush_interval: expected a duration from 100ms to "
+        "1h, got number 0");
+  doc["groups"][0]["bitmap_flush_interval"] = "61min";
+  CHECK_THAT(ParseError(doc), EndsWith("got \"61min\""));
+  doc["groups"][0]["bitmap_flush_interval"] = "often";
+  CHECK_THAT(ParseError(doc),
+             StartsWith("groups[0].bitmap_flush_interval: expected a duration") &&
+                 Contains("got \"often\""));
+}
+
+TEST_CASE("ParseSiteConfig: bitmap_flush_interval takes a duration or milliseconds",
+          "[config]") {
+  json doc = MinimalDoc();
+  doc["groups"][0]["bitmap_flush_interval"] = "100ms";
+  CHECK(ParseOk(doc).groups[0].bitmap_flush_interval_ms == 100);
+  doc["groups"][0]["bitmap_flush_interval"] = "1h";
+  CHECK(ParseOk(doc).groups[0].bitmap_flush_interval_ms == 3'600'000);
+  doc["groups"][0]["bitmap_flush_interval"] = 2500;
+  CHECK(ParseOk(doc).groups[0].bitmap_flush_interval_ms == 2500);
 }
 
 TEST_CASE("ParseSiteConfig: bad duration string names path and value",

@@ -101,6 +101,11 @@ struct GroupConfig {
   OnSyncFailure on_sync_failure = OnSyncFailure::kLogging;
   // How long writes wait under on_sync_failure "block" before failing, ms.
   uint32_t sync_timeout_ms = 30000;  // "sync_timeout": "30s", 1ms..1h
+  // How often the volumes' scoreboard bitmaps are written to their metadata
+  // files (only pages changed since the last write). Persists clears, so a
+  // crash resends at most about this long's worth of acknowledged regions;
+  // a write that persists clears first flushes the backing store.
+  uint32_t bitmap_flush_interval_ms = 5000;  // "bitmap_flush_interval": "5s", 100ms..1h
   std::vector<VolumeConfig> volumes;  // at least one
   std::vector<DownstreamConfig> downstream;
   std::optional<UpstreamConfig> upstream;  // required when role is secondary

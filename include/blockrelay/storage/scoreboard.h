@@ -121,8 +121,8 @@ class Scoreboard {
   // thread): does the whole job when no metadata I/O is needed (every bit
   // already set, or all its intent extents hot) and returns its Status.
   // Returns nullopt when a metadata write would be needed; the caller then
-  // calls MarkDirty on a storage thread. Never blocks on I/O (it may briefly
-  // take the lock that allocates a bitmap page).
+  // calls MarkDirty on a storage thread. Never blocks on I/O or a lock (the
+  // first write into a slot maps its bitmap array: one mmap, no disk I/O).
   std::optional<Status> TryMarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq = nullptr);
 
   // The WriteSeq of the latest MarkDirty that has started.
@@ -172,7 +172,8 @@ class Scoreboard {
 
   ScoreboardStats Stats() const;
   SlotStats StatsForSlot(uint32_t slot) const;
-  // Heap bytes held for bitmaps and the extent table.
+  // Bytes of memory held for bitmaps (SlotBitmap::MemoryUsageBytes) and the
+  // extent table.
   uint64_t MemoryUsageBytes() const;
 
  private:
