@@ -54,7 +54,7 @@ bool AllZero(std::span<const std::byte> data) {
 // belong to one connection: they do not count against max_queue and are
 // not kept in a disk queue.
 static bool IsStreamedGroup(const SealedGroup& g) {
-  return !(g.flags & kGroupResync) && !g.verify;
+  return !(g.flags & kGroupResync) && !g.verify && !g.generation;
 }
 // Bytes a queued entry counts against max_queue.
 static uint64_t QueuedBytes(const SealedGroup& g) {
@@ -172,8 +172,23 @@ bool Link::AnyDirty() const {
   return false;
 }
 
-void Link::GenerationChanged() {
-  if (conn_) Break(*conn_, "this site started a new generation; reconnecting");
+void Link::GenerationChanged(const std::string& generations) {
+  if (!conn_) return;  // a handshake under way compares epochs when it ends
+  if (!streaming_ || disk_mode()) {
+    Break(*conn_, "this site started a new generation; reconnecting");
+    return;
+  }
+  // In sequence with the stream: the downstream adopts it without a
+  // reconnect (and the resync one would cost).
+  auto g = std::make_shared<SealedGroup>();
+  g->generation = std::make_shared<const std::string>(generations);
+  g->opened = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lock(group_.mu_);
+    DeliverLocked(std::move(g));
+  }
+  hello_epoch_ = group_.generation_epoch();
+  Wake();
 }
 
 void Link::Pause() {
@@ -611,6 +626,10 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
         VerifyRequest v = *e.group->verify;
         v.link_seq = e.link_seq;
         EncodeVerifyRequest(v, out);
+        pieces.push_back(FramePiece{before, out.size() - before, {}});
+        wire_bytes += out.size() - before;
+      } else if (e.group->generation) {
+        EncodeGenerationUpdate(GenerationUpdate{e.link_seq, *e.group->generation}, out);
         pieces.push_back(FramePiece{before, out.size() - before, {}});
         wire_bytes += out.size() - before;
       } else {

@@ -117,9 +117,11 @@ class Link {
   void DeliverLocked(std::shared_ptr<const SealedGroup> group);
   // Network thread: something was delivered.
   void Wake();
-  // Network thread: the group started a new generation; a connected
-  // downstream reconnects so that it takes it (generations.h).
-  void GenerationChanged();
+  // Network thread: the group started a new generation, `generations` as
+  // HELLO carries them (generations.h). A streaming downstream gets a
+  // GENERATION frame in sequence; any other connection reconnects so that
+  // its downstream takes it at HELLO.
+  void GenerationChanged(const std::string& generations);
   // Network thread, periodically: clears bits left set by streamed writes
   // once nothing is outstanding.
   void Sweep();

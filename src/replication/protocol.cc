@@ -83,7 +83,7 @@ constexpr size_t kMinVolumeBytes = 2 + 8;
 
 bool IsKnownType(uint16_t type) {
   return type >= static_cast<uint16_t>(FrameType::kHello) &&
-         type <= static_cast<uint16_t>(FrameType::kDirtyRanges);
+         type <= static_cast<uint16_t>(FrameType::kGeneration);
 }
 
 bool IsKnownOpType(uint8_t type) {
@@ -608,6 +608,12 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
       });
     case FrameType::kDirtyRanges:
       return DecodeAs<DirtyRanges>(r, DecodeDirtyRangesPayload);
+    case FrameType::kGeneration:
+      return DecodeAs<GenerationUpdate>(r, [](Reader& reader, GenerationUpdate& g) {
+        reader.U64("link_seq", g.link_seq);
+        reader.String("generation", g.generation);
+        return reader.Finish();
+      });
   }
   return Status::Corruption(
       fmt::format("unknown frame type {}", static_cast<uint16_t>(header.type)));
@@ -857,6 +863,14 @@ void EncodeDirtyRanges(const DirtyRanges& d, Bytes& out) {
   });
 }
 
+void EncodeGenerationUpdate(const GenerationUpdate& update, Bytes& out) {
+  constexpr FrameType kType = FrameType::kGeneration;
+  AppendFrame(kType, 0, out, [&](Bytes& out) {
+    AppendBe64(out, update.link_seq);
+    AppendString(kType, "generation", update.generation, out);
+  });
+}
+
 void EncodeError(const ErrorFrame& error, Bytes& out) {
   constexpr FrameType kType = FrameType::kError;
   AppendFrame(kType, 0, out, [&](Bytes& out) {
@@ -907,6 +921,8 @@ const char* FrameTypeName(FrameType type) {
       return "VERIFY_RESULT";
     case FrameType::kDirtyRanges:
       return "DIRTY_RANGES";
+    case FrameType::kGeneration:
+      return "GENERATION";
   }
   return "UNKNOWN";
 }

@@ -54,6 +54,7 @@ enum class FrameType : uint16_t {
   kVerify = 8,
   kVerifyResult = 9,
   kDirtyRanges = 10,
+  kGeneration = 11,
 };
 
 struct VolumeInfo {
@@ -213,6 +214,19 @@ struct DirtyRanges {
   bool operator==(const DirtyRanges&) const = default;
 };
 
+// Upstream -> downstream, in sequence with the write groups (it takes a
+// link_seq): the upstream started a new generation (generations.h) while
+// this downstream stayed connected, e.g. because another downstream link
+// went down. The downstream applies every earlier group, adopts the
+// generations (same text as HELLO's `generation`), and acknowledges the
+// frame as durable. Without it a connected downstream would have to
+// reconnect (and resync) to learn the new generation at HELLO.
+struct GenerationUpdate {
+  uint64_t link_seq = 0;
+  std::string generation;
+  bool operator==(const GenerationUpdate&) const = default;
+};
+
 struct FrameHeader {
   uint16_t version = 0;
   FrameType type = FrameType::kPing;
@@ -223,7 +237,7 @@ struct FrameHeader {
 
 using Frame = std::variant<Hello, HelloReply, WriteGroup, GroupAck, Ping,
                            Pong, ErrorFrame, VerifyRequest, VerifyResult,
-                           DirtyRanges>;
+                           DirtyRanges, GenerationUpdate>;
 
 // Checks magic, version (a peer with another version gets a message naming
 // both versions), a known type and length <= kMaxFramePayloadBytes.
@@ -264,6 +278,7 @@ void EncodeError(const ErrorFrame& error, Bytes& out);
 void EncodeVerifyRequest(const VerifyRequest& request, Bytes& out);
 void EncodeVerifyResult(const VerifyResult& result, Bytes& out);
 void EncodeDirtyRanges(const DirtyRanges& ranges, Bytes& out);
+void EncodeGenerationUpdate(const GenerationUpdate& update, Bytes& out);
 
 // One piece of a frame encoded for a gathering write: either `size` bytes at
 // `offset` of the encoder's `out` buffer (an offset, because `out` may move

@@ -954,6 +954,28 @@ Status Receiver::ApplyMarker(GroupState& g, uint64_t conn_id, bool begin,
   return Status::OK();
 }
 
+Status Receiver::AdoptGeneration(GroupState& g, uint64_t conn_id,
+                                 const std::string& peer_site,
+                                 const GenerationSet& next,
+                                 uint64_t* durable_link_seq) {
+  if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+  std::lock_guard apply_lock(g.apply_mu);
+  auto local = GroupGenerations(g.target.volumes);
+  if (!local) return Status::OK();  // no generations here (tests)
+  if (local->current == next.current) return Status::OK();
+  // Only a successor of what this site holds: the upstream's new
+  // generation must list ours as the one before. Anything else is not for
+  // a connected follower to adopt; the HELLO of a new connection decides.
+  const bool successor = std::find(next.history.begin(), next.history.end(),
+                                   local->current) != next.history.end();
+  if (!successor) {
+    return Status::InvalidArgument(fmt::format(
+        "site {}'s generation {} does not follow this site's {}", peer_site,
+        GenerationName(next.current), GenerationName(local->current)));
+  }
+  return SetGroupGenerations(g.target.volumes, next);
+}
+
 Status Receiver::Reconcile(GroupState& g, const std::string& peer_site,
                            const std::optional<GenerationSet>& adopt) {
   std::lock_guard apply_lock(g.apply_mu);
@@ -1493,6 +1515,37 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       c->received = vr->link_seq;
       c->durable = vr->link_seq;
       c->verify_results.push_back(std::move(result));
+      c->wake.cancel();
+      continue;
+    }
+    if (auto* gu = std::get_if<GenerationUpdate>(&*decoded)) {
+      Status s = CheckNextLinkSeq(c->last_link_seq, gu->link_seq);
+      auto next = s.ok() ? ParseGenerations(gu->generation) : Result<GenerationSet>(s);
+      if (!next.ok()) {
+        c->error = next.status().message();
+        break;
+      }
+      c->last_link_seq = gu->link_seq;
+      const uint64_t conn_id = c->id;
+      const GenerationSet* np = &*next;
+      const std::string* up = &c->upstream_site;
+      uint64_t durable_seq = 0;
+      uint64_t* durable_out = &durable_seq;
+      s = co_await io_.Run([g, conn_id, np, up, durable_out] {
+        return AdoptGeneration(*g, conn_id, *up, *np, durable_out);
+      });
+      if (!s.ok()) {
+        c->error = fmt::format("site {} cannot take group {}'s new generation: {}",
+                               local_site_, g->target.config->name, s.message());
+        g->last_error = c->error;
+        break;
+      }
+      BR_LOG_INFO("replication", "group {}: now at site {}'s generation {}",
+                  g->target.config->name, c->upstream_site,
+                  GenerationName(next->current));
+      // Every frame before this one is applied and durable now.
+      c->received = gu->link_seq;
+      c->durable = gu->link_seq;
       c->wake.cancel();
       continue;
     }

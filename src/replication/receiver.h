@@ -235,6 +235,13 @@ class Receiver {
   // adopt its generations, forget our dirty set for it (storage thread).
   static Status Reconcile(GroupState& g, const std::string& peer_site,
                           const std::optional<GenerationSet>& adopt);
+  // A GENERATION frame from the connected upstream: applies what came
+  // before it, then adopts `next` if it follows this site's current
+  // generation (InvalidArgument otherwise). Storage thread.
+  static Status AdoptGeneration(GroupState& g, uint64_t conn_id,
+                                const std::string& peer_site,
+                                const GenerationSet& next,
+                                uint64_t* durable_link_seq);
   GroupState* FindGroup(const std::string& group) const;
   // Applies what is waiting, then digests the requested regions.
   static Status VerifyRegions(GroupState& g, uint64_t conn_id,

@@ -421,9 +421,10 @@ Result<bool> ReplicationGroup::CaughtUp(const std::optional<std::string>& site) 
 
 asio::awaitable<void> ReplicationGroup::BumpGeneration() {
   const auto* volumes = &volumes_;
-  std::string name;
+  std::string name, encoded;
   std::string* name_out = &name;
-  Status s = co_await io_.Run([volumes, name_out] {
+  std::string* encoded_out = &encoded;
+  Status s = co_await io_.Run([volumes, name_out, encoded_out] {
     auto old = GroupGenerations(*volumes);
     if (!old) return Status::OK();
     GenerationSet next;
@@ -431,6 +432,7 @@ asio::awaitable<void> ReplicationGroup::BumpGeneration() {
     next.history = old->history;
     next.history.insert(next.history.begin(), old->current);
     *name_out = GenerationName(next.current);
+    *encoded_out = EncodeGenerations(next);
     return SetGroupGenerations(*volumes, next);
   });
   if (!s.ok()) {
@@ -440,7 +442,7 @@ asio::awaitable<void> ReplicationGroup::BumpGeneration() {
     BR_LOG_INFO("replication", "group {}: written while a downstream link is "
                 "down: new generation {}", config_.name, name);
     ++generation_epoch_;
-    for (auto& link : links_) link->GenerationChanged();
+    for (auto& link : links_) link->GenerationChanged(encoded);
   }
   --bumps_in_flight_;
 }

@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -48,6 +49,9 @@ struct SealedGroup {
   // Set instead of ops for an online-verify request, which travels in
   // sequence with the groups (protocol.h, VerifyRequest).
   std::shared_ptr<const VerifyRequest> verify;
+  // Set instead of ops for a GENERATION frame (protocol.h,
+  // GenerationUpdate): the new generations, as HELLO carries them.
+  std::shared_ptr<const std::string> generation;
   std::chrono::steady_clock::time_point opened;
   // Set on a copy without `data` (Stripped()): the write data's size.
   bool stripped = false;
@@ -111,6 +115,11 @@ class WriteGroupBuilder {
     group_ = SealedGroup{};
     group_.group_seq = seq;
     group_.opened = std::chrono::steady_clock::now();
+    // Room for about as much as the last group held: growing the buffer
+    // write by write copies it again at every doubling and touches fresh
+    // pages each time (a profile of 4 KiB writes at QD32 showed both).
+    group_.data.reserve(std::min<uint64_t>(last_data_bytes_ + last_data_bytes_ / 4,
+                                           kMaxReserveBytes));
     latest_.clear();
     max_length_ = 0;
   }
@@ -145,6 +154,7 @@ class WriteGroupBuilder {
   }
 
   std::shared_ptr<const SealedGroup> Seal() {
+    last_data_bytes_ = group_.data.size();
     auto sealed = std::make_shared<SealedGroup>(std::move(group_));
     group_ = SealedGroup{};
     latest_.clear();
@@ -172,9 +182,12 @@ class WriteGroupBuilder {
     }
   }
 
+  static constexpr uint64_t kMaxReserveBytes = 16ull << 20;
+
   SealedGroup group_;
   std::map<Key, size_t> latest_;  // op index of the latest op at an offset
   uint64_t max_length_ = 0;
+  uint64_t last_data_bytes_ = 0;  // of the group sealed last
 };
 
 }  // namespace blockrelay::replication

@@ -171,7 +171,7 @@ WriteGroup SampleGroup() {
 
 // One valid frame of every type.
 std::vector<Bytes> SampleFrames() {
-  std::vector<Bytes> frames(7);
+  std::vector<Bytes> frames(8);
   EncodeHello(SampleHello(), frames[0]);
   EncodeHelloReply({HelloResult::kMismatch, "west", "sizes differ", "gen-3", 9},
                    frames[1]);
@@ -180,6 +180,7 @@ std::vector<Bytes> SampleFrames() {
   EncodePing({.nonce = 0x1122334455667788}, frames[4]);
   EncodePong({.nonce = 42}, frames[5]);
   EncodeError({.code = 101, .message = "bad link_seq"}, frames[6]);
+  EncodeGenerationUpdate({.link_seq = 12, .generation = "gen-8,gen-7"}, frames[7]);
   return frames;
 }
 
@@ -429,6 +430,15 @@ TEST_CASE("ReplicationProtocol: GROUP_ACK round trips",
   CHECK(DecodeAs<GroupAck>(Encode(EncodeGroupAck, zero)) == zero);
 }
 
+TEST_CASE("ReplicationProtocol: GENERATION round trips link_seq and the "
+          "generations",
+          "[replication][protocol]") {
+  GenerationUpdate g{.link_seq = 99, .generation = "a:2,b:1"};
+  CHECK(DecodeAs<GenerationUpdate>(Encode(EncodeGenerationUpdate, g)) == g);
+  GenerationUpdate empty;
+  CHECK(DecodeAs<GenerationUpdate>(Encode(EncodeGenerationUpdate, empty)) == empty);
+}
+
 TEST_CASE("ReplicationProtocol: PING and PONG round trip their nonce",
           "[replication][protocol]") {
   Ping ping{.nonce = 0x0102030405060708};
@@ -570,7 +580,7 @@ TEST_CASE("ReplicationProtocol: header with another version is NotSupported "
 
 TEST_CASE("ReplicationProtocol: header with an unknown frame type is refused",
           "[replication][protocol]") {
-  for (uint16_t type : {0, 11, 0xffff}) {
+  for (uint16_t type : {0, 12, 0xffff}) {
     INFO("type " << type);
     auto h = DecodeFrameHeader(HeaderOf(MakeFrame({.type = type}, {})));
     REQUIRE_FALSE(h.ok());
@@ -1020,6 +1030,7 @@ TEST_CASE("ReplicationProtocol: names of frame types and hello results",
   CHECK_THAT(FrameTypeName(FrameType::kHello), Equals("HELLO"));
   CHECK_THAT(FrameTypeName(FrameType::kWriteGroup), Equals("WRITE_GROUP"));
   CHECK_THAT(FrameTypeName(FrameType::kError), Equals("ERROR"));
+  CHECK_THAT(FrameTypeName(FrameType::kGeneration), Equals("GENERATION"));
   CHECK_THAT(FrameTypeName(static_cast<FrameType>(99)), Equals("UNKNOWN"));
   CHECK_THAT(HelloResultName(HelloResult::kAccepted), Equals("ACCEPTED"));
   CHECK_THAT(HelloResultName(HelloResult::kSplitBrain), Equals("SPLIT_BRAIN"));
