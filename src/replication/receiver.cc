@@ -40,8 +40,11 @@ constexpr uint64_t kResyncFlushBytes = 32ull << 20;
 constexpr size_t kInlineAppendBytes = 256u << 10;
 // The journal is rotated past this size, and when the link has been idle
 // for kIdleReset: the full one is retired once the volumes are flushed
-// (RotateJournal, RetireJournal).
-constexpr uint64_t kJournalResetBytes = 64ull << 20;
+// (RotateJournal, RetireJournal). The volume flush writes back every region
+// written since the last one, so a larger journal means fewer, more
+// coalesced flushes competing with the journal's own syncs for the disk;
+// it also bounds what a restart replays.
+constexpr uint64_t kJournalResetBytes = 256ull << 20;
 constexpr auto kIdleReset = std::chrono::seconds(1);
 // Received frames waiting to be synced and applied are held in memory; past
 // this many bytes the connection stops taking frames until they are

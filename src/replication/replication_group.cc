@@ -5,6 +5,7 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/dispatch.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
@@ -175,7 +176,9 @@ void ReplicationGroup::EndApply() {
 
 void ReplicationGroup::WakeLinks() {
   if (links_woken_.exchange(true)) return;
-  asio::post(ctx_, [this] {
+  // On the network thread (a write carried out inline) the writers are
+  // woken at once, so the frame leaves before the session reads on.
+  asio::dispatch(ctx_, [this] {
     links_woken_.store(false);
     for (auto& link : links_) link->Wake();
   });
@@ -312,7 +315,7 @@ void ReplicationGroup::SyncAcknowledged() {
 
 void ReplicationGroup::WhenAcknowledged(Ticket ticket, bool durable,
                                         std::function<void(Status)> done) {
-  asio::post(ctx_, [this, ticket, durable, done = std::move(done)]() mutable {
+  asio::dispatch(ctx_, [this, ticket, durable, done = std::move(done)]() mutable {
     Waiter w{ticket, durable, std::move(done),
              std::chrono::steady_clock::now() +
                  std::chrono::milliseconds(config_.sync_timeout_ms)};
