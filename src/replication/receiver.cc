@@ -141,6 +141,10 @@ struct Receiver::GroupState {
   // not flushed yet: not durable, so not acknowledged as durable.
   // GUARDED_BY(apply_mu)
   uint64_t resync_unflushed_bytes = 0;
+  uint64_t resync_first_unflushed_link_seq = 0;  // of resync_conn_id
+  // The last resync frame queued: a resync that paused (its window is full,
+  // or it ended) is flushed at the next tick.
+  std::chrono::steady_clock::time_point last_resync_frame;
   uint64_t resync_conn_id = 0;
   uint64_t resync_link_seq = 0;
   // Resync frames received but not applied yet, in arrival order: applied
@@ -499,6 +503,9 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
     }
   }
   for (const auto& q : queue) {
+    if (g.resync_unflushed_bytes == 0 || g.resync_conn_id != q.conn_id) {
+      g.resync_first_unflushed_link_seq = q.link_seq;
+    }
     g.resync_unflushed_bytes += q.frame.size();
     g.resync_conn_id = q.conn_id;
     g.resync_link_seq = q.link_seq;
@@ -750,7 +757,7 @@ Status Receiver::AppendFrame(GroupState& g, uint64_t conn_id,
 }
 
 Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
-                              uint64_t* durable_link_seq) {
+                              uint64_t* durable_link_seq, ResyncFlush resync_flush) {
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
   // Queued resync data arrived before everything now pending in the journal.
@@ -781,8 +788,20 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
     }
     g.last_apply = std::chrono::steady_clock::now();
   }
-  if (Status s = FlushResyncData(g, conn_id, durable_link_seq); !s.ok()) return s;
-  const bool idle = std::chrono::steady_clock::now() - g.last_apply >= kIdleReset;
+  const auto now = std::chrono::steady_clock::now();
+  const bool resync_flush_due =
+      resync_flush == ResyncFlush::kAlways ||
+      g.resync_unflushed_bytes >= kResyncFlushBytes ||
+      now - g.last_resync_frame >= kSyncInterval;
+  if (resync_flush_due) {
+    if (Status s = FlushResyncData(g, conn_id, durable_link_seq); !s.ok()) return s;
+  } else if (g.resync_unflushed_bytes > 0 && g.resync_conn_id == conn_id &&
+             *durable_link_seq >= g.resync_first_unflushed_link_seq) {
+    // Acknowledgements are cumulative: nothing at or after resync data
+    // that is not flushed yet may be reported durable.
+    *durable_link_seq = g.resync_first_unflushed_link_seq - 1;
+  }
+  const bool idle = now - g.last_apply >= kIdleReset;
   bool retire = false;
   {
     std::unique_lock lock(g.append_mu);
@@ -867,6 +886,24 @@ Status Receiver::DropRetiredJournal(GroupState& g) {
   return Status::OK();
 }
 
+bool Receiver::QueueResyncInline(GroupState& g, uint64_t conn_id,
+                                 uint64_t link_seq, Bytes& frame) {
+  std::unique_lock apply_lock(g.apply_mu, std::try_to_lock);
+  if (!apply_lock.owns_lock() || g.failed) return false;
+  {
+    std::unique_lock append_lock(g.append_mu, std::try_to_lock);
+    if (!append_lock.owns_lock() || !g.pending.empty()) return false;
+  }
+  if (g.resync_queue_bytes + frame.size() >= kResyncBatchBytes ||
+      g.resync_unflushed_bytes >= kResyncFlushBytes) {
+    return false;  // a batch to apply or a flush is due: the pool does it
+  }
+  g.resync_queue_bytes += frame.size();
+  g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
+  g.last_resync_frame = std::chrono::steady_clock::now();
+  return true;
+}
+
 Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
                                  Bytes&& frame, uint64_t* durable_link_seq) {
   // What came before it through the journal is applied first: the upstream
@@ -883,6 +920,7 @@ Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_
   if (g.failed) return g.failure_status();
   g.resync_queue_bytes += frame.size();
   g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
+  g.last_resync_frame = std::chrono::steady_clock::now();
   if (g.resync_queue_bytes >= kResyncBatchBytes) {
     if (Status s = DrainResyncQueue(g); !s.ok()) {
       g.Fail(s);
@@ -1595,7 +1633,16 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     uint64_t durable_seq = 0;
     uint64_t* durable_out = &durable_seq;
     if (wg->flags & kGroupResync) {
-      // Resync data skips the journal (ApplyResyncData).
+      // Resync data skips the journal (ApplyResyncData). Usually it only
+      // joins the queue of the next batch: done here when nothing else
+      // holds the group and nothing journaled must be applied before it,
+      // which spares a pool hop per frame (thousands in a scattered
+      // resync).
+      if (QueueResyncInline(*g, conn_id, link_seq, *frame_bytes)) {
+        c->received = link_seq;
+        c->wake.cancel();
+        continue;
+      }
       s = co_await io_.Run([g, frame_bytes, link_seq, conn_id, durable_out] {
         return ApplyResyncData(*g, conn_id, link_seq, std::move(*frame_bytes),
                                durable_out);
@@ -1630,7 +1677,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       s = co_await io_.Run([g, frame_bytes, durable, link_seq, conn_id, durable_out] {
         Status st = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
         if (st.ok() && (durable || g->pending_bytes_hint() >= kSyncBatchBytes)) {
-          st = SyncAndApply(*g, conn_id, durable_out);
+          // A durable group is a barrier: everything before it, resync
+          // data included, must be durable when it is acknowledged.
+          st = SyncAndApply(*g, conn_id, durable_out,
+                            durable ? ResyncFlush::kAlways : ResyncFlush::kWhenDue);
         }
         return st;
       });
@@ -1675,7 +1725,7 @@ asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
     uint64_t* durable_out = &durable_seq;
     const uint64_t conn_id = c->id;
     Status s = co_await io_.Run([g, conn_id, durable_out] {
-      return SyncAndApply(*g, conn_id, durable_out);
+      return SyncAndApply(*g, conn_id, durable_out, ResyncFlush::kWhenDue);
     });
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());

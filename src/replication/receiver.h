@@ -171,10 +171,16 @@ class Receiver {
   static Status AppendFrame(GroupState& g, uint64_t conn_id, uint64_t link_seq,
                             Bytes& frame);
   // Syncs the journal and applies what was appended, in order (takes
-  // apply_mu); resets the journal when it is large or idle. Sets
-  // *durable_link_seq to the last applied frame of connection `conn_id`.
+  // apply_mu); rotates the journal when it is large or idle. Sets
+  // *durable_link_seq to the last frame of connection `conn_id` that is
+  // applied and durable. kAlways also flushes the resync data applied so
+  // far (a barrier: every earlier frame durable); kWhenDue only once
+  // kResyncFlushBytes of it wait or the resync paused, so that a full sync
+  // is not flushed every tick.
+  enum class ResyncFlush { kAlways, kWhenDue };
   static Status SyncAndApply(GroupState& g, uint64_t conn_id,
-                             uint64_t* durable_link_seq);
+                             uint64_t* durable_link_seq,
+                             ResyncFlush resync_flush = ResyncFlush::kAlways);
   // The journal holds only applied groups: moves it aside (retired) and
   // opens an empty one, so appends go on while the volumes are flushed.
   // REQUIRES: g.apply_mu and g.append_mu held, nothing pending, no retire
@@ -211,6 +217,11 @@ class Receiver {
   // after the resync started, in order. Pool thread.
   static Status ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
                                 Bytes&& frame, uint64_t* durable_link_seq);
+  // Network thread: queues a resync frame for the next batch when that
+  // needs no I/O (both locks free, nothing journaled waiting, no batch or
+  // flush due); false: nothing done, use ApplyResyncData on the pool.
+  static bool QueueResyncInline(GroupState& g, uint64_t conn_id,
+                                uint64_t link_seq, Bytes& frame);
   // Flushes the volumes if resync data is waiting for it, and reports it
   // durable. REQUIRES: g.apply_mu held.
   static Status FlushResyncData(GroupState& g, uint64_t conn_id,
