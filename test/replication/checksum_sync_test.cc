@@ -25,29 +25,14 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using testutil::NbdHandle;
 using testutil::Pattern;
+using testutil::RequireCaughtUp;
+using testutil::RequireStarted;
 using testutil::SitePair;
 using testutil::TestDaemon;
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = 1024 * kKiB;
 constexpr uint64_t kRegionBytes = 64 * kKiB;  // the default region_size
-constexpr auto kCatchUpTimeout = std::chrono::seconds(30);
-
-void RequireCaughtUp(SitePair& pair) {
-  json last;
-  bool caught_up = testutil::WaitCaughtUp(pair.a(), "g", "b", kCatchUpTimeout, &last);
-  INFO("last wait reply: " << last.dump());
-  INFO("site a log:\n" << pair.a().ReadLog());
-  INFO("site b log:\n" << pair.b().ReadLog());
-  REQUIRE(caught_up);
-}
-
-void RequireStarted(SitePair& pair) {
-  Status s = pair.Start();
-  INFO(s.ToString());
-  INFO("site a log:\n" << pair.a().ReadLog());
-  REQUIRE(s.ok());
-}
 
 void WriteFile(const fs::path& path, uint64_t offset, const std::vector<std::byte>& data) {
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
