@@ -45,6 +45,13 @@ uint64_t FileSize(const fs::path& path) {
   return ec ? 0 : size;
 }
 
+bool StateIs(const json& link, const std::string& state) {
+  return link.value("state", "") == state;
+}
+uint64_t Field(const json& link, const char* key) {
+  return link.value(key, uint64_t{0});
+}
+
 // Site a (primary, async link to b with a disk queue of at most
 // `max_queue`) and site b (secondary), on blank volumes of kVolumeBytes
 // declared in sync ("initial_sync": "none").
@@ -55,6 +62,22 @@ class DiskQueuePair : public testutil::SitePair {
       : SitePair(Options(volumes, max_queue)) {}
 
   fs::path queue_file() const { return a().dir() / "data" / "queue-g-b.log"; }
+
+  // Both sites up and caught up, then b killed: a's link must go
+  // "queuing".
+  void StartThenKillB() {
+    RequireStarted(*this);
+    RequireCaughtUp(*this);
+    RequireKilled(b());
+    RequireLink(*this, "state queuing", [](const json& l) { return StateIs(l, "queuing"); });
+  }
+
+  // b started again: a's link must catch up. Returns the link's status.
+  json RestartB() {
+    RequireStarted(b());
+    RequireCaughtUp(*this);
+    return PairLink(*this);
+  }
 
   // `bytes` of fresh data to volume `v` of a at `offset`, in kWriteBytes
   // writes; every write must succeed.
@@ -80,23 +103,12 @@ class DiskQueuePair : public testutil::SitePair {
   uint64_t seed_ = 0;
 };
 
-bool StateIs(const json& link, const std::string& state) {
-  return link.value("state", "") == state;
-}
-uint64_t Field(const json& link, const char* key) {
-  return link.value(key, uint64_t{0});
-}
-
 TEST_CASE("Disk queue: while the downstream is down writes are queued in "
           "order in the queue file, and it catches up from them without a "
           "resync",
           "[replication]") {
   DiskQueuePair pair({"data0", "data1"}, "64MiB");
-  RequireStarted(pair);
-  RequireCaughtUp(pair);
-
-  RequireKilled(pair.b());
-  RequireLink(pair, "state queuing", [](const json& l) { return StateIs(l, "queuing"); });
+  pair.StartThenKillB();
 
   // Writes go on while b is down, and the queue file takes them.
   pair.Write("data0", 0, 1 * kMiB);
@@ -120,9 +132,7 @@ TEST_CASE("Disk queue: while the downstream is down writes are queued in "
     CHECK(link.value("disk_queue_complete", false));
   }
 
-  RequireStarted(pair.b());
-  RequireCaughtUp(pair);
-  json link = PairLink(pair);
+  json link = pair.RestartB();
   INFO(link.dump());
   CHECK(StateIs(link, "replicating"));
   CHECK(Field(link, "resync_bytes_sent") == 0);
@@ -134,11 +144,7 @@ TEST_CASE("Disk queue: a clean restart of the primary keeps the queue, and "
           "the downstream catches up from it without a resync",
           "[replication]") {
   DiskQueuePair pair({"data"}, "64MiB");
-  RequireStarted(pair);
-  RequireCaughtUp(pair);
-
-  RequireKilled(pair.b());
-  RequireLink(pair, "state queuing", [](const json& l) { return StateIs(l, "queuing"); });
+  pair.StartThenKillB();
   pair.Write("data", 0, 2 * kMiB);
   RequireLink(pair, "2 MiB in the disk queue", [](const json& l) {
     return Field(l, "disk_queue_bytes") >= 2 * kMiB;
@@ -162,9 +168,7 @@ TEST_CASE("Disk queue: a clean restart of the primary keeps the queue, and "
   });
   pair.Write("data", 1 * kMiB, 2 * kMiB);  // overlaps the queued writes
 
-  RequireStarted(pair.b());
-  RequireCaughtUp(pair);
-  json link = PairLink(pair);
+  json link = pair.RestartB();
   INFO(link.dump());
   CHECK(Field(link, "resync_bytes_sent") == 0);
   CHECK(Field(link, "bytes_sent") >= 4 * kMiB);
@@ -175,11 +179,7 @@ TEST_CASE("Disk queue: after a crash of the primary the queue is dropped "
           "and the link resyncs from the scoreboard",
           "[replication]") {
   DiskQueuePair pair({"data"}, "64MiB");
-  RequireStarted(pair);
-  RequireCaughtUp(pair);
-
-  RequireKilled(pair.b());
-  RequireLink(pair, "state queuing", [](const json& l) { return StateIs(l, "queuing"); });
+  pair.StartThenKillB();
   pair.Write("data", 512 * kKiB, 2 * kMiB);
   RequireLink(pair, "2 MiB in the disk queue", [](const json& l) {
     return Field(l, "disk_queue_groups") > 0 &&
@@ -199,9 +199,7 @@ TEST_CASE("Disk queue: after a crash of the primary the queue is dropped "
            !l.value("disk_queue_complete", true);
   });
 
-  RequireStarted(pair.b());
-  RequireCaughtUp(pair);
-  json link = PairLink(pair);
+  json link = pair.RestartB();
   INFO(link.dump());
   CHECK(Field(link, "resync_bytes_sent") > 0);
   CheckIdentical(pair);
@@ -211,11 +209,7 @@ TEST_CASE("Disk queue: past max_queue the queue is dropped, the link falls "
           "back to logging and resyncs when the downstream returns",
           "[replication]") {
   DiskQueuePair pair({"data"}, "1MiB");
-  RequireStarted(pair);
-  RequireCaughtUp(pair);
-
-  RequireKilled(pair.b());
-  RequireLink(pair, "state queuing", [](const json& l) { return StateIs(l, "queuing"); });
+  pair.StartThenKillB();
   // Three times max_queue, contiguous: the resync afterwards reads it in
   // 1 MiB runs, which must not count against max_queue either.
   pair.Write("data", 0, 3 * kMiB);
@@ -228,9 +222,7 @@ TEST_CASE("Disk queue: past max_queue the queue is dropped, the link falls "
     CHECK_THAT(pair.a().ReadLog(), Contains("dropping the disk queue"));
   }
 
-  RequireStarted(pair.b());
-  RequireCaughtUp(pair);
-  json link = PairLink(pair);
+  json link = pair.RestartB();
   INFO(link.dump());
   CHECK(Field(link, "resync_bytes_sent") >= 3 * kMiB);
   // The queue overflowed once, while b was down; the resync did not.
