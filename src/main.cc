@@ -5,7 +5,9 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <functional>
 #include <iostream>
+#include <list>
 #include <optional>
 #include <set>
 #include <string>
@@ -126,37 +128,99 @@ std::optional<std::filesystem::path> ResolveSocket(const std::string& config_pat
   return config->control_socket;
 }
 
-int ShowStatus(const std::string& config_path, const std::string& socket,
-               bool json) {
-  int exit_code = kExitOk;
-  auto path = ResolveSocket(config_path, socket, exit_code);
-  if (!path) return exit_code;
-  auto reply = control::Call(*path, {{"command", "status"}},
-                             std::chrono::seconds(10));
-  if (!reply.ok()) {
-    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
-    return kExitFailed;
+// A subcommand that talks to the running site over its control socket.
+// Besides its own options each has --config FILE or --socket PATH (not
+// both; names the site) and --json; ControlCommand adds those, sends the
+// requests, prints what went wrong and the reply. Exit codes: 0 done,
+// 1 failed (no answer, an error reply, or what the subcommand decides),
+// 2 usage or config error.
+class ControlCommand {
+ public:
+  using Runner = std::function<int(ControlCommand&)>;
+
+  // Adds subcommand `name` to `app`: the options `add_own` declares, then
+  // --config/-c, --socket/-s and --json (`json_help`), in that order in
+  // --help. `run` does the work when the subcommand is given.
+  ControlCommand(CLI::App& app, const std::string& name, const std::string& help,
+                 const std::function<void(CLI::App&)>& add_own, Runner run,
+                 const std::string& json_help = "Print the JSON reply")
+      : cmd_(app.add_subcommand(name, help)), run_(std::move(run)) {
+    add_own(*cmd_);
+    auto* config = cmd_->add_option("--config,-c", config_, "Site configuration file");
+    cmd_->add_option("--socket,-s", socket_, "Control socket path")->excludes(config);
+    cmd_->add_flag("--json", json_, json_help);
   }
-  if (!reply->value("ok", false)) {
-    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
-    return kExitFailed;
+  ControlCommand(const ControlCommand&) = delete;
+  ControlCommand& operator=(const ControlCommand&) = delete;
+
+  // True when this subcommand was given; then Run() does it.
+  bool given() const { return cmd_->parsed(); }
+  int Run() { return run_(*this); }
+
+  bool json() const { return json_; }
+
+  // Sends `request` and waits at most `timeout` for the reply. Returns it
+  // when it says ok; otherwise prints why and returns nullopt, and
+  // exit_code() tells 1 (no answer, an error reply) or 2 (no usable
+  // --config or --socket).
+  std::optional<nlohmann::json> Call(const nlohmann::json& request,
+                                     std::chrono::milliseconds timeout) {
+    if (!path_) path_ = ResolveSocket(config_, socket_, exit_code_);
+    if (!path_) return std::nullopt;
+    exit_code_ = kExitFailed;
+    auto reply = control::Call(*path_, request, timeout);
+    if (!reply.ok()) {
+      fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
+      return std::nullopt;
+    }
+    if (!reply->value("ok", false)) {
+      fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
+      return std::nullopt;
+    }
+    exit_code_ = kExitOk;
+    return *reply;
   }
-  if (json) {
-    fmt::print("{}\n", reply->dump(2));
-  } else {
-    fmt::print("{}", control::FormatStatus(*reply));
+  int exit_code() const { return exit_code_; }
+
+  // Prints `reply`: as JSON with --json, else by `text`.
+  void Print(const nlohmann::json& reply,
+             const std::function<void(const nlohmann::json&)>& text) const {
+    if (json_) {
+      fmt::print("{}\n", reply.dump(2));
+    } else {
+      text(reply);
+    }
   }
-  return kExitOk;
+
+  // Call(), then Print() the reply. Returns the exit code.
+  int Request(const nlohmann::json& request, std::chrono::milliseconds timeout,
+              const std::function<void(const nlohmann::json&)>& text) {
+    auto reply = Call(request, timeout);
+    if (!reply) return exit_code();
+    Print(*reply, text);
+    return kExitOk;
+  }
+
+ private:
+  CLI::App* cmd_;
+  std::string config_, socket_;
+  bool json_ = false;
+  Runner run_;
+  std::optional<std::filesystem::path> path_;  // resolved by the first Call()
+  int exit_code_ = kExitOk;
+};
+
+int ShowStatus(ControlCommand& c) {
+  return c.Request({{"command", "status"}}, std::chrono::seconds(10),
+                   [](const nlohmann::json& reply) {
+                     fmt::print("{}", control::FormatStatus(reply));
+                   });
 }
 
 // Polls the site until every link of `group` (or just `link`) is caught
 // up: tests and scripts use it instead of sleeps.
-int WaitCaughtUp(const std::string& config_path, const std::string& socket,
-                 const std::string& group, const std::string& link,
-                 double timeout_seconds, bool json) {
-  int exit_code = kExitOk;
-  auto path = ResolveSocket(config_path, socket, exit_code);
-  if (!path) return exit_code;
+int WaitCaughtUp(ControlCommand& c, const std::string& group,
+                 const std::string& link, double timeout_seconds) {
   nlohmann::json request = {{"command", "wait"}, {"group", group}};
   if (!link.empty()) request["link"] = link;
   const auto deadline = std::chrono::steady_clock::now() +
@@ -164,19 +228,12 @@ int WaitCaughtUp(const std::string& config_path, const std::string& socket,
                             std::chrono::duration<double>(timeout_seconds));
   nlohmann::json last;
   for (;;) {
-    auto reply = control::Call(*path, request, std::chrono::seconds(10));
-    if (!reply.ok()) {
-      fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
-      return kExitFailed;
-    }
-    if (!reply->value("ok", false)) {
-      fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
-      return kExitFailed;
-    }
+    auto reply = c.Call(request, std::chrono::seconds(10));
+    if (!reply) return c.exit_code();
     last = *reply;
     if (reply->value("caught_up", false)) break;
     if (std::chrono::steady_clock::now() >= deadline) {
-      if (json) fmt::print("{}\n", last.dump(2));
+      if (c.json()) fmt::print("{}\n", last.dump(2));
       fmt::print(stderr, "blockrelay: group {}{} not caught up after {} s:\n",
                  group, link.empty() ? "" : " link " + link, timeout_seconds);
       for (const auto& l : last["links"]) {
@@ -192,40 +249,26 @@ int WaitCaughtUp(const std::string& config_path, const std::string& socket,
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  if (json) {
-    fmt::print("{}\n", last.dump(2));
-  } else {
+  c.Print(last, [&](const nlohmann::json&) {
     fmt::print("group {}{}: caught up\n", group, link.empty() ? "" : " link " + link);
-  }
+  });
   return kExitOk;
 }
 
 // promote GROUP [--force] / demote GROUP.
-int RoleControl(const std::string& command, const std::string& config_path,
-                const std::string& socket, const std::string& group, bool force,
-                bool json) {
-  int exit_code = kExitOk;
-  auto path = ResolveSocket(config_path, socket, exit_code);
-  if (!path) return exit_code;
+int RoleControl(ControlCommand& c, const std::string& command,
+                const std::string& group, bool force) {
   nlohmann::json request = {{"command", command}, {"group", group}};
   if (command == "promote") request["force"] = force;
-  auto reply = control::Call(*path, request, std::chrono::seconds(120));
-  if (!reply.ok()) {
-    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
-    return kExitFailed;
-  }
-  if (!reply->value("ok", false)) {
-    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
-    return kExitFailed;
-  }
-  if (json) {
-    fmt::print("{}\n", reply->dump(2));
-  } else if (command == "promote") {
-    fmt::print("group {}: primary, generation {}\n", group,
-               reply->value("generation", "?"));
-  } else {
-    fmt::print("group {}: secondary (read-only), waiting for an upstream\n", group);
-  }
+  auto reply = c.Call(request, std::chrono::seconds(120));
+  if (!reply) return c.exit_code();
+  c.Print(*reply, [&](const nlohmann::json& r) {
+    if (command == "promote") {
+      fmt::print("group {}: primary, generation {}\n", group, r.value("generation", "?"));
+    } else {
+      fmt::print("group {}: secondary (read-only), waiting for an upstream\n", group);
+    }
+  });
   if (reply->contains("links_error")) {
     fmt::print(stderr, "blockrelay: the group's links did not start: {}\n",
                (*reply)["links_error"].get<std::string>());
@@ -235,95 +278,53 @@ int RoleControl(const std::string& command, const std::string& config_path,
 }
 
 // pause / resume / resync GROUP --link SITE.
-int LinkControl(const std::string& command, const std::string& config_path,
-                const std::string& socket, const std::string& group,
-                const std::string& link, bool full, bool discard_local, bool json) {
-  int exit_code = kExitOk;
-  auto path = ResolveSocket(config_path, socket, exit_code);
-  if (!path) return exit_code;
+int LinkControl(ControlCommand& c, const std::string& command,
+                const std::string& group, const std::string& link, bool full,
+                bool discard_local) {
   nlohmann::json request = {{"command", command}, {"group", group}, {"link", link}};
   if (command == "resync") request["full"] = full;
   if (command == "resync" && discard_local) request["discard_local"] = true;
-  auto reply = control::Call(*path, request, std::chrono::seconds(30));
-  if (!reply.ok()) {
-    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
-    return kExitFailed;
-  }
-  if (!reply->value("ok", false)) {
-    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
-    return kExitFailed;
-  }
-  if (json) {
-    fmt::print("{}\n", reply->dump(2));
-  } else {
+  return c.Request(request, std::chrono::seconds(30), [&](const nlohmann::json& reply) {
     if (discard_local) {
       fmt::print("group {}: the next connection from site {} overwrites this "
                  "site's own writes\n", group, link);
-      return kExitOk;
+      return;
     }
     const std::string what =
         command == "resync" ? (full ? "full resync started" : "resync started")
-        : reply->value("paused", false) ? "paused" : "resumed";
+        : reply.value("paused", false) ? "paused" : "resumed";
     fmt::print("group {} link {}: {} (state {})\n", group, link, what,
-               reply->value("state", "?"));
-  }
-  return kExitOk;
+               reply.value("state", "?"));
+  });
 }
 
 // rollback GROUP: returns a secondary group whose resync was cut off to its
 // last consistent state. Exit 0 also when it was consistent already (the
 // reply and the message say so): a script may run it before every promote.
-int Rollback(const std::string& config_path, const std::string& socket,
-             const std::string& group, bool json) {
-  int exit_code = kExitOk;
-  auto path = ResolveSocket(config_path, socket, exit_code);
-  if (!path) return exit_code;
+int Rollback(ControlCommand& c, const std::string& group) {
   // Writing back a large undo record takes a while.
-  auto reply = control::Call(*path, {{"command", "rollback"}, {"group", group}},
-                             std::chrono::hours(1));
-  if (!reply.ok()) {
-    fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
-    return kExitFailed;
-  }
-  if (!reply->value("ok", false)) {
-    fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
-    return kExitFailed;
-  }
-  if (json) {
-    fmt::print("{}\n", reply->dump(2));
-  } else if (reply->value("rolled_back", false)) {
-    fmt::print("group {}: rolled back to group {} ({} bytes restored); consistent\n",
-               group, reply->value("applied_group_seq", 0ull),
-               reply->value("restored_bytes", 0ull));
-  } else {
-    fmt::print("group {}: already consistent, nothing to roll back\n", group);
-  }
-  return kExitOk;
+  return c.Request({{"command", "rollback"}, {"group", group}}, std::chrono::hours(1),
+                   [&](const nlohmann::json& reply) {
+                     if (reply.value("rolled_back", false)) {
+                       fmt::print("group {}: rolled back to group {} ({} bytes "
+                                  "restored); consistent\n",
+                                  group, reply.value("applied_group_seq", 0ull),
+                                  reply.value("restored_bytes", 0ull));
+                     } else {
+                       fmt::print("group {}: already consistent, nothing to roll back\n",
+                                  group);
+                     }
+                   });
 }
 
 // verify GROUP --link SITE [--fix]: starts the compare, prints a progress
 // line while it runs, then the result. Exit 0: identical (or fixed with
 // --fix); 1: mismatches found, or the verify failed.
-int Verify(const std::string& config_path, const std::string& socket,
-           const std::string& group, const std::string& link, bool fix,
-           double timeout_seconds, bool json) {
-  int exit_code = kExitOk;
-  auto path = ResolveSocket(config_path, socket, exit_code);
-  if (!path) return exit_code;
-  auto call = [&](const nlohmann::json& request) -> std::optional<nlohmann::json> {
-    auto reply = control::Call(*path, request, std::chrono::seconds(10));
-    if (!reply.ok()) {
-      fmt::print(stderr, "blockrelay: {}\n", reply.status().message());
-      return std::nullopt;
-    }
-    if (!reply->value("ok", false)) {
-      fmt::print(stderr, "blockrelay: {}\n", reply->value("error", "failed"));
-      return std::nullopt;
-    }
-    return *reply;
-  };
-  auto started = call({{"command", "verify"}, {"group", group}, {"link", link}, {"fix", fix}});
-  if (!started) return kExitFailed;
+int Verify(ControlCommand& c, const std::string& group, const std::string& link,
+           bool fix, double timeout_seconds) {
+  auto started = c.Call({{"command", "verify"}, {"group", group}, {"link", link}, {"fix", fix}},
+                        std::chrono::seconds(10));
+  if (!started) return c.exit_code();
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                             std::chrono::duration<double>(timeout_seconds));
@@ -335,8 +336,9 @@ int Verify(const std::string& config_path, const std::string& socket,
       return kExitFailed;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    auto status = call({{"command", "verify_status"}, {"group", group}, {"link", link}});
-    if (!status) return kExitFailed;
+    auto status = c.Call({{"command", "verify_status"}, {"group", group}, {"link", link}},
+                         std::chrono::seconds(10));
+    if (!status) return c.exit_code();
     last = *status;
     const uint64_t done = last.value("regions_done", 0ull), total = last.value("regions_total", 0ull);
     fmt::print(stderr, "{}verify {} -> {}: {}/{} regions ({:.0f}%), {} mismatching{}",
@@ -345,13 +347,13 @@ int Verify(const std::string& config_path, const std::string& socket,
                last.value("mismatched_regions", 0ull), tty ? "" : "\n");
   }
   if (tty) fmt::print(stderr, "\n");
-  if (json) fmt::print("{}\n", last.dump(2));
+  if (c.json()) fmt::print("{}\n", last.dump(2));
   if (last.contains("error")) {
     fmt::print(stderr, "blockrelay: verify failed: {}\n", last["error"].get<std::string>());
     return kExitFailed;
   }
   const uint64_t mismatched = last.value("mismatched_regions", 0ull);
-  if (!json) {
+  if (!c.json()) {
     fmt::print("verify {} -> {}: {} regions compared in {:.1f} s, {} mismatching ({} bytes)\n",
                group, link, last.value("regions_done", 0ull),
                last.value("elapsed_seconds", 0.0), mismatched,
@@ -410,110 +412,84 @@ int main(int argc, char** argv) {
                                    "Validate a configuration file and exit");
   check->add_option("file", check_path, "Site configuration file")->required();
 
-  std::string status_config, status_socket;
-  bool status_json = false;
-  auto* status = app.add_subcommand("status", "Show the running site's health");
-  auto* status_config_opt = status->add_option("--config,-c", status_config,
-                                               "Site configuration file");
-  status->add_option("--socket,-s", status_socket, "Control socket path")
-      ->excludes(status_config_opt);
-  status->add_flag("--json", status_json, "Print the raw JSON reply");
-
-  std::string wait_config, wait_socket, wait_group, wait_link;
-  double wait_timeout = 60;
-  bool wait_json = false;
-  auto* wait = app.add_subcommand(
-      "wait", "Wait until a group's downstream links are caught up");
-  wait->add_option("group", wait_group, "Consistency group name")->required();
-  wait->add_option("--link,-l", wait_link, "Only this downstream site");
-  wait->add_option("--timeout,-t", wait_timeout,
-                   "Give up after this many seconds (exit 1)")
-      ->check(CLI::PositiveNumber);
-  auto* wait_config_opt =
-      wait->add_option("--config,-c", wait_config, "Site configuration file");
-  wait->add_option("--socket,-s", wait_socket, "Control socket path")
-      ->excludes(wait_config_opt);
-  wait->add_flag("--json", wait_json, "Print the links' JSON");
-
-  // pause / resume share their options.
-  struct LinkCommand {
-    CLI::App* app = nullptr;
-    std::string config, socket, group, link;
-    bool json = false;
+  // The control subcommands: each states its own options and what it does;
+  // ControlCommand adds --config, --socket and --json. Only one subcommand
+  // runs, so they share the variables of what they have in common.
+  std::list<ControlCommand> control;  // CLI11 keeps pointers into each
+  std::string group, link;
+  bool resync_full = false, resync_discard_local = false, force = false, fix = false;
+  double wait_timeout = 60, verify_timeout = 86400;
+  const auto add_group = [&](CLI::App& c) {
+    c.add_option("group", group, "Consistency group name")->required();
   };
-  LinkCommand pause_cmd, resume_cmd, resync_cmd;
-  bool resync_full = false, resync_discard_local = false;
-  for (auto* lc : {&pause_cmd, &resume_cmd, &resync_cmd}) {
-    const char* name = lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync";
-    const char* help =
-        lc == &pause_cmd
-            ? "Stop replicating to a downstream site (writes are logged in the scoreboard)"
-        : lc == &resume_cmd
-            ? "Reconnect a paused link; it resyncs what changed"
-            : "Reconnect a link and resync its dirty regions (--full: every region)";
-    lc->app = app.add_subcommand(name, help);
-    if (lc == &resync_cmd) {
-      auto* full_flag =
-          lc->app->add_flag("--full", resync_full, "Mark every region dirty first");
-      lc->app
-          ->add_flag("--discard-local", resync_discard_local,
-                     "On a secondary: let the next connection from site --link "
-                     "overwrite this site's own writes (split brain)")
-          ->excludes(full_flag);
-    }
-    lc->app->add_option("group", lc->group, "Consistency group name")->required();
-    lc->app->add_option("--link,-l", lc->link, "Downstream site")->required();
-    auto* cfg = lc->app->add_option("--config,-c", lc->config, "Site configuration file");
-    lc->app->add_option("--socket,-s", lc->socket, "Control socket path")->excludes(cfg);
-    lc->app->add_flag("--json", lc->json, "Print the JSON reply");
-  }
+  const auto add_group_and_link = [&](CLI::App& c) {
+    add_group(c);
+    c.add_option("--link,-l", link, "Downstream site")->required();
+  };
+  const auto link_control = [&](const std::string& command) {
+    return [&, command](ControlCommand& c) {
+      return LinkControl(c, command, group, link, resync_full, resync_discard_local);
+    };
+  };
+  const auto role_control = [&](const std::string& command) {
+    return [&, command](ControlCommand& c) { return RoleControl(c, command, group, force); };
+  };
 
-  std::string verify_config, verify_socket, verify_group, verify_link;
-  bool verify_fix = false, verify_json = false;
-  double verify_timeout = 86400;
-  auto* verify = app.add_subcommand(
-      "verify", "Compare a group's volumes with a downstream site, online");
-  verify->add_option("group", verify_group, "Consistency group name")->required();
-  verify->add_option("--link,-l", verify_link, "Downstream site")->required();
-  verify->add_flag("--fix", verify_fix, "Mark mismatching regions dirty so resync repairs them");
-  verify->add_option("--timeout,-t", verify_timeout, "Give up after this many seconds")
-      ->check(CLI::PositiveNumber);
-  auto* verify_config_opt =
-      verify->add_option("--config,-c", verify_config, "Site configuration file");
-  verify->add_option("--socket,-s", verify_socket, "Control socket path")
-      ->excludes(verify_config_opt);
-  verify->add_flag("--json", verify_json, "Print the JSON result");
-
-  std::string rollback_config, rollback_socket, rollback_group;
-  bool rollback_json = false;
-  auto* rollback = app.add_subcommand(
-      "rollback",
+  control.emplace_back(
+      app, "status", "Show the running site's health", [](CLI::App&) {}, ShowStatus,
+      "Print the raw JSON reply");
+  control.emplace_back(
+      app, "wait", "Wait until a group's downstream links are caught up",
+      [&](CLI::App& c) {
+        add_group(c);
+        c.add_option("--link,-l", link, "Only this downstream site");
+        c.add_option("--timeout,-t", wait_timeout, "Give up after this many seconds (exit 1)")
+            ->check(CLI::PositiveNumber);
+      },
+      [&](ControlCommand& c) { return WaitCaughtUp(c, group, link, wait_timeout); },
+      "Print the links' JSON");
+  control.emplace_back(
+      app, "pause",
+      "Stop replicating to a downstream site (writes are logged in the scoreboard)",
+      add_group_and_link, link_control("pause"));
+  control.emplace_back(app, "resume", "Reconnect a paused link; it resyncs what changed",
+                       add_group_and_link, link_control("resume"));
+  control.emplace_back(
+      app, "resync", "Reconnect a link and resync its dirty regions (--full: every region)",
+      [&](CLI::App& c) {
+        auto* full_flag = c.add_flag("--full", resync_full, "Mark every region dirty first");
+        c.add_flag("--discard-local", resync_discard_local,
+                   "On a secondary: let the next connection from site --link "
+                   "overwrite this site's own writes (split brain)")
+            ->excludes(full_flag);
+        add_group_and_link(c);
+      },
+      link_control("resync"));
+  control.emplace_back(
+      app, "verify", "Compare a group's volumes with a downstream site, online",
+      [&](CLI::App& c) {
+        add_group_and_link(c);
+        c.add_flag("--fix", fix, "Mark mismatching regions dirty so resync repairs them");
+        c.add_option("--timeout,-t", verify_timeout, "Give up after this many seconds")
+            ->check(CLI::PositiveNumber);
+      },
+      [&](ControlCommand& c) { return Verify(c, group, link, fix, verify_timeout); },
+      "Print the JSON result");
+  control.emplace_back(
+      app, "rollback",
       "Return a secondary group whose resync was cut off to its last consistent "
-      "state (refused while its upstream is connected)");
-  rollback->add_option("group", rollback_group, "Consistency group name")->required();
-  auto* rollback_config_opt =
-      rollback->add_option("--config,-c", rollback_config, "Site configuration file");
-  rollback->add_option("--socket,-s", rollback_socket, "Control socket path")
-      ->excludes(rollback_config_opt);
-  rollback->add_flag("--json", rollback_json, "Print the JSON reply");
-  struct RoleCommand {
-    CLI::App* app = nullptr;
-    std::string config, socket, group;
-    bool force = false, json = false;
-  };
-  RoleCommand promote_cmd, demote_cmd;
-  promote_cmd.app = app.add_subcommand(
-      "promote", "Make a group primary here (writable; a new generation)");
-  promote_cmd.app->add_flag("--force", promote_cmd.force,
-                            "Even while its upstream is connected (drops it)");
-  demote_cmd.app = app.add_subcommand(
-      "demote", "Make a primary group secondary here (read-only; takes an upstream)");
-  for (auto* rc : {&promote_cmd, &demote_cmd}) {
-    rc->app->add_option("group", rc->group, "Consistency group name")->required();
-    auto* cfg = rc->app->add_option("--config,-c", rc->config, "Site configuration file");
-    rc->app->add_option("--socket,-s", rc->socket, "Control socket path")->excludes(cfg);
-    rc->app->add_flag("--json", rc->json, "Print the JSON reply");
-  }
+      "state (refused while its upstream is connected)",
+      add_group, [&](ControlCommand& c) { return Rollback(c, group); });
+  control.emplace_back(
+      app, "promote", "Make a group primary here (writable; a new generation)",
+      [&](CLI::App& c) {
+        c.add_flag("--force", force, "Even while its upstream is connected (drops it)");
+        add_group(c);
+      },
+      role_control("promote"));
+  control.emplace_back(
+      app, "demote", "Make a primary group secondary here (read-only; takes an upstream)",
+      add_group, role_control("demote"));
 
   std::string inspect_config;
   bool inspect_json = false;
@@ -543,31 +519,9 @@ int main(int argc, char** argv) {
                                                          : LogLevel::kInfo);
   if (*run) return RunDaemon(config_path, accept_backing_change);
   if (*check) return CheckConfig(check_path);
-  if (*status) return ShowStatus(status_config, status_socket, status_json);
   if (*inspect) return Inspect(inspect_config, inspect_json);
-  for (auto* lc : {&pause_cmd, &resume_cmd, &resync_cmd}) {
-    if (*lc->app) {
-      return LinkControl(lc == &pause_cmd ? "pause" : lc == &resume_cmd ? "resume" : "resync",
-                         lc->config, lc->socket, lc->group, lc->link, resync_full,
-                         resync_discard_local, lc->json);
-    }
-  }
-  for (auto* rc : {&promote_cmd, &demote_cmd}) {
-    if (*rc->app) {
-      return RoleControl(rc == &promote_cmd ? "promote" : "demote", rc->config,
-                         rc->socket, rc->group, rc->force, rc->json);
-    }
-  }
-  if (*verify) {
-    return Verify(verify_config, verify_socket, verify_group, verify_link,
-                  verify_fix, verify_timeout, verify_json);
-  }
-  if (*rollback) {
-    return Rollback(rollback_config, rollback_socket, rollback_group, rollback_json);
-  }
-  if (*wait) {
-    return WaitCaughtUp(wait_config, wait_socket, wait_group, wait_link,
-                        wait_timeout, wait_json);
+  for (ControlCommand& c : control) {
+    if (c.given()) return c.Run();
   }
   return kExitUsage;
 }

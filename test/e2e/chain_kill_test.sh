@@ -20,28 +20,8 @@ SITES=(a b c)
 VOLS=(v1 v2)
 VOL_SIZE=64MiB
 source "$BR_E2E_DIR/sites_lib.sh"
-pick_ports() { PORT[b]=$(br_free_port); PORT[c]=$(br_free_port); }
-write_configs() {
-  write_config c secondary b '[]'
-  write_config b secondary a "[$(link_json c async)]"
-  write_config a primary "" "[$(link_json b sync)]"
-}
-uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
-
-compare_images() {
-  local v s sum_a sum
-  for v in "${VOLS[@]}"; do
-    sum_a=$(sha256sum "$BR_TMP/a/$v.img" | cut -d' ' -f1)
-    for s in b c; do
-      sum=$(sha256sum "$BR_TMP/$s/$v.img" | cut -d' ' -f1)
-      assert_eq "volume $v: site $s's image equals site a's (sha256 ${sum_a:0:16}...)" "$sum_a" "$sum"
-    done
-  done
-}
-bytes_sent_over() { [ "$(jq_status "$1" '.groups[0].downstream[0].bytes_sent')" -gt "$2" ] 2>/dev/null; }
-FIO_PID=
-stop_fio() { [ -z "$FIO_PID" ] || kill "$FIO_PID" 2>/dev/null || true; }
-br_on_exit stop_fio
+pick_ports() { downstream_ports; }
+write_configs() { write_chain_configs sync async; }
 
 T0=$SECONDS
 start_sites
@@ -68,9 +48,7 @@ assert_true "fio is still writing when b restarts" kill -0 "$FIO_PID"
 site_start b || die "b did not restart after kill -9"
 wait "$FIO_PID"; rc=$?; FIO_PID=
 assert_eq "fio exits 0 (writes on a never failed)" 0 "$rc"
-if grep -qE 'err= *[1-9]' "$BR_TMP/fio.out"; then
-  fail "fio: a job reported an error"; grep -E 'err=' "$BR_TMP/fio.out" | sed 's/^/   | /'
-fi
+fio_errors fio "$BR_TMP/fio.out"
 log "fio done after $((SECONDS - T0))s"
 
 check "blockrelay wait g --link b on a" \

@@ -26,7 +26,6 @@ write_configs() {
   write_config a primary "" "[$(link_json b async)]"
 }
 
-uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
 # put SITE VOL PATTERN OFFSET LENGTH: write a byte pattern through NBD.
 put() {
   check "site $1: write 0x$3 at $4+$5 of $2" \

@@ -28,7 +28,6 @@ PROXY=${LINK_PROXY:-$(dirname "$BR_BIN")/test/tools/link_proxy}
 [ -x "$PROXY" ] || die "link_proxy is not built at $PROXY (cmake --build BUILD --target link_proxy)"
 command -v jq >/dev/null 2>&1 || skip "jq is not installed"
 
-uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
 same_images() {
   local v
   for v in "${VOLS[@]}"; do

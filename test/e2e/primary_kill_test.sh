@@ -26,12 +26,7 @@ write_configs() {
   write_config b secondary a '[]'
   write_config a primary "" "[$(link_json b async)]"
 }
-uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
 digest() { sha256sum <"$BR_TMP/$1/v1.img" | cut -d' ' -f1; }
-bytes_sent_over() { [ "$(jq_status "$1" '.groups[0].downstream[0].bytes_sent')" -gt "$2" ] 2>/dev/null; }
-FIO_PID=
-stop_fio() { [ -z "$FIO_PID" ] || kill "$FIO_PID" 2>/dev/null || true; }
-br_on_exit stop_fio
 
 start_sites
 check "initial sync a -> b" "$BR_BIN" wait g --config "${CFG[a]}" --timeout 80

@@ -19,27 +19,8 @@ VOLS=(v1 v2)
 VOL_SIZE=64MiB
 source "$BR_E2E_DIR/sites_lib.sh"
 # Replication ports of b and c; picked again if taken when a site starts.
-pick_ports() { PORT[b]=$(br_free_port); PORT[c]=$(br_free_port); }
-write_configs() {
-  write_config c secondary b '[]'
-  write_config b secondary a "[$(link_json c async)]"
-  write_config a primary "" "[$(link_json b sync)]"
-}
-
-uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
-
-# compare_images: every volume's backing file has the same sha256 on every
-# site.
-compare_images() {
-  local v s sum_a sum
-  for v in "${VOLS[@]}"; do
-    sum_a=$(sha256sum "$BR_TMP/a/$v.img" | cut -d' ' -f1)
-    for s in b c; do
-      sum=$(sha256sum "$BR_TMP/$s/$v.img" | cut -d' ' -f1)
-      assert_eq "volume $v: site $s's image equals site a's (sha256 ${sum_a:0:16}...)" "$sum_a" "$sum"
-    done
-  done
-}
+pick_ports() { downstream_ports; }
+write_configs() { write_chain_configs sync async; }
 
 T0=$SECONDS
 start_sites

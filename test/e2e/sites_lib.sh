@@ -5,7 +5,9 @@
 #   VOLS=(v1 ...)     volume names of group "g"; VOL_SIZE=64MiB
 # and defines, before calling start_sites:
 #   pick_ports        sets PORT[site] for every site that listens for replication
+#                     (downstream_ports: every site but the first)
 #   write_configs     calls write_config SITE ROLE UPSTREAM DOWNSTREAM-JSON per site
+#                     (write_chain_configs MODE...: the sites as a chain)
 # LINK_ADDR[site] overrides the address upstreams use for a site (a proxy).
 # Every site gets its own config, log and directory under $BR_TMP; stop_all
 # (registered as an exit hook) stops only the sites this test started.
@@ -41,6 +43,30 @@ write_config() {
 }
 link_json() { jq -n --arg s "$1" --arg a "${LINK_ADDR[$1]:-127.0.0.1:${PORT[$1]}}" --arg m "$2" \
   '{site: $s, address: $a, mode: $m}'; }
+
+# downstream_ports: a free replication port for every site but the first
+# (the primary, which listens for none).
+downstream_ports() { local s; for s in "${SITES[@]:1}"; do PORT[$s]=$(br_free_port); done; }
+
+# write_chain_configs MODE...: the sites in SITES order as a chain, each
+# replicating to the next one with the next MODE:
+#   ${SITES[0]} (primary) --MODE1--> ${SITES[1]} (secondary) --MODE2--> ...
+write_chain_configs() {
+  local modes=("$@") n=${#SITES[@]} i down
+  [ ${#modes[@]} -eq $((n - 1)) ] || die "write_chain_configs: $n sites need $((n - 1)) modes"
+  for ((i = n - 1; i >= 0; i--)); do
+    down='[]'
+    [ "$i" -lt $((n - 1)) ] && down="[$(link_json "${SITES[i + 1]}" "${modes[i]}")]"
+    if [ "$i" -eq 0 ]; then
+      write_config "${SITES[i]}" primary "" "$down"
+    else
+      write_config "${SITES[i]}" secondary "${SITES[i - 1]}" "$down"
+    fi
+  done
+}
+
+# uri SITE VOLUME: the NBD URI of VOLUME on SITE's Unix socket.
+uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
 
 # Every site's log on failure (lib.sh would show only its one daemon's).
 br_dump_daemon_log() {
@@ -142,6 +168,34 @@ wait_for() {
   fail "$name (not within ${secs}s)"; return 1
 }
 state_is() { [ "$(jq_status "$1" "$2")" = "$3" ]; }
+# bytes_sent_over SITE N: SITE's first downstream link has sent more than N bytes.
+bytes_sent_over() { [ "$(jq_status "$1" '.groups[0].downstream[0].bytes_sent')" -gt "$2" ] 2>/dev/null; }
+
+# compare_images: every volume's backing file has the same sha256 on every
+# site as on the first one (the test needs sha256sum).
+compare_images() {
+  local v s first=${SITES[0]} sum_first sum
+  for v in "${VOLS[@]}"; do
+    sum_first=$(sha256sum "$BR_TMP/$first/$v.img" | cut -d' ' -f1)
+    for s in "${SITES[@]:1}"; do
+      sum=$(sha256sum "$BR_TMP/$s/$v.img" | cut -d' ' -f1)
+      assert_eq "volume $v: site $s's image equals site $first's (sha256 ${sum_first:0:16}...)" "$sum_first" "$sum"
+    done
+  done
+}
+
+# A fio the test runs in the background sets FIO_PID (and clears it once it
+# has waited for it); at exit it is killed if it still runs.
+FIO_PID=
+stop_fio() { [ -z "$FIO_PID" ] || kill "$FIO_PID" 2>/dev/null || true; }
+br_on_exit stop_fio
+
+# fio_errors NAME OUT: fail NAME if fio's output OUT shows a job error.
+fio_errors() {
+  if grep -qE 'err= *[1-9]' "$2"; then
+    fail "$1: a job reported an error"; grep -E 'err=' "$2" | sed 's/^/   | /'
+  fi
+}
 
 # fio_check NAME FIO-ARGS...: fio must exit 0 and report no job error or
 # verify failure.
@@ -149,9 +203,7 @@ fio_check() {
   local name=$1; shift
   check "$name" fio --ioengine=nbd --eta=never "$@"
   local out=$BR_OUT
-  if grep -qE 'err= *[1-9]' "$out"; then
-    fail "$name: a job reported an error"; grep -E 'err=' "$out" | sed 's/^/   | /'
-  fi
+  fio_errors "$name" "$out"
   assert_not_contains "$name: no verify failure" "verify failed" "$out"
   assert_not_contains "$name: no bad verify header" "bad magic" "$out"
 }

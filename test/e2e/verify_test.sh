@@ -23,7 +23,6 @@ write_configs() {
   write_config b secondary a '[]'
   write_config a primary "" "[$(link_json b async)]"
 }
-uri() { echo "nbd+unix:///$2?socket=$BR_TMP/$1/nbd.sock"; }
 same_images() {
   local v
   for v in "${VOLS[@]}"; do

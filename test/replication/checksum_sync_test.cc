@@ -25,29 +25,12 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using testutil::NbdHandle;
 using testutil::Pattern;
-using testutil::SitePair;
-using testutil::TestDaemon;
+using testutil::RequireCaughtUp;
+using testutil::RequireStarted;
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = 1024 * kKiB;
 constexpr uint64_t kRegionBytes = 64 * kKiB;  // the default region_size
-constexpr auto kCatchUpTimeout = std::chrono::seconds(30);
-
-void RequireCaughtUp(SitePair& pair) {
-  json last;
-  bool caught_up = testutil::WaitCaughtUp(pair.a(), "g", "b", kCatchUpTimeout, &last);
-  INFO("last wait reply: " << last.dump());
-  INFO("site a log:\n" << pair.a().ReadLog());
-  INFO("site b log:\n" << pair.b().ReadLog());
-  REQUIRE(caught_up);
-}
-
-void RequireStarted(SitePair& pair) {
-  Status s = pair.Start();
-  INFO(s.ToString());
-  INFO("site a log:\n" << pair.a().ReadLog());
-  REQUIRE(s.ok());
-}
 
 void WriteFile(const fs::path& path, uint64_t offset, const std::vector<std::byte>& data) {
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
@@ -58,41 +41,53 @@ void WriteFile(const fs::path& path, uint64_t offset, const std::vector<std::byt
   REQUIRE(f.good());
 }
 
-// a's and b's volume files before either site ever ran: the same pattern
-// over the whole volume, then `a_regions` changed on a and `b_regions` on b.
-void PrepareCopies(SitePair& pair, uint64_t size, const std::vector<uint64_t>& a_regions,
-                   const std::vector<uint64_t>& b_regions) {
-  fs::create_directories(pair.a_volume("data").parent_path());
-  fs::create_directories(pair.b_volume("data").parent_path());
-  const auto base = Pattern(size, 11);
-  WriteFile(pair.a_volume("data"), 0, base);
-  fs::copy_file(pair.a_volume("data"), pair.b_volume("data"),
-                fs::copy_options::overwrite_existing);
-  uint64_t seed = 100;
-  for (uint64_t r : a_regions) WriteFile(pair.a_volume("data"), r * kRegionBytes, Pattern(kRegionBytes, ++seed));
-  for (uint64_t r : b_regions) WriteFile(pair.b_volume("data"), r * kRegionBytes, Pattern(kRegionBytes, ++seed));
-  REQUIRE(pair.CompareVolumes() != "");
-}
+// Site a (primary, link to b with `initial_sync`) and site b (secondary)
+// over copies of one volume "data" of `volume_bytes`, made before either
+// site ever ran: the same pattern over the whole volume, then the regions
+// `a_regions` changed on a and `b_regions` on b.
+class CopiesPair : public testutil::SitePair {
+ public:
+  CopiesPair(const std::string& initial_sync, uint64_t volume_bytes,
+             const std::vector<uint64_t>& a_regions,
+             const std::vector<uint64_t>& b_regions)
+      : SitePair(Options(initial_sync, volume_bytes)) {
+    fs::create_directories(a_volume("data").parent_path());
+    fs::create_directories(b_volume("data").parent_path());
+    WriteFile(a_volume("data"), 0, Pattern(volume_bytes, 11));
+    fs::copy_file(a_volume("data"), b_volume("data"),
+                  fs::copy_options::overwrite_existing);
+    uint64_t seed = 100;
+    for (uint64_t r : a_regions) WriteFile(a_volume("data"), r * kRegionBytes, Pattern(kRegionBytes, ++seed));
+    for (uint64_t r : b_regions) WriteFile(b_volume("data"), r * kRegionBytes, Pattern(kRegionBytes, ++seed));
+    REQUIRE(CompareVolumes() != "");
+  }
 
-json Link(const TestDaemon& d) {
-  auto link = testutil::LinkStatus(d, "g", "b");
-  REQUIRE(link.has_value());
-  return *link;
-}
+  // a's status of its link to b; a must answer.
+  json Link() const {
+    json link = testutil::PairLink(*this);
+    REQUIRE_FALSE(link.is_null());
+    return link;
+  }
+
+ private:
+  static testutil::PairOptions Options(const std::string& initial_sync,
+                                       uint64_t volume_bytes) {
+    testutil::PairOptions o;
+    o.initial_sync = initial_sync;
+    o.volumes = {{"data", volume_bytes}};
+    return o;
+  }
+};
 
 TEST_CASE("Checksum initial sync: a downstream copied from the primary gets "
           "only the regions that differ",
           "[replication]") {
-  testutil::PairOptions options;
-  options.initial_sync = "checksum";
-  options.volumes = {{"data", 16 * kMiB}};
-  SitePair pair(options);
-  PrepareCopies(pair, 16 * kMiB, {0, 77, 255}, {130});
+  CopiesPair pair("checksum", 16 * kMiB, /*a_regions=*/{0, 77, 255}, /*b_regions=*/{130});
 
   RequireStarted(pair);
   RequireCaughtUp(pair);
   CHECK(pair.CompareVolumes() == "");
-  json link = Link(pair.a());
+  json link = pair.Link();
   INFO(link.dump());
   CHECK(link.value("resync_bytes_sent", uint64_t{0}) == 4 * kRegionBytes);
   const json& compare = link["checksum_compare"];
@@ -111,15 +106,11 @@ TEST_CASE("Checksum initial sync: a downstream copied from the primary gets "
 TEST_CASE("Checksum initial sync: with initial_sync none nothing is "
           "resynced, not even regions that do differ",
           "[replication]") {
-  testutil::PairOptions options;
-  options.initial_sync = "none";
-  options.volumes = {{"data", 16 * kMiB}};
-  SitePair pair(options);
-  PrepareCopies(pair, 16 * kMiB, {3}, {});
+  CopiesPair pair("none", 16 * kMiB, /*a_regions=*/{3}, /*b_regions=*/{});
 
   RequireStarted(pair);
   RequireCaughtUp(pair);
-  json link = Link(pair.a());
+  json link = pair.Link();
   INFO(link.dump());
   INFO("site b log:\n" << pair.b().ReadLog());
   CHECK(link.value("resync_bytes_sent", uint64_t{1}) == 0);
@@ -130,16 +121,12 @@ TEST_CASE("Checksum initial sync: with initial_sync full the same copy is "
           "sent whole",
           "[replication]") {
   // The control for the test above: what the compare saves.
-  testutil::PairOptions options;
-  options.initial_sync = "full";
-  options.volumes = {{"data", 16 * kMiB}};
-  SitePair pair(options);
-  PrepareCopies(pair, 16 * kMiB, {0, 77, 255}, {130});
+  CopiesPair pair("full", 16 * kMiB, /*a_regions=*/{0, 77, 255}, /*b_regions=*/{130});
 
   RequireStarted(pair);
   RequireCaughtUp(pair);
   CHECK(pair.CompareVolumes() == "");
-  json link = Link(pair.a());
+  json link = pair.Link();
   INFO(link.dump());
   CHECK(link.value("resync_bytes_sent", uint64_t{0}) == 16 * kMiB);
   CHECK_FALSE(link.contains("checksum_compare"));
@@ -154,23 +141,11 @@ TEST_CASE("Checksum initial sync: writes during the compare reach the "
   // streamed writes are applied after the digests were taken. The writes
   // all go to the first intent extent, so only it loses the compare's
   // savings.
-  testutil::PairOptions options;
-  options.initial_sync = "checksum";
-  options.volumes = {{"data", 64 * kMiB}};
-  SitePair pair(options);
-  PrepareCopies(pair, 64 * kMiB, {5}, {900});
+  CopiesPair pair("checksum", 64 * kMiB, /*a_regions=*/{5}, /*b_regions=*/{900});
 
   RequireStarted(pair);
   {
-    NbdHandle h;
-    {
-      testutil::NbdOptions o;
-      o.export_name = "data";
-      std::string error;
-      h = testutil::ConnectUnix(*pair.a().nbd_unix_socket(), o, &error);
-      INFO(error);
-      REQUIRE(h != nullptr);
-    }
+    NbdHandle h = testutil::RequireConnect(pair.a(), "data");
     // Over the first 4 MiB (one intent extent), while the compare runs
     // from the start of the volume.
     for (uint64_t k = 0; k < 200; ++k) {
@@ -181,7 +156,7 @@ TEST_CASE("Checksum initial sync: writes during the compare reach the "
   }
   RequireCaughtUp(pair);
   CHECK(pair.CompareVolumes() == "");
-  json link = Link(pair.a());
+  json link = pair.Link();
   INFO(link.dump());
   CHECK(link["checksum_compare"].value("regions_done", uint64_t{0}) > 0);
   // At most the first extent and the region that differs on b went as
@@ -192,27 +167,19 @@ TEST_CASE("Checksum initial sync: writes during the compare reach the "
 TEST_CASE("Checksum initial sync: a restart of the primary before the "
           "compare ran still compares instead of sending everything",
           "[replication]") {
-  testutil::PairOptions options;
-  options.initial_sync = "checksum";
-  options.volumes = {{"data", 16 * kMiB}};
-  SitePair pair(options);
-  PrepareCopies(pair, 16 * kMiB, {3}, {});
+  CopiesPair pair("checksum", 16 * kMiB, /*a_regions=*/{3}, /*b_regions=*/{});
   // a starts with its new slot (all dirty) while b is not up (port 1 on
   // loopback refuses), so nothing is compared; then a stops.
   pair.a().config()["groups"][0]["downstream"][0]["address"] = "127.0.0.1:1";
-  {
-    Status s = pair.a().Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
-  json link = Link(pair.a());
+  RequireStarted(pair.a());
+  json link = pair.Link();
   CHECK(link["checksum_compare"].value("pending", false) == true);
   REQUIRE(pair.a().Stop() == 0);
 
   RequireStarted(pair);
   RequireCaughtUp(pair);
   CHECK(pair.CompareVolumes() == "");
-  link = Link(pair.a());
+  link = pair.Link();
   INFO(link.dump());
   CHECK(link["checksum_compare"].value("differing_regions", uint64_t{0}) == 1);
   CHECK(link.value("resync_bytes_sent", uint64_t{0}) == kRegionBytes);

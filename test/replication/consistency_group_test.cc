@@ -29,8 +29,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using testutil::NbdHandle;
+using testutil::RequireConnect;
+using testutil::RequireStarted;
 using testutil::SitePair;
-using testutil::TestDaemon;
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = 1024 * kKiB;
@@ -182,16 +183,6 @@ testutil::PairOptions WalTablePair() {
   return options;
 }
 
-NbdHandle Connect(const TestDaemon& d, const std::string& export_name) {
-  testutil::NbdOptions options;
-  options.export_name = export_name;
-  std::string error;
-  NbdHandle h = testutil::ConnectUnix(*d.nbd_unix_socket(), options, &error);
-  INFO("libnbd connecting to export " << export_name << ": " << error);
-  REQUIRE(h != nullptr);
-  return h;
-}
-
 uint64_t TestSeed() {
   if (const char* env = std::getenv("BLOCKRELAY_TEST_SEED")) {
     return std::strtoull(env, nullptr, 10);
@@ -248,15 +239,11 @@ TEST_CASE("Consistency group: a killed downstream never holds a table "
         std::uniform_int_distribution<uint64_t>(50, 3000)(rng);
     CAPTURE(kill_after);
     SitePair pair(WalTablePair());
-    {
-      Status s = pair.Start();
-      INFO(s.ToString());
-      REQUIRE(s.ok());
-    }
+    RequireStarted(pair);
     REQUIRE(testutil::WaitCaughtUp(pair.a(), "g", "b", std::chrono::seconds(10)));
     uint64_t written = 0;
     {
-      Client client(Connect(pair.a(), "wal"), Connect(pair.a(), "table"));
+      Client client(RequireConnect(pair.a(), "wal"), RequireConnect(pair.a(), "table"));
       REQUIRE(testutil::WaitUntil(
           [&] { return client.records() >= kill_after || client.failed_errno(); },
           std::chrono::seconds(20)));
@@ -270,11 +257,7 @@ TEST_CASE("Consistency group: a killed downstream never holds a table "
     }
     INFO("records written on a: " << written);
     CHECK(pair.a().Stop() == 0);
-    {
-      Status s = pair.b().Start();  // replays b's journal before it answers
-      INFO(s.ToString());
-      REQUIRE(s.ok());
-    }
+    RequireStarted(pair.b());  // replays b's journal before it answers
     CHECK(pair.b().Stop() == 0);
 
     Verdict v = CheckWriteOrder(testutil::ReadWholeFile(pair.b_volume("wal")),
@@ -296,14 +279,10 @@ TEST_CASE("Consistency group: a paused downstream catches up to identical "
           "volumes",
           "[replication]") {
   SitePair pair(WalTablePair());
-  {
-    Status s = pair.Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
+  RequireStarted(pair);
   REQUIRE(testutil::WaitCaughtUp(pair.a(), "g", "b", std::chrono::seconds(10)));
   {
-    Client client(Connect(pair.a(), "wal"), Connect(pair.a(), "table"));
+    Client client(RequireConnect(pair.a(), "wal"), RequireConnect(pair.a(), "table"));
     auto reach = [&](uint64_t n) {
       return testutil::WaitUntil(
           [&] { return client.records() >= n || client.failed_errno(); },

@@ -13,8 +13,6 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
-#include <functional>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -25,15 +23,20 @@
 
 #include "testutil/daemon.h"
 #include "testutil/nbd_client.h"
+#include "testutil/sites.h"
 
 namespace blockrelay {
 namespace {
 
-namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using nlohmann::json;
+using testutil::CheckIdentical;
 using testutil::NbdHandle;
+using testutil::PairLink;
 using testutil::ProcessResult;
+using testutil::RequireLink;
+using testutil::RequireStarted;
+using testutil::RunCli;
 using testutil::TestDaemon;
 using Clock = std::chrono::steady_clock;
 
@@ -43,169 +46,54 @@ constexpr uint64_t kRegionBytes = 64 * kKiB;  // the default region_size
 constexpr auto kCatchUpTimeout = std::chrono::seconds(30);
 constexpr auto kStateTimeout = std::chrono::seconds(15);
 
-json SiteConfig(const fs::path& dir, const std::string& site,
-                const std::string& role, uint64_t volume_bytes) {
-  json group = {{"name", "g"},
-                {"role", role},
-                {"volumes", json::array({{{"name", "data"},
-                                          {"path", (dir / "data.img").string()},
-                                          {"size", volume_bytes}}})}};
-  json config = {{"site", site},
-                 {"data_dir", (dir / "data").string()},
-                 {"control_socket", (dir / "control.sock").string()},
-                 {"nbd", {{"unix_socket", (dir / "nbd.sock").string()}}}};
-  if (role == "secondary") {
-    group["upstream"] = {{"site", "a"}};
-    config["replication"] = {{"listen", "127.0.0.1:0"}};
-  }
-  config["groups"] = json::array({group});
-  return config;
-}
-
-std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// "" when both files hold the same bytes; otherwise where they differ.
-std::string Differences(const fs::path& x, const fs::path& y) {
-  const std::string a = ReadFile(x), b = ReadFile(y);
-  if (a == b) return "";
-  if (a.size() != b.size()) {
-    return fmt::format("{} has {} bytes, {} has {}", x.string(), a.size(),
-                       y.string(), b.size());
-  }
-  size_t first = 0;
-  while (first < a.size() && a[first] == b[first]) ++first;
-  size_t differing = 0;
-  for (size_t i = first; i < a.size(); ++i) differing += a[i] != b[i];
-  return fmt::format("{} and {} differ in {} byte(s), the first at offset {}",
-                     x.string(), y.string(), differing, first);
-}
-
 // Site a (primary, one async link to b with `link` settings on top) and
 // site b (secondary), one volume "data", blank and declared in sync.
-class LinkPair {
+class LinkPair : public testutil::SitePair {
  public:
   LinkPair(uint64_t volume_bytes, json link)
-      : b_dir_(Subdir("b")),
-        a_dir_(Subdir("a")),
-        b_(b_dir_, SiteConfig(b_dir_, "b", "secondary", volume_bytes)),
-        a_(a_dir_, SiteConfig(a_dir_, "a", "primary", volume_bytes)),
-        link_(std::move(link)) {}
+      : SitePair(Options(volume_bytes, std::move(link))) {}
 
-  TestDaemon& a() { return a_; }
-  TestDaemon& b() { return b_; }
-  fs::path a_volume() const { return a_dir_ / "data.img"; }
-  fs::path b_volume() const { return b_dir_ / "data.img"; }
-
-  void Start() {
-    Status s = b_.Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-    json link = {{"site", "b"},
-                 {"address", fmt::format("127.0.0.1:{}", b_.port("/replication/listen"))},
-                 {"mode", "async"},
-                 {"initial_sync", "none"}};
-    link.update(link_);
-    a_.config()["groups"][0]["downstream"] = json::array({link});
-    s = a_.Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
-
-  // `blockrelay <args> --socket <a's control socket>`.
+  // `blockrelay <args>` against a.
   ProcessResult Cli(std::vector<std::string> args,
                     std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
-    args.push_back("--socket");
-    args.push_back(a_.control_socket().string());
-    return testutil::RunBlockrelay(args, timeout);
+    return RunCli(a(), std::move(args), timeout);
   }
 
-  // The status of a: groups[0] (null if a does not answer).
-  json Group() const {
-    auto reply = a_.Control({{"command", "status"}});
-    if (!reply.ok() || !reply->value("ok", false)) return nullptr;
-    return (*reply)["groups"][0];
-  }
-  json Link() const {
-    json g = Group();
-    if (g.is_null() || g["downstream"].empty()) return nullptr;
-    return g["downstream"][0];
-  }
-  // groups[0].volumes[0].links[b].dirty_regions.
+  // The regions a's scoreboard holds dirty for b.
   uint64_t DirtyRegions() const {
-    json g = Group();
-    if (g.is_null()) return 0;
-    for (const auto& l : g["volumes"][0]["links"]) {
-      if (l.value("site", "") == "b") return l.value("dirty_regions", uint64_t{0});
-    }
-    return 0;
-  }
-
-  void RequireLink(const std::string& what,
-                   const std::function<bool(const json&)>& pred,
-                   std::chrono::milliseconds timeout = kStateTimeout) {
-    json last;
-    bool ok = testutil::WaitUntil(
-        [&] {
-          last = Link();
-          return !last.is_null() && pred(last);
-        },
-        timeout);
-    INFO("waiting for: " << what);
-    INFO("last link status: " << last.dump());
-    INFO("site a log:\n" << a_.ReadLog());
-    REQUIRE(ok);
+    auto dirty = testutil::DirtyFor(a(), "g", "b");
+    return dirty ? dirty->regions : 0;
   }
 
   // `blockrelay wait g --link b` must report the link caught up.
-  void RequireCaughtUp() {
+  void RequireCliCaughtUp() {
     ProcessResult r = Cli({"wait", "g", "--link", "b", "--timeout",
                            std::to_string(kCatchUpTimeout.count())},
                           kCatchUpTimeout + std::chrono::seconds(15));
     INFO("wait: exit " << r.exit_code << ", stdout: " << r.out
                        << ", stderr: " << r.err);
-    INFO("site a log:\n" << a_.ReadLog());
-    INFO("site b log:\n" << b_.ReadLog());
+    INFO("site a log:\n" << a().ReadLog());
+    INFO("site b log:\n" << b().ReadLog());
     REQUIRE(r.exited);
     REQUIRE(r.exit_code == 0);
   }
 
-  void RequireIdentical() {
-    CHECK(Differences(a_volume(), b_volume()) == "");
-  }
-
-  NbdHandle Connect() {
-    testutil::NbdOptions options;
-    options.export_name = "data";
-    std::string error;
-    NbdHandle h = testutil::ConnectUnix(*a_.nbd_unix_socket(), options, &error);
-    INFO("libnbd: " << error);
-    REQUIRE(h != nullptr);
-    return h;
-  }
-
+  // `bytes` of fresh data to a at `offset`, in one write.
   void Write(uint64_t offset, uint64_t bytes) {
-    NbdHandle h = Connect();
+    NbdHandle h = testutil::RequireConnect(a(), "data");
     auto data = testutil::Pattern(bytes, ++seed_);
     INFO("write of " << bytes << " bytes at " << offset);
     REQUIRE(testutil::Pwrite(h.get(), data, offset) == 0);
   }
 
  private:
-  fs::path Subdir(const std::string& name) {
-    fs::path p = root_.path() / name;
-    fs::create_directories(p);
-    return p;
+  static testutil::PairOptions Options(uint64_t volume_bytes, json link) {
+    testutil::PairOptions o;
+    o.volumes = {{"data", volume_bytes}};
+    o.link = std::move(link);
+    return o;
   }
 
-  testutil::TempDir root_{"blockrelay-linkctl"};
-  fs::path b_dir_, a_dir_;
-  TestDaemon b_, a_;
-  json link_;
   uint64_t seed_ = 1000;
 };
 
@@ -222,12 +110,12 @@ TEST_CASE("Link control: a paused link logs writes in the scoreboard, wait "
           "times out, and resume catches it up",
           "[replication]") {
   LinkPair pair(4 * kMiB, json::object());
-  pair.Start();
+  RequireStarted(pair);
   pair.Write(0, 512 * kKiB);
-  pair.RequireCaughtUp();
+  pair.RequireCliCaughtUp();
 
   RequireExit(pair.Cli({"pause", "g", "--link", "b"}), 0);
-  pair.RequireLink("paused, logging", [](const json& l) {
+  RequireLink(pair, "paused, logging", [](const json& l) {
     return StateOf(l) == "logging" && l.value("paused", false);
   });
 
@@ -244,7 +132,7 @@ TEST_CASE("Link control: a paused link logs writes in the scoreboard, wait "
   RequireExit(wait, 1);
   CHECK_THAT(wait.err, Contains("not caught up"));
   {
-    json link = pair.Link();
+    json link = PairLink(pair);
     INFO(link.dump());
     CHECK(StateOf(link) == "logging");  // no reconnect on its own
     CHECK(link.value("paused", false));
@@ -254,14 +142,14 @@ TEST_CASE("Link control: a paused link logs writes in the scoreboard, wait "
   ProcessResult resume = pair.Cli({"resume", "g", "--link", "b"});
   RequireExit(resume, 0);
   CHECK_THAT(resume.out, Contains("resumed"));
-  pair.RequireCaughtUp();
+  pair.RequireCliCaughtUp();
   {
-    json link = pair.Link();
+    json link = PairLink(pair);
     INFO(link.dump());
     CHECK_FALSE(link.value("paused", true));
     CHECK(StateOf(link) == "replicating");
   }
-  pair.RequireIdentical();
+  CheckIdentical(pair);
   // Everything marked while paused is cleared once it is durable at b.
   bool clean = testutil::WaitUntil([&] { return pair.DirtyRegions() == 0; },
                                    kStateTimeout);
@@ -273,15 +161,15 @@ TEST_CASE("Link control: resync --full repairs bytes changed behind "
           "blockrelay's back on the downstream",
           "[replication]") {
   LinkPair pair(4 * kMiB, json::object());
-  pair.Start();
+  RequireStarted(pair);
   pair.Write(0, 1 * kMiB);
-  pair.RequireCaughtUp();
-  pair.RequireIdentical();
+  pair.RequireCliCaughtUp();
+  CheckIdentical(pair);
 
   // b is at rest (everything applied); change one written byte and one
   // byte of a never-written (zero) region in its backing file directly.
   {
-    std::fstream f(pair.b_volume(), std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(pair.b_volume("data"), std::ios::in | std::ios::out | std::ios::binary);
     REQUIRE(f.good());
     f.seekg(100);
     char c = 0;
@@ -294,18 +182,18 @@ TEST_CASE("Link control: resync --full repairs bytes changed behind "
     f.flush();
     REQUIRE(f.good());
   }
-  REQUIRE(Differences(pair.a_volume(), pair.b_volume()) != "");
-  const uint64_t resync_before = pair.Link().value("resync_bytes_sent", uint64_t{0});
+  REQUIRE(pair.CompareVolumes() != "");
+  const uint64_t resync_before = PairLink(pair).value("resync_bytes_sent", uint64_t{0});
 
   ProcessResult resync = pair.Cli({"resync", "g", "--link", "b", "--full"});
   RequireExit(resync, 0);
   CHECK_THAT(resync.out, Contains("full resync started"));
-  pair.RequireCaughtUp();
-  json link = pair.Link();
+  pair.RequireCliCaughtUp();
+  json link = PairLink(pair);
   INFO(link.dump());
   // The whole written MiB went again (zero regions go as zero operations).
   CHECK(link.value("resync_bytes_sent", uint64_t{0}) >= resync_before + 1 * kMiB);
-  pair.RequireIdentical();
+  CheckIdentical(pair);
 }
 
 // Writes `total` bytes to `h` from a thread of its own, one `chunk` at a
@@ -368,10 +256,10 @@ TEST_CASE("Link control: with max_lag writers stall while the downstream "
   // keepalive far above the stall: the link must stay up (a link that is
   // down does not slow anyone).
   LinkPair pair(kTotal, {{"max_lag", "1MiB"}, {"keepalive", "60s"}});
-  pair.Start();
-  pair.RequireCaughtUp();
+  RequireStarted(pair);
+  pair.RequireCliCaughtUp();
 
-  BackgroundWriter writer(pair.Connect(), kTotal, kChunk);
+  BackgroundWriter writer(testutil::RequireConnect(pair.a(), "data"), kTotal, kChunk);
   // Declared after the writer: runs first. If the test fails while b is
   // stopped, b is killed (a's link drops, writers go on) and the writer
   // joined.
@@ -407,7 +295,7 @@ TEST_CASE("Link control: with max_lag writers stall while the downstream "
       },
       std::chrono::seconds(20));
   const uint64_t at_stall = writer.completed();
-  json link = pair.Link();
+  json link = PairLink(pair);
   INFO("completed at the stall: " << at_stall << " bytes; link: " << link.dump());
   REQUIRE(stalled);
   REQUIRE_FALSE(writer.done());
@@ -424,27 +312,21 @@ TEST_CASE("Link control: with max_lag writers stall while the downstream "
   REQUIRE(finished);
   REQUIRE(writer.error() == 0);
   REQUIRE(writer.completed() == kTotal);
-  pair.RequireCaughtUp();
-  pair.RequireIdentical();
+  pair.RequireCliCaughtUp();
+  CheckIdentical(pair);
 }
 
 TEST_CASE("Link control: pause, resume, resync and wait name an unknown "
           "group or link and exit 1",
           "[replication]") {
   testutil::TempDir dir("blockrelay-linkctl");
-  json config = SiteConfig(dir.path(), "a", "primary", 4 * kMiB);
+  json config = testutil::GroupSiteConfig(dir.path(), "a", "primary",
+                                          {{"data", 4 * kMiB}});
   // Nothing listens there: the link just keeps retrying.
-  config["groups"][0]["downstream"] = json::array(
-      {{{"site", "b"}, {"address", "127.0.0.1:9"}, {"mode", "async"}}});
+  testutil::AddDownstream(config, "b", 9);
   TestDaemon a(dir.path(), config);
-  Status s = a.Start();
-  INFO(s.ToString());
-  REQUIRE(s.ok());
-  auto cli = [&](std::vector<std::string> args) {
-    args.push_back("--socket");
-    args.push_back(a.control_socket().string());
-    return testutil::RunBlockrelay(args, std::chrono::seconds(20));
-  };
+  RequireStarted(a);
+  auto cli = [&](std::vector<std::string> args) { return RunCli(a, std::move(args)); };
 
   const std::vector<std::vector<std::string>> commands = {
       {"pause"}, {"resume"}, {"resync"}, {"resync", "--full"}};

@@ -31,6 +31,9 @@ using Catch::Matchers::Contains;
 using nlohmann::json;
 using testutil::NbdHandle;
 using testutil::Pattern;
+using testutil::RequireCaughtUp;
+using testutil::RequireConnect;
+using testutil::RequireStarted;
 using testutil::SitePair;
 using testutil::TestDaemon;
 using Clock = std::chrono::steady_clock;
@@ -40,33 +43,6 @@ constexpr uint64_t kMiB = 1024 * kKiB;
 constexpr uint64_t kRegionBytes = 64 * kKiB;  // the default region_size
 constexpr auto kCatchUpTimeout = std::chrono::seconds(20);
 constexpr auto kStateTimeout = std::chrono::seconds(5);
-
-void RequireStarted(SitePair& pair) {
-  Status s = pair.Start();
-  INFO(s.ToString());
-  REQUIRE(s.ok());
-}
-
-NbdHandle Connect(const TestDaemon& d, const std::string& export_name) {
-  testutil::NbdOptions options;
-  options.export_name = export_name;
-  std::string error;
-  NbdHandle h = testutil::ConnectUnix(*d.nbd_unix_socket(), options, &error);
-  INFO("libnbd connecting to export " << export_name << ": " << error);
-  REQUIRE(h != nullptr);
-  return h;
-}
-
-// The caught-up wait, with the links' JSON and both logs when it fails.
-void RequireCaughtUp(SitePair& pair, const std::string& group = "g") {
-  json last;
-  bool caught_up =
-      testutil::WaitCaughtUp(pair.a(), group, "b", kCatchUpTimeout, &last);
-  INFO("last wait reply: " << last.dump());
-  INFO("site a log:\n" << pair.a().ReadLog());
-  INFO("site b log:\n" << pair.b().ReadLog());
-  REQUIRE(caught_up);
-}
 
 std::string LinkState(const TestDaemon& d, const std::string& site = "b") {
   auto link = testutil::LinkStatus(d, "g", site);
@@ -103,7 +79,7 @@ class Workload {
   Workload(const TestDaemon& d, const std::vector<testutil::VolumeSpec>& volumes,
            uint64_t seed)
       : rng_(seed), volumes_(volumes) {
-    for (const auto& v : volumes_) handles_.push_back(Connect(d, v.name));
+    for (const auto& v : volumes_) handles_.push_back(RequireConnect(d, v.name));
   }
 
   // Runs `ops` operations; every one must succeed.
@@ -174,11 +150,11 @@ TEST_CASE("Replication: async link leaves the downstream's volumes "
   options.volumes = {{"wal", 4 * kMiB}, {"data", 12 * kMiB}};
   SitePair pair(options);
   RequireStarted(pair);
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
 
   Workload work(pair.a(), options.volumes, /*seed=*/11);
   work.Run(300);
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
   const std::string diff = pair.CompareVolumes();
   INFO("site a log:\n" << pair.a().ReadLog());
   CHECK(diff == "");
@@ -203,7 +179,7 @@ TEST_CASE("Replication: a caught-up async link's scoreboard drains to zero "
   Workload work(pair.a(), options.volumes, /*seed=*/12);
   work.Run(200);
   work.FlushAll();
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
   std::optional<testutil::DirtyTotals> dirty;
   bool clean = testutil::WaitUntil(
       [&] {
@@ -224,8 +200,8 @@ TEST_CASE("Replication: after FLUSH returns on a sync link, the downstream's "
   options.mode = "sync";
   SitePair pair(options);
   RequireStarted(pair);
-  RequireCaughtUp(pair);
-  NbdHandle h = Connect(pair.a(), "data");
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  NbdHandle h = RequireConnect(pair.a(), "data");
   for (uint64_t k = 0; k < 12; ++k) {
     const uint64_t offset = k * (1 * kMiB + 4 * kKiB);
     const uint64_t length = 4 * kKiB * (1 + k * 7 % 32);
@@ -244,8 +220,8 @@ TEST_CASE("Replication: after a FUA write returns on a sync link, the "
   options.mode = "sync";
   SitePair pair(options);
   RequireStarted(pair);
-  RequireCaughtUp(pair);
-  NbdHandle h = Connect(pair.a(), "data");
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  NbdHandle h = RequireConnect(pair.a(), "data");
   for (uint64_t k = 0; k < 12; ++k) {
     const uint64_t offset = 3 * kMiB + k * 96 * kKiB;
     const uint64_t length = 64 * kKiB;
@@ -267,12 +243,12 @@ TEST_CASE("Replication: on a sync link, writes in flight together share "
   options.mode = "sync";
   SitePair pair(options);
   RequireStarted(pair);
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
   auto before = testutil::LinkStatus(pair.a(), "g", "b");
   REQUIRE(before.has_value());
   const uint64_t groups_before = before->value("groups_sent", uint64_t{0});
 
-  NbdHandle h = Connect(pair.a(), "data");
+  NbdHandle h = RequireConnect(pair.a(), "data");
   constexpr int kWrites = 256;
   constexpr uint64_t kLength = 4 * kKiB;
   std::vector<std::vector<std::byte>> data;
@@ -313,14 +289,10 @@ TEST_CASE("Replication: a new downstream receives data written before it "
   // Site a first runs without any downstream and takes writes.
   json link = pair.a().config()["groups"][0]["downstream"];
   pair.a().config()["groups"][0].erase("downstream");
-  {
-    Status s = pair.a().Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
+  RequireStarted(pair.a());
   uint64_t written = 0;
   {
-    NbdHandle h = Connect(pair.a(), "data");
+    NbdHandle h = RequireConnect(pair.a(), "data");
     for (uint64_t k = 0; k < 6; ++k) {
       const uint64_t offset = k * 2 * kMiB + k * 12 * kKiB;
       const uint64_t length = 128 * kKiB * (k + 1);
@@ -334,7 +306,7 @@ TEST_CASE("Replication: a new downstream receives data written before it "
   // Now site b exists, and a is configured with it.
   pair.a().config()["groups"][0]["downstream"] = link;
   RequireStarted(pair);
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
 
   CHECK(pair.CompareVolumes() == "");
   auto status = testutil::LinkStatus(pair.a(), "g", "b");
@@ -360,12 +332,12 @@ TEST_CASE("Replication: after a downstream outage, resync sends only the "
   options.volumes = {{"data", 32 * kMiB}};
   SitePair pair(options);
   RequireStarted(pair);
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
   Workload work(pair.a(), options.volumes, /*seed=*/21);
   // Some data first, fully replicated and acknowledged.
   REQUIRE(work.Write(0, 0, 256 * kKiB) == 0);
   work.FlushAll();
-  RequireCaughtUp(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
   REQUIRE(testutil::WaitUntil(
       [&] {
         auto d = testutil::DirtyFor(pair.a(), "g", "b");
@@ -399,12 +371,8 @@ TEST_CASE("Replication: after a downstream outage, resync sends only the "
   REQUIRE(before.has_value());
   const uint64_t resync_before = before->value("resync_bytes_sent", uint64_t{0});
 
-  {
-    Status s = pair.b().Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
-  RequireCaughtUp(pair);
+  RequireStarted(pair.b());
+  RequireCaughtUp(pair, kCatchUpTimeout);
   CHECK(pair.CompareVolumes() == "");
   auto after = testutil::LinkStatus(pair.a(), "g", "b");
   REQUIRE(after.has_value());
@@ -440,7 +408,7 @@ void ExpectHelloRefused(const std::function<void(SitePair&)>& mismatch,
 
   RequireStarted(pair);
   {
-    NbdHandle h = Connect(pair.a(), "data");
+    NbdHandle h = RequireConnect(pair.a(), "data");
     auto data = Pattern(256 * kKiB, 3);
     REQUIRE(testutil::Pwrite(h.get(), data, 64 * kKiB) == 0);
     REQUIRE(testutil::Flush(h.get()) == 0);
@@ -538,14 +506,10 @@ TEST_CASE("Replication: with on_sync_failure logging, writes succeed while "
           "[replication]") {
   testutil::TempDir dir("blockrelay-rep");
   TestDaemon a(dir.path(), SyncLinkToNowhere(dir.path()));
-  {
-    Status s = a.Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
+  RequireStarted(a);
   REQUIRE(testutil::WaitUntil([&] { return LinkState(a) == "logging"; },
                               kStateTimeout));
-  NbdHandle h = Connect(a, "data");
+  NbdHandle h = RequireConnect(a, "data");
   const auto start = Clock::now();
   for (uint64_t k = 0; k < 8; ++k) {
     auto data = Pattern(64 * kKiB, k);
@@ -570,14 +534,10 @@ TEST_CASE("Replication: with on_sync_failure block, a write fails with EIO "
   config["groups"][0]["on_sync_failure"] = "block";
   config["groups"][0]["sync_timeout"] = "1s";
   TestDaemon a(dir.path(), config);
-  {
-    Status s = a.Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
-  }
+  RequireStarted(a);
   REQUIRE(testutil::WaitUntil([&] { return LinkState(a) == "logging"; },
                               kStateTimeout));
-  NbdHandle h = Connect(a, "data");
+  NbdHandle h = RequireConnect(a, "data");
   auto data = Pattern(64 * kKiB, 1);
   const auto start = Clock::now();
   const int rc = testutil::Pwrite(h.get(), data, 0);

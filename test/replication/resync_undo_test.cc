@@ -39,9 +39,11 @@ constexpr uint64_t kMiB = 1024 * kKiB;
 constexpr uint64_t kRegion = 64 * kKiB;  // the default region_size
 constexpr auto kTimeout = std::chrono::seconds(30);
 
-testutil::PairOptions Options() {
+// `resync_rate` (of a's link), unless empty.
+testutil::PairOptions Options(const std::string& resync_rate) {
   testutil::PairOptions o;
   o.volumes = {{"data", 4 * kMiB}, {"log", 1 * kMiB}};
+  if (!resync_rate.empty()) o.link["resync_rate"] = resync_rate;
   return o;
 }
 
@@ -54,13 +56,8 @@ struct Digest {
 class UndoPair {
  public:
   // `resync_rate` (a's link) slows the resync so a test can cut it.
-  explicit UndoPair(const std::string& resync_rate = "") : pair_(Options()) {
-    if (!resync_rate.empty()) {
-      pair_.a().config()["groups"][0]["downstream"][0]["resync_rate"] = resync_rate;
-    }
-    Status s = pair_.Start();
-    INFO(s.ToString());
-    REQUIRE(s.ok());
+  explicit UndoPair(const std::string& resync_rate = "") : pair_(Options(resync_rate)) {
+    testutil::RequireStarted(pair_);
   }
 
   TestDaemon& a() { return pair_.a(); }
@@ -68,18 +65,11 @@ class UndoPair {
   SitePair& pair() { return pair_; }
 
   ProcessResult Cli(TestDaemon& d, std::vector<std::string> args) {
-    args.push_back("--socket");
-    args.push_back(d.control_socket().string());
-    return testutil::RunBlockrelay(args, std::chrono::seconds(60));
+    return testutil::RunCli(d, std::move(args), std::chrono::seconds(60));
   }
 
   void Write(const std::string& volume, uint64_t offset, uint64_t bytes) {
-    testutil::NbdOptions options;
-    options.export_name = volume;
-    std::string error;
-    NbdHandle h = testutil::ConnectUnix(*a().nbd_unix_socket(), options, &error);
-    INFO("libnbd: " << error);
-    REQUIRE(h != nullptr);
+    NbdHandle h = testutil::RequireConnect(a(), volume);
     for (uint64_t done = 0; done < bytes; done += kMiB) {
       const uint64_t n = std::min(kMiB, bytes - done);
       auto data = testutil::Pattern(n, ++seed_);
@@ -94,14 +84,7 @@ class UndoPair {
     for (uint64_t off = kRegion; off < 1 * kMiB; off += 2 * kRegion) Write("log", off, kRegion);
   }
 
-  void RequireCaughtUp() {
-    json last;
-    bool ok = testutil::WaitCaughtUp(a(), "g", "b", kTimeout, &last);
-    INFO("last wait reply: " << last.dump());
-    INFO("site a log:\n" << a().ReadLog());
-    INFO("site b log:\n" << b().ReadLog());
-    REQUIRE(ok);
-  }
+  void RequireCaughtUp() { testutil::RequireCaughtUp(pair_, kTimeout); }
 
   json Upstream() {
     auto u = testutil::UpstreamStatus(b(), "g");
@@ -322,15 +305,12 @@ TEST_CASE("Resync undo: after kill -9 of b during the resync, b restarts "
   const Digest before = Prepare(p);
   p.Resume();
   p.RequireResyncUnderWay(1 * kMiB);
-  REQUIRE(p.b().Signal(SIGKILL));
-  REQUIRE(p.b().WaitForExit(std::chrono::seconds(10)).has_value());
+  testutil::RequireKilled(p.b());
   // Keep a from reconnecting (and finishing the resync) meanwhile.
   ProcessResult paused = p.Cli(p.a(), {"pause", "g", "--link", "b"});
   REQUIRE(paused.exit_code == 0);
 
-  Status s = p.b().Start();
-  INFO(s.ToString());
-  REQUIRE(s.ok());
+  testutil::RequireStarted(p.b());
   {
     json u = p.Upstream();
     INFO(u.dump());
@@ -349,8 +329,7 @@ TEST_CASE("Resync undo: after kill -9 of b during the resync, b restarts "
 
   // A restart keeps the request for a full resync, which repairs b.
   REQUIRE(p.b().Stop().has_value());
-  s = p.b().Start();
-  REQUIRE(s.ok());
+  testutil::RequireStarted(p.b());
   CHECK(p.Upstream().value("full_resync_requested", false));
   CHECK(p.DigestB() == before);
   p.Resume();
@@ -365,8 +344,7 @@ TEST_CASE("Resync undo: a restarted b whose resync then completes is "
   Prepare(p);
   p.Resume();
   p.RequireResyncUnderWay(256 * kKiB);
-  REQUIRE(p.b().Signal(SIGKILL));
-  REQUIRE(p.b().WaitForExit(std::chrono::seconds(10)).has_value());
+  testutil::RequireKilled(p.b());
   Status s = p.b().Start();
   REQUIRE(s.ok());
   // a reconnects by itself and resyncs what is still dirty.
@@ -398,16 +376,10 @@ TEST_CASE("Resync undo: a rollback in the middle of a chain reaches the next "
   TestDaemon a(root.path() / "a", a_config);
   REQUIRE(a.Start().ok());
   auto cli = [](TestDaemon& d, std::vector<std::string> args) {
-    args.push_back("--socket");
-    args.push_back(d.control_socket().string());
-    return testutil::RunBlockrelay(args, std::chrono::seconds(60));
+    return testutil::RunCli(d, std::move(args), std::chrono::seconds(60));
   };
   auto write = [&](uint64_t offset, uint64_t bytes, uint64_t seed) {
-    testutil::NbdOptions options;
-    options.export_name = "data";
-    std::string error;
-    NbdHandle h = testutil::ConnectUnix(*a.nbd_unix_socket(), options, &error);
-    REQUIRE(h != nullptr);
+    NbdHandle h = testutil::RequireConnect(a, "data");
     REQUIRE(testutil::Pwrite(h.get(), testutil::Pattern(bytes, seed), offset) == 0);
     REQUIRE(testutil::Flush(h.get()) == 0);
   };

@@ -1,10 +1,13 @@
 #include "testutil/sites.h"
 
+#include <signal.h>
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <thread>
 
+#include <catch2/catch.hpp>
 #include <fmt/format.h>
 
 namespace blockrelay::testutil {
@@ -173,6 +176,7 @@ SitePair::SitePair(const PairOptions& options)
   fs::create_directories(root_.path() / "b");
   json& link = AddDownstream(a_.config(), "b", 0, options_.mode);
   link["initial_sync"] = options_.initial_sync;
+  link.update(options_.link);
 }
 
 fs::path SitePair::a_volume(const std::string& name) const {
@@ -202,6 +206,78 @@ std::string SitePair::CompareVolumes() const {
     if (!diff.empty()) out += (out.empty() ? "" : "; ") + diff;
   }
   return out;
+}
+
+ProcessResult RunCli(const TestDaemon& d, std::vector<std::string> args,
+                     std::chrono::milliseconds timeout) {
+  args.push_back("--socket");
+  args.push_back(d.control_socket().string());
+  return RunBlockrelay(args, timeout);
+}
+
+void RequireStarted(SitePair& pair) {
+  Status s = pair.Start();
+  INFO(s.ToString());
+  REQUIRE(s.ok());
+}
+
+void RequireStarted(TestDaemon& d) {
+  Status s = d.Start();
+  INFO(s.ToString());
+  REQUIRE(s.ok());
+}
+
+void RequireKilled(TestDaemon& d) {
+  REQUIRE(d.Signal(SIGKILL));
+  REQUIRE(d.WaitForExit(std::chrono::seconds(10)).has_value());
+}
+
+void RequireCaughtUp(SitePair& pair, std::chrono::milliseconds timeout) {
+  json last;
+  bool caught_up =
+      WaitCaughtUp(pair.a(), pair.options().group, "b", timeout, &last);
+  INFO("last wait reply: " << last.dump());
+  INFO("site a log:\n" << pair.a().ReadLog());
+  INFO("site b log:\n" << pair.b().ReadLog());
+  REQUIRE(caught_up);
+}
+
+json PairLink(const SitePair& pair) {
+  auto link = LinkStatus(pair.a(), pair.options().group, "b");
+  return link ? *link : json();
+}
+
+void RequireLink(const SitePair& pair, const std::string& what,
+                 const std::function<bool(const json&)>& pred,
+                 std::chrono::milliseconds timeout) {
+  json last;
+  bool ok = WaitUntil(
+      [&] {
+        last = PairLink(pair);
+        return !last.is_null() && pred(last);
+      },
+      timeout);
+  INFO("waiting for: " << what);
+  INFO("last link status: " << last.dump());
+  INFO("site a log:\n" << pair.a().ReadLog());
+  REQUIRE(ok);
+}
+
+void CheckIdentical(const SitePair& pair) {
+  for (const auto& v : pair.options().volumes) {
+    INFO("volume " << v.name);
+    CHECK(CompareFiles(pair.a_volume(v.name), pair.b_volume(v.name)) == "");
+  }
+}
+
+NbdHandle RequireConnect(const TestDaemon& d, const std::string& export_name) {
+  NbdOptions options;
+  options.export_name = export_name;
+  std::string error;
+  NbdHandle h = ConnectUnix(*d.nbd_unix_socket(), options, &error);
+  INFO("libnbd connecting to export " << export_name << ": " << error);
+  REQUIRE(h != nullptr);
+  return h;
 }
 
 }  // namespace blockrelay::testutil

@@ -6,6 +6,10 @@
 // be given b's replication port ("127.0.0.1:0" in b's config becomes a free
 // port at b's first Start(); restarts keep it). Every wait is bounded.
 //
+// The Require*/Check* steps at the end are for Catch2 test cases: each
+// REQUIREs (CheckIdentical CHECKs) and puts what it waited for, the last
+// status and the sites' logs into the failure message.
+//
 // Thread safety: like TestDaemon, one SitePair is used from one thread (the
 // test's main thread, which must outlive the daemons).
 #pragma once
@@ -13,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +26,7 @@
 
 #include "blockrelay/status.h"
 #include "testutil/daemon.h"
+#include "testutil/nbd_client.h"
 
 namespace blockrelay::testutil {
 
@@ -85,6 +91,9 @@ struct PairOptions {
   std::string group = "g";
   std::string mode = "async";           // of a's link to b
   std::string initial_sync = "none";    // of a's link to b
+  // More keys of a's link to b ("queue", "max_queue", "max_lag"...); they
+  // win over the ones above.
+  nlohmann::json link = nlohmann::json::object();
 };
 
 // Site a (primary, downstream b) and site b (secondary, upstream a), each
@@ -95,6 +104,8 @@ class SitePair {
 
   TestDaemon& a() { return a_; }
   TestDaemon& b() { return b_; }
+  const TestDaemon& a() const { return a_; }
+  const TestDaemon& b() const { return b_; }
   const PairOptions& options() const { return options_; }
   std::filesystem::path a_volume(const std::string& name) const;
   std::filesystem::path b_volume(const std::string& name) const;
@@ -113,5 +124,38 @@ class SitePair {
   TestDaemon a_;
   TestDaemon b_;
 };
+
+// `blockrelay <args> --socket <d's control socket>`: the operator's CLI
+// against one site.
+ProcessResult RunCli(const TestDaemon& d, std::vector<std::string> args,
+                     std::chrono::milliseconds timeout = std::chrono::seconds(20));
+
+// ---- Catch2 steps (see the top of this file).
+
+// pair.Start(): b, then a.
+void RequireStarted(SitePair& pair);
+// d.Start(): one site on its own, e.g. again after Stop() or a kill.
+void RequireStarted(TestDaemon& d);
+// SIGKILL to the daemon, reaped within 10 s: a crash of that site.
+void RequireKilled(TestDaemon& d);
+
+// WaitCaughtUp() of a's link to b in the pair's group.
+void RequireCaughtUp(SitePair& pair,
+                     std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+// LinkStatus() of a's link to b in the pair's group; null when a does not
+// answer or has no such link.
+nlohmann::json PairLink(const SitePair& pair);
+// Polls PairLink() until it is not null and `pred` holds; `what` names the
+// awaited state in the failure message.
+void RequireLink(const SitePair& pair, const std::string& what,
+                 const std::function<bool(const nlohmann::json&)>& pred,
+                 std::chrono::milliseconds timeout = std::chrono::seconds(15));
+
+// CHECKs that every volume of the pair holds the same bytes on a and b.
+void CheckIdentical(const SitePair& pair);
+
+// A libnbd connection to export `export_name` of `d` over its Unix socket.
+NbdHandle RequireConnect(const TestDaemon& d, const std::string& export_name);
 
 }  // namespace blockrelay::testutil
