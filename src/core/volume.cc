@@ -1,6 +1,11 @@
 #include "blockrelay/core/volume.h"
 
+#include <utility>
+
+#include <asio/post.hpp>
 #include <fmt/format.h>
+
+#include "blockrelay/core/io_executor.h"
 
 namespace blockrelay::core {
 
@@ -59,6 +64,10 @@ Status Volume::CheckWritable(const WriteContext* ctx) const {
     return Status::PermissionDenied(
         fmt::format("volume {} is read-only (role secondary)", name_));
   }
+  return StickyError();
+}
+
+Status Volume::StickyError() const {
   if (failed_.load(std::memory_order_acquire)) {
     std::lock_guard lock(failure_mu_);
     return *failure_;
@@ -205,15 +214,66 @@ Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
 }
 
 Status Volume::Flush(WriteContext* ctx) {
-  if (failed_.load(std::memory_order_acquire)) {
-    std::lock_guard lock(failure_mu_);
-    return *failure_;
-  }
+  if (Status sticky = StickyError(); !sticky.ok()) return sticky;
   Status s = store_->Flush();
   if (!s.ok()) return RecordFailure(std::move(s), true);
   ++flushes_;
   if (sink_ && ctx) ctx->ticket = sink_->Flushed();
   return s;
+}
+
+void Volume::FlushShared(IoExecutor& io, FlushDone done) {
+  if (Status sticky = StickyError(); !sticky.ok()) {
+    done(std::move(sticky), 0);
+    return;
+  }
+  {
+    std::lock_guard lock(flush_mu_);
+    flush_waiters_.push_back(std::move(done));
+    // A store flush already running may have begun before this call's
+    // writes returned: the call waits for the next one, which the running
+    // RunSharedFlushes() starts.
+    if (flush_running_) return;
+    flush_running_ = true;
+  }
+  asio::post(io.executor(), [this] { RunSharedFlushes(); });
+}
+
+void Volume::RunSharedFlushes() {
+  std::vector<FlushDone> batch;
+  {
+    // Every call queued before the store flush starts may share it: its
+    // writes returned before it was queued.
+    std::lock_guard lock(flush_mu_);
+    batch.swap(flush_waiters_);
+  }
+  while (!batch.empty()) {
+    Status s = StickyError();
+    ReplicationSink::Ticket ticket = 0;
+    if (s.ok()) {
+      s = store_->Flush();
+      if (s.ok()) {
+        flushes_ += batch.size();
+        // Taken after the store flush: every write the batch covers was
+        // handed to the sink before the flush began.
+        if (sink_) ticket = sink_->Flushed();
+      } else {
+        s = RecordFailure(std::move(s), true);
+        errors_ += batch.size() - 1;  // RecordFailure counted one
+      }
+    }
+    std::vector<FlushDone> next;
+    {
+      std::lock_guard lock(flush_mu_);
+      next.swap(flush_waiters_);
+      // With nobody waiting, the next call starts a new RunSharedFlushes();
+      // this one only answers its batch and no longer touches the volume,
+      // whose last user may be among the callers.
+      if (next.empty()) flush_running_ = false;
+    }
+    for (FlushDone& done : batch) done(s, ticket);
+    batch = std::move(next);
+  }
 }
 
 Status Volume::Cache(uint64_t offset, uint64_t length) {

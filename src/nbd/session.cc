@@ -292,6 +292,10 @@ asio::awaitable<void> Session::ReadRequests() {
             ? r.length : 0;
     in_flight_.fetch_add(1);
     in_flight_bytes_.fetch_add(accounted);
+    if (r.type == static_cast<uint16_t>(Command::kFlush)) {
+      ExecuteFlush(r, accounted);
+      continue;
+    }
     // With nothing executing on the pool, a small request is cheaper to
     // carry out here than to hand to a pool thread and wake it (the hop is
     // most of a QD1 request's latency). Only what cannot wait on the disk
@@ -402,8 +406,8 @@ void Session::Execute(const Request& r, DataBuffer& payload, size_t accounted) {
       s = volume.Write(r.offset, payload, fua, &ctx);
       break;
     case Command::kFlush:
-      s = volume.Flush(&ctx);
-      break;
+      ExecuteFlush(r, accounted);
+      return;
     case Command::kTrim:
       s = volume.Trim(r.offset, r.length, fua, &ctx);
       break;
@@ -418,9 +422,18 @@ void Session::Execute(const Request& r, DataBuffer& payload, size_t accounted) {
     case Command::kDisc:
       break;  // handled by the reader
   }
-  const bool durable =
-      fua || r.type == static_cast<uint16_t>(Command::kFlush);
-  Complete(r, std::move(s), ctx.ticket, durable, accounted);
+  Complete(r, std::move(s), ctx.ticket, /*durable=*/fua, accounted);
+}
+
+void Session::ExecuteFlush(const Request& r, size_t accounted) {
+  // Waits without a thread: a FLUSH storm must not take the pool threads
+  // the writes need. Answered from the pool thread whose store flush
+  // covers it (or at once, after a sticky error).
+  volume_->FlushShared(
+      io_, [self = shared_from_this(), r, accounted](
+               Status s, core::ReplicationSink::Ticket ticket) {
+        self->Complete(r, std::move(s), ticket, /*durable=*/true, accounted);
+      });
 }
 
 void Session::ExecuteRead(const Request& r) {

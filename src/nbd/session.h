@@ -3,8 +3,10 @@
 // Threads: the handshake and the request reader run as coroutines on the
 // server's io_context thread, which alone reads from the socket. A small
 // request that cannot block (see TryExecuteInline) is carried out right there
-// when nothing else is in flight; every other request is carried out on an
-// IoExecutor pool thread, which also sends its reply
+// when nothing else is in flight; a FLUSH joins the volume's group commit
+// (Volume::FlushShared) and is answered from the pool thread that ran its
+// store flush; every other request is carried out on an IoExecutor pool
+// thread, which also sends its reply
 // straight away: a reply costs no hop back to the network thread. Replies are
 // serialised by out_mu_: whichever thread finds no send in progress becomes
 // the sender and writes everything queued (several replies in one sendmsg);
@@ -96,6 +98,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // then Finished(accounted).
   void Execute(const Request& r, DataBuffer& payload, size_t accounted);
   void ExecuteRead(const Request& r);
+  // Any thread: hands a FLUSH to Volume::FlushShared(); its reply and
+  // Finished(accounted) follow when the store flush covering it is done.
+  void ExecuteFlush(const Request& r, size_t accounted);
   // Network thread: carries out `r` at once if that cannot block on the
   // disk; false (nothing done) otherwise.
   bool TryExecuteInline(const Request& r, const DataBuffer& payload,

@@ -283,6 +283,51 @@ TEST_CASE_METHOD(ServerTest,
   StopCleanly();
 }
 
+// Goal: FLUSHes pipelined between writes, as fio's --fsync sends them at
+// QD32, go through the volume's group commit (Volume::FlushShared) and each
+// gets its own reply; a FLUSH sent after a write was answered covers it.
+TEST_CASE_METHOD(ServerTest,
+                 "Server: many pipelined FLUSHes between writes are all "
+                 "answered and the data is in the backing file",
+                 "[nbd-server][flush]") {
+  Start();
+  auto h = Connect();
+  constexpr int kWrites = 256;
+  constexpr size_t kBlock = 4 * kKiB;
+  std::vector<std::vector<std::byte>> data;
+  std::vector<int64_t> writes;
+  std::vector<int64_t> flushes;
+  data.reserve(kWrites);  // libnbd keeps pointers into the buffers
+  for (int i = 0; i < kWrites; ++i) {
+    data.push_back(Pattern(kBlock, 2000 + i));
+    int64_t w = nbd_aio_pwrite(h.get(), data.back().data(), kBlock,
+                               static_cast<uint64_t>(i) * kBlock,
+                               NBD_NULL_COMPLETION, 0);
+    REQUIRE(w > 0);
+    writes.push_back(w);
+    int64_t fl = nbd_aio_flush(h.get(), NBD_NULL_COMPLETION, 0);
+    REQUIRE(fl > 0);
+    flushes.push_back(fl);
+  }
+  for (int i = 0; i < kWrites; ++i) {
+    INFO("request pair " << i);
+    CHECK(testutil::Await(h.get(), writes[i]) == 0);
+    CHECK(testutil::Await(h.get(), flushes[i]) == 0);
+  }
+  // Every write is answered now: one more FLUSH must cover all of them.
+  REQUIRE(testutil::Flush(h.get()) == 0);
+  auto status = VolumeStatus();
+  CHECK(status["flushes"] == kWrites + 1);
+  CHECK(status["writes"] == kWrites);
+  CHECK(status["errors"] == 0);
+  for (int i = 0; i < kWrites; ++i) {
+    INFO("block " << i);
+    CHECK(ReadBacking(static_cast<uint64_t>(i) * kBlock, kBlock) == data[i]);
+  }
+  ExpectConnectionUp(h.get());
+  StopCleanly();
+}
+
 TEST_CASE_METHOD(ServerTest,
                  "Server: TRIM punches a hole in the backing file",
                  "[nbd-server]") {

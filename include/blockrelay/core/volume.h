@@ -12,8 +12,9 @@
 // the site (LevelDB's background-error rule).
 //
 // Thread safety: the I/O methods block and are called from IoExecutor
-// threads, several at once. Counters are atomic. Role changes come from the
-// network thread.
+// threads, several at once; FlushShared() does not block and may be called
+// from any thread (the NBD session calls it on the network thread).
+// Counters are atomic. Role changes come from the network thread.
 #pragma once
 
 #include <atomic>
@@ -33,6 +34,8 @@
 #include "blockrelay/storage/volume_metadata.h"
 
 namespace blockrelay::core {
+
+class IoExecutor;
 
 struct VolumeCounters {
   uint64_t bytes_read = 0;
@@ -80,7 +83,37 @@ class Volume {
               WriteContext* ctx = nullptr);
   Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim,
                      bool fast_only, bool fua, WriteContext* ctx = nullptr);
+  // Blocking flush: every write that returned before this call is durable
+  // when it returns OK; with a sink and `ctx`, ctx->ticket is the group the
+  // flush closed. For the replication receiver, shutdown and Close(); NBD
+  // FLUSH uses FlushShared(). A failure is sticky (see above).
   Status Flush(WriteContext* ctx = nullptr);
+
+  // Called once per FlushShared() call with its outcome and, when OK and a
+  // sink is attached, the ticket of the group the sync closed (0 otherwise).
+  using FlushDone =
+      std::function<void(Status status, ReplicationSink::Ticket ticket)>;
+  // Group commit of FLUSH: makes durable every write that returned before
+  // this call, without holding a thread while it waits. At most one store
+  // flush of this volume runs at a time, on a pool thread of `io`. A call
+  // joins the next store flush that starts after it (never one already
+  // running: a write that returned after that one began would be missed);
+  // the calls that arrive while a flush runs all share the one that starts
+  // when it ends. After a successful store flush the batch shares one
+  // sink->Flushed() ticket, taken after the flush, and the `flushes`
+  // counter grows by the batch's size.
+  // Failure: a failed store flush fails every call of its batch with the
+  // store's error and makes it sticky; calls already waiting for the next
+  // flush, and every later call, fail with the sticky error without another
+  // store flush.
+  // Threads: any thread. `done` runs exactly once: inline, before this
+  // returns, when the volume already has a sticky error; otherwise on the
+  // pool thread that ran the store flush, after it.
+  // REQUIRES: `done` does not block (the next store flush waits for it);
+  // the volume and `io` outlive every call still pending (an NBD session
+  // holds its volume until its requests are answered, and the pool thread
+  // does not touch the volume after it answered the last batch).
+  void FlushShared(IoExecutor& io, FlushDone done);
 
   // Connects the volume to its group's replication: from now on every
   // write is ordered against overlapping ones and handed to `sink` with
@@ -164,6 +197,10 @@ class Volume {
   // The store write, once the scoreboard bits are durable.
   Status WriteMarked(uint64_t offset, std::span<const std::byte> data, bool fua);
   Status RecordFailure(Status s, bool sticky);
+  // The sticky error, or OK.
+  Status StickyError() const;
+  // Pool thread: runs store flushes for FlushShared() until no call waits.
+  void RunSharedFlushes();
 
   const std::string group_;
   const std::string name_;
@@ -185,6 +222,12 @@ class Volume {
   std::atomic<bool> failed_{false};
   mutable std::mutex failure_mu_;
   std::optional<Status> failure_;  // GUARDED_BY(failure_mu_)
+
+  // FlushShared(): calls waiting for the next store flush, and whether a
+  // RunSharedFlushes() is queued or running (at most one is).
+  std::mutex flush_mu_;
+  std::vector<FlushDone> flush_waiters_;  // GUARDED_BY(flush_mu_)
+  bool flush_running_ = false;            // GUARDED_BY(flush_mu_)
 };
 
 }  // namespace blockrelay::core
