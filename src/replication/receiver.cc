@@ -84,6 +84,9 @@ struct Receiver::GroupState {
   // After a crash its frames are replayed before the journal's.
   std::string retired_journal_path;  // data_dir/journal-<group>.log.old
   bool retire_running = false;       // GUARDED_BY(apply_mu)
+  // Incremented by every rotation: a retire task only removes the retired
+  // journal of its own rotation. GUARDED_BY(apply_mu)
+  uint64_t retire_epoch = 0;
   std::atomic<uint64_t> retired_journal_bytes{0};  // for status
   std::atomic<int> retires_in_flight{0};
   core::IoExecutor* io = nullptr;
@@ -525,11 +528,7 @@ Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> gro
   std::vector<Plan> plans;
   for (const WriteGroup& group : groups) {
     for (const Op& op : group.ops) {
-      if (op.length == 0 || op.type == OpType::kTrim) {
-        // Resync sends writes and zeroes only; a trim is applied whole.
-        plans.push_back(Plan{&op, {}, {ByteRun{0, op.length}}});
-        continue;
-      }
+      if (op.length == 0) continue;
       core::Volume& v = *g.target.volumes[op.volume];
       Plan plan{&op, {}, {}};
       bool zeroes = false;
@@ -548,6 +547,7 @@ Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> gro
           return s.WithContext("reading what resync data overwrites");
         }
       }
+      // A trim leaves zeroes (or anything): saved like a zeroing.
       plan.runs = op.type == OpType::kWrite ? DifferingRuns(plan.current, op.data)
                                             : NonZeroRuns(plan.current);
       plans.push_back(std::move(plan));
@@ -843,14 +843,16 @@ Status Receiver::RotateJournal(GroupState& g) {
   g.journal = std::move(next).value();
   g.retired_journal_bytes = bytes;
   g.retire_running = true;
+  ++g.retire_epoch;
   return Status::OK();
 }
 
 void Receiver::StartRetire(GroupState& g) {
   ++g.retires_in_flight;
   GroupState* gp = &g;
-  asio::post(g.io->executor(), [gp] {
-    if (Status s = RetireJournal(*gp); !s.ok()) {
+  const uint64_t epoch = g.retire_epoch;
+  asio::post(g.io->executor(), [gp, epoch] {
+    if (Status s = RetireJournal(*gp, epoch); !s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
       gp->Fail(s);
     }
@@ -858,7 +860,7 @@ void Receiver::StartRetire(GroupState& g) {
   });
 }
 
-Status Receiver::RetireJournal(GroupState& g) {
+Status Receiver::RetireJournal(GroupState& g, uint64_t epoch) {
   // Every group of the retired journal was applied before it was rotated,
   // so this flush makes all of them durable. Applying goes on meanwhile.
   for (const auto& v : g.target.volumes) {
@@ -866,6 +868,9 @@ Status Receiver::RetireJournal(GroupState& g) {
   }
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return Status::OK();
+  // A marker or a rollback removed this journal meanwhile, and a later
+  // rotation may have retired another one that this flush does not cover.
+  if (g.retire_epoch != epoch || !g.retire_running) return Status::OK();
   if (Status s = DropRetiredJournal(g); !s.ok()) return s;
   // Every write applied so far came from the reconciled upstream, which
   // has it: its slot here need not keep them.
@@ -914,7 +919,10 @@ Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_
     journal_pending = !g.pending.empty();
   }
   if (journal_pending) {
-    if (Status s = SyncAndApply(g, conn_id, durable_link_seq); !s.ok()) return s;
+    if (Status s = SyncAndApply(g, conn_id, durable_link_seq, ResyncFlush::kWhenDue);
+        !s.ok()) {
+      return s;
+    }
   }
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
@@ -1207,8 +1215,10 @@ Result<std::unique_ptr<Receiver>> Receiver::Open(
       for (const auto& v : t.volumes) {
         if (Status s = v->Flush(); !s.ok()) return s;
       }
-      if (Status s = g->journal->Reset(g->applied_group_seq); !s.ok()) return s;
+      // The retired journal goes first: left behind a reset journal, its
+      // older groups would be replayed over newer ones after a crash.
       if (Status s = DropRetiredJournal(*g); !s.ok()) return s;
+      if (Status s = g->journal->Reset(g->applied_group_seq); !s.ok()) return s;
     }
     if (!recovered.frames.empty()) {
       BR_LOG_INFO("replication", "group {}: replayed {} write group(s) from "

@@ -190,7 +190,7 @@ class Receiver {
   static void StartRetire(GroupState& g);
   // Flushes the volumes, then removes the retired journal (takes apply_mu
   // for that). Pool thread.
-  static Status RetireJournal(GroupState& g);
+  static Status RetireJournal(GroupState& g, uint64_t epoch);
   // Removes the retired journal, if any. REQUIRES: g.apply_mu held and
   // every group in it durable in the volumes.
   static Status DropRetiredJournal(GroupState& g);

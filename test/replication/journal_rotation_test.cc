@@ -132,3 +132,4 @@ TEST_CASE("Receiver: a damaged retired journal is refused naming the file",
 
 }  // namespace
 }  // namespace blockrelay::replication
+
