@@ -36,8 +36,6 @@ constexpr uint64_t kSyncBatchBytes = 4ull << 20;
 // resync window (link.cc) holds several flushes' worth.
 constexpr uint64_t kResyncBatchBytes = 8ull << 20;
 constexpr uint64_t kResyncFlushBytes = 32ull << 20;
-// Appends up to this size are done on the network thread (page cache).
-constexpr size_t kInlineAppendBytes = 256u << 10;
 // The journal is rotated past this size, and when the link has been idle
 // for kIdleReset: the full one is retired once the volumes are flushed
 // (RotateJournal, RetireJournal). The volume flush writes back every region
@@ -1669,13 +1667,16 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       c->wake.cancel();
       continue;
     }
-    // A small append goes straight to the page cache from here, unless
-    // the journal is being reset; a durable group also needs the sync.
-    // Past kMaxPendingBytes waiting to be applied, the pool thread also
-    // applies them before this connection reads on (back-pressure).
+    // An append goes straight to the page cache from here, unless the
+    // journal is being rotated or kMaxPendingBytes wait to be applied; a
+    // durable group also needs the sync, on the pool. Applying happens on
+    // the pool in parallel (the tick, started early once kSyncBatchBytes
+    // wait), never in this loop: a sync and an apply per frame here held up
+    // the reading of the next one (a fast async primary's queue
+    // overflowed). Past kMaxPendingBytes the pool applies what waits
+    // before this connection reads on (back-pressure).
     bool appended = false;
-    if (!durable && frame_bytes->size() <= kInlineAppendBytes &&
-        g->append_mu.try_lock()) {
+    if (!durable && g->append_mu.try_lock()) {
       const bool room = g->pending_bytes < kMaxPendingBytes;
       g->append_mu.unlock();
       if (room) {
@@ -1686,7 +1687,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     if (!appended) {
       s = co_await io_.Run([g, frame_bytes, durable, link_seq, conn_id, durable_out] {
         Status st = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
-        if (st.ok() && (durable || g->pending_bytes_hint() >= kSyncBatchBytes)) {
+        if (st.ok() && (durable || g->pending_bytes_hint() >= kMaxPendingBytes)) {
           // A durable group is a barrier: everything before it, resync
           // data included, must be durable when it is acknowledged.
           st = SyncAndApply(*g, conn_id, durable_out,
@@ -1695,6 +1696,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
         return st;
       });
     }
+    if (s.ok() && g->pending_bytes_hint() >= kSyncBatchBytes) c->ticker.cancel();
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
       c->error = fmt::format("site {} cannot take writes for group {}: {}",
