@@ -35,6 +35,7 @@ constexpr uint64_t kSyncBatchBytes = 4ull << 20;
 // system commit, so fewer of them move a full sync faster. The upstream's
 // resync window (link.cc) holds several flushes' worth.
 constexpr uint64_t kResyncBatchBytes = 8ull << 20;
+constexpr uint64_t kMaxResyncQueueBytes = 4 * kResyncBatchBytes;
 constexpr uint64_t kResyncFlushBytes = 32ull << 20;
 // The journal is rotated past this size, and when the link has been idle
 // for kIdleReset: the full one is retired once the volumes are flushed
@@ -144,7 +145,7 @@ struct Receiver::GroupState {
   uint64_t resync_unflushed_bytes = 0;
   uint64_t resync_first_unflushed_link_seq = 0;  // of resync_conn_id
   // The last resync frame queued: a resync that paused (its window is full,
-  // or it ended) is flushed at the next tick.
+  // or it ended) is flushed at the next tick. GUARDED_BY(resync_mu)
   std::chrono::steady_clock::time_point last_resync_frame;
   uint64_t resync_conn_id = 0;
   uint64_t resync_link_seq = 0;
@@ -155,8 +156,17 @@ struct Receiver::GroupState {
     uint64_t link_seq;
     Bytes frame;
   };
-  std::vector<QueuedResync> resync_queue;  // GUARDED_BY(apply_mu)
-  uint64_t resync_queue_bytes = 0;         // GUARDED_BY(apply_mu)
+  // The network thread queues resync frames without waiting for a batch
+  // being applied (QueueResyncInline); lock order apply_mu, then resync_mu.
+  std::mutex resync_mu;
+  std::vector<QueuedResync> resync_queue;  // GUARDED_BY(resync_mu)
+  uint64_t resync_queue_bytes = 0;         // GUARDED_BY(resync_mu)
+  std::atomic<bool> resync_drain_posted{false};
+  std::atomic<int> resync_drains_in_flight{0};
+  // Resync data made durable by a flush that no connection's call asked
+  // for (a background drain): reported by the next SyncAndApply.
+  uint64_t resync_flushed_conn_id = 0;       // GUARDED_BY(apply_mu)
+  uint64_t resync_flushed_link_seq = 0;      // GUARDED_BY(apply_mu)
   bool undo_unsynced = false;              // GUARDED_BY(apply_mu)
 
   // Network thread.
@@ -314,7 +324,7 @@ Receiver::~Receiver() {
   // A retire posted to the pool uses its GroupState (Stop() waits for it;
   // this covers a receiver destroyed without Stop()).
   for (auto& g : groups_) {
-    while (g->retires_in_flight.load() > 0) {
+    while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
   }
@@ -452,10 +462,13 @@ Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group, bool sync) {
 }
 
 Status Receiver::DrainResyncQueue(GroupState& g) {
-  if (g.resync_queue.empty()) return Status::OK();
   std::vector<GroupState::QueuedResync> queue;
-  queue.swap(g.resync_queue);
-  g.resync_queue_bytes = 0;
+  {
+    std::lock_guard lock(g.resync_mu);
+    queue.swap(g.resync_queue);
+    g.resync_queue_bytes = 0;
+  }
+  if (queue.empty()) return Status::OK();
   std::vector<WriteGroup> groups;
   groups.reserve(queue.size());
   for (const auto& q : queue) {
@@ -787,10 +800,20 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
     g.last_apply = std::chrono::steady_clock::now();
   }
   const auto now = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_resync_frame;
+  {
+    std::lock_guard lock(g.resync_mu);
+    last_resync_frame = g.last_resync_frame;
+  }
+  // Resync data a background drain flushed is durable: report it (it
+  // precedes every frame still unflushed or pending).
+  if (g.resync_flushed_conn_id == conn_id && g.resync_flushed_link_seq > *durable_link_seq) {
+    *durable_link_seq = g.resync_flushed_link_seq;
+  }
   const bool resync_flush_due =
       resync_flush == ResyncFlush::kAlways ||
       g.resync_unflushed_bytes >= kResyncFlushBytes ||
-      now - g.last_resync_frame >= kSyncInterval;
+      now - last_resync_frame >= kSyncInterval;
   if (resync_flush_due) {
     if (Status s = FlushResyncData(g, conn_id, durable_link_seq); !s.ok()) return s;
   } else if (g.resync_unflushed_bytes > 0 && g.resync_conn_id == conn_id &&
@@ -891,20 +914,46 @@ Status Receiver::DropRetiredJournal(GroupState& g) {
 
 bool Receiver::QueueResyncInline(GroupState& g, uint64_t conn_id,
                                  uint64_t link_seq, Bytes& frame) {
-  std::unique_lock apply_lock(g.apply_mu, std::try_to_lock);
-  if (!apply_lock.owns_lock() || g.failed) return false;
+  if (g.failed) return false;
   {
     std::unique_lock append_lock(g.append_mu, std::try_to_lock);
     if (!append_lock.owns_lock() || !g.pending.empty()) return false;
   }
-  if (g.resync_queue_bytes + frame.size() >= kResyncBatchBytes ||
-      g.resync_unflushed_bytes >= kResyncFlushBytes) {
-    return false;  // a batch to apply or a flush is due: the pool does it
+  bool drain = false;
+  {
+    std::lock_guard lock(g.resync_mu);
+    // Past a few batches waiting, the caller applies on the pool before
+    // reading on (back-pressure).
+    if (g.resync_queue_bytes + frame.size() > kMaxResyncQueueBytes) return false;
+    g.resync_queue_bytes += frame.size();
+    g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
+    g.last_resync_frame = std::chrono::steady_clock::now();
+    drain = g.resync_queue_bytes >= kResyncBatchBytes;
   }
-  g.resync_queue_bytes += frame.size();
-  g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
-  g.last_resync_frame = std::chrono::steady_clock::now();
+  if (drain) StartResyncDrain(g);
   return true;
+}
+
+void Receiver::StartResyncDrain(GroupState& g) {
+  if (g.resync_drain_posted.exchange(true)) return;
+  ++g.resync_drains_in_flight;
+  GroupState* gp = &g;
+  asio::post(g.io->executor(), [gp] {
+    gp->resync_drain_posted = false;
+    {
+      std::lock_guard apply_lock(gp->apply_mu);
+      Status s = gp->failed ? Status::OK() : DrainResyncQueue(*gp);
+      if (s.ok() && !gp->failed && gp->resync_unflushed_bytes >= kResyncFlushBytes) {
+        uint64_t ignored = 0;
+        s = FlushResyncData(*gp, 0, &ignored);
+      }
+      if (!s.ok()) {
+        BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
+        gp->Fail(s);
+      }
+    }
+    --gp->resync_drains_in_flight;
+  });
 }
 
 Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
@@ -924,10 +973,15 @@ Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_
   }
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
-  g.resync_queue_bytes += frame.size();
-  g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
-  g.last_resync_frame = std::chrono::steady_clock::now();
-  if (g.resync_queue_bytes >= kResyncBatchBytes) {
+  uint64_t queued;
+  {
+    std::lock_guard lock(g.resync_mu);
+    g.resync_queue_bytes += frame.size();
+    g.resync_queue.push_back({conn_id, link_seq, std::move(frame)});
+    g.last_resync_frame = std::chrono::steady_clock::now();
+    queued = g.resync_queue_bytes;
+  }
+  if (queued >= kResyncBatchBytes) {
     if (Status s = DrainResyncQueue(g); !s.ok()) {
       g.Fail(s);
       return s;
@@ -949,6 +1003,8 @@ Status Receiver::FlushResyncData(GroupState& g, uint64_t conn_id,
     }
   }
   g.resync_unflushed_bytes = 0;
+  g.resync_flushed_conn_id = g.resync_conn_id;
+  g.resync_flushed_link_seq = g.resync_link_seq;
   if (g.resync_conn_id == conn_id && g.resync_link_seq > *durable_link_seq) {
     *durable_link_seq = g.resync_link_seq;
   }
@@ -1288,9 +1344,9 @@ asio::awaitable<void> Receiver::Stop() {
                    "shutdown failed: {}", gs->target.config->name, s.ToString());
     }
   }
-  // A journal being retired: its volume flush is on a pool thread.
+  // A journal being retired, or resync data being applied, on a pool thread.
   for (auto& g : groups_) {
-    while (g->retires_in_flight.load() > 0) {
+    while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
       t.expires_after(std::chrono::milliseconds(5));
       co_await t.async_wait(kAsTuple);
     }

@@ -217,11 +217,15 @@ class Receiver {
   // after the resync started, in order. Pool thread.
   static Status ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_seq,
                                 Bytes&& frame, uint64_t* durable_link_seq);
-  // Network thread: queues a resync frame for the next batch when that
-  // needs no I/O (both locks free, nothing journaled waiting, no batch or
-  // flush due); false: nothing done, use ApplyResyncData on the pool.
+  // Network thread: queues a resync frame for the next batch unless
+  // something journaled must be applied first or kMaxResyncQueueBytes
+  // wait; a full batch is applied by a drain posted to the pool
+  // (StartResyncDrain), so receiving goes on meanwhile. false: nothing
+  // done, use ApplyResyncData on the pool.
   static bool QueueResyncInline(GroupState& g, uint64_t conn_id,
                                 uint64_t link_seq, Bytes& frame);
+  // Posts one DrainResyncQueue (and the flush, when due) to the pool.
+  static void StartResyncDrain(GroupState& g);
   // Flushes the volumes if resync data is waiting for it, and reports it
   // durable. REQUIRES: g.apply_mu held.
   static Status FlushResyncData(GroupState& g, uint64_t conn_id,
