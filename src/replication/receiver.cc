@@ -193,6 +193,11 @@ struct Receiver::Conn {
   std::string peer;
   GroupState* group = nullptr;
   bool closed = false;
+  // The receive loop asks the ticker for a sync and apply at once (without
+  // waiting for the tick): a durable group (barrier: resync data flushed
+  // too) or many bytes waiting. Network thread.
+  bool sync_now = false;
+  bool sync_barrier = false;
   uint64_t last_link_seq = 0;
   uint64_t received = 0;
   uint64_t durable = 0;
@@ -1724,15 +1729,17 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       continue;
     }
     // An append goes straight to the page cache from here, unless the
-    // journal is being rotated or kMaxPendingBytes wait to be applied; a
-    // durable group also needs the sync, on the pool. Applying happens on
-    // the pool in parallel (the tick, started early once kSyncBatchBytes
-    // wait), never in this loop: a sync and an apply per frame here held up
-    // the reading of the next one (a fast async primary's queue
-    // overflowed). Past kMaxPendingBytes the pool applies what waits
-    // before this connection reads on (back-pressure).
+    // journal is being rotated or kMaxPendingBytes wait to be applied.
+    // Syncing and applying happen on the pool in parallel (SyncTicker),
+    // never in this loop: a sync and an apply per frame here held up the
+    // reading of the next one (a fast async primary's queue overflowed, and
+    // a writer flushing every few writes made every group a sync here). A
+    // durable group asks the ticker for an immediate sync, which also
+    // covers the durable groups that arrive meanwhile. Past
+    // kMaxPendingBytes the pool applies what waits before this connection
+    // reads on (back-pressure).
     bool appended = false;
-    if (!durable && g->append_mu.try_lock()) {
+    if (g->append_mu.try_lock()) {
       const bool room = g->pending_bytes < kMaxPendingBytes;
       g->append_mu.unlock();
       if (room) {
@@ -1751,8 +1758,11 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
         }
         return st;
       });
+    } else if (s.ok() && (durable || g->pending_bytes_hint() >= kSyncBatchBytes)) {
+      c->sync_now = true;
+      if (durable) c->sync_barrier = true;
+      c->ticker.cancel();
     }
-    if (s.ok() && g->pending_bytes_hint() >= kSyncBatchBytes) c->ticker.cancel();
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
       c->error = fmt::format("site {} cannot take writes for group {}: {}",
@@ -1786,14 +1796,20 @@ asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
   ++active_coroutines_;
   GroupState* g = c->group;
   while (!c->closed) {
-    c->ticker.expires_after(kSyncInterval);
-    co_await c->ticker.async_wait(kAsTuple);
-    if (c->closed) break;
+    if (!c->sync_now) {
+      c->ticker.expires_after(kSyncInterval);
+      co_await c->ticker.async_wait(kAsTuple);
+      if (c->closed) break;
+    }
+    // Durable groups that arrive while this runs share the next one (a
+    // group commit of the journal syncs); the receive loop goes on.
+    const ResyncFlush mode = c->sync_barrier ? ResyncFlush::kAlways : ResyncFlush::kWhenDue;
+    c->sync_now = c->sync_barrier = false;
     uint64_t durable_seq = 0;
     uint64_t* durable_out = &durable_seq;
     const uint64_t conn_id = c->id;
-    Status s = co_await io_.Run([g, conn_id, durable_out] {
-      return SyncAndApply(*g, conn_id, durable_out, ResyncFlush::kWhenDue);
+    Status s = co_await io_.Run([g, conn_id, durable_out, mode] {
+      return SyncAndApply(*g, conn_id, durable_out, mode);
     });
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
