@@ -521,6 +521,10 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
       }
     }
   }
+  // Let the disk start on this batch now: the flush that makes it durable
+  // (every kResyncFlushBytes) then has less left to wait for, and the
+  // writeback overlaps with receiving the next batches.
+  for (const auto& v : g.target.volumes) v->StartWriteback();
   for (const auto& q : queue) {
     if (g.resync_unflushed_bytes == 0 || g.resync_conn_id != q.conn_id) {
       g.resync_first_unflushed_link_seq = q.link_seq;

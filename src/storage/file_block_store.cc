@@ -117,6 +117,12 @@ class FileBlockStore final : public BlockStore {
     return Status::OK();
   }
 
+  void StartWriteback() override {
+    // Whole file, SYNC_FILE_RANGE_WRITE: queue the dirty pages for writeback
+    // and return (it may wait for a congested queue, not for the writes).
+    ::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
+  }
+
   Status Cache(uint64_t offset, uint64_t length) override {
     int rc = ::posix_fadvise(fd_, static_cast<off_t>(offset),
                              static_cast<off_t>(length), POSIX_FADV_WILLNEED);

@@ -155,6 +155,8 @@ class Volume {
   // Reads only from the page cache; false: nothing read, use Read().
   bool ReadIfCached(uint64_t offset, std::span<std::byte> out);
   Status Cache(uint64_t offset, uint64_t length);
+  // Advisory: the store starts writing back cached writes (no waiting).
+  void StartWriteback() { store_->StartWriteback(); }
   Result<std::vector<storage::Extent>> BlockStatus(uint64_t offset,
                                                    uint64_t length);
 

@@ -51,6 +51,10 @@ class BlockStore {
   virtual Status Flush() = 0;
   // Advisory read-ahead.
   virtual Status Cache(uint64_t offset, uint64_t length) = 0;
+  // Advisory: starts writing back what is cached for the whole store
+  // without waiting for it, so that a later Flush() has less to wait for.
+  // Durability is still only what Flush() promises.
+  virtual void StartWriteback() {}
   // Allocation map of [offset, offset+length): consecutive extents starting at
   // offset, covering at least one byte and at most the range.
   virtual Result<std::vector<Extent>> BlockStatus(uint64_t offset,
