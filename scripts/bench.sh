@@ -108,6 +108,7 @@
 #   --transport T     unix (default) or tcp (127.0.0.1)
 #   --size SIZE       backing file size for fallocate (default 4GiB)
 #   --io-threads N    blockrelay nbd.io_threads (default: the daemon's own)
+#   --poll-us N       blockrelay nbd.poll_us (default: the daemon's own)
 #   --workdir-base D  where to mktemp -d the work dir (default /var/tmp)
 #   --build-dir D     build dir (default build-bench; relative to the repo
 #                     or absolute); the binary is D/blockrelay, or
@@ -213,6 +214,7 @@ RAMP=1
 TRANSPORT=unix
 SIZE=4GiB
 IO_THREADS=
+POLL_US=
 WORKDIR_BASE=/var/tmp
 BUILD_DIR=build-bench
 DO_BUILD=1
@@ -237,6 +239,7 @@ while [ $# -gt 0 ]; do
     --transport) TRANSPORT=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --io-threads) IO_THREADS=$2; shift 2 ;;
+    --poll-us) POLL_US=$2; shift 2 ;;
     --workdir-base) WORKDIR_BASE=$2; shift 2 ;;
     --build-dir) BUILD_DIR=$2; shift 2 ;;
     --no-build) DO_BUILD=0; shift ;;
@@ -263,6 +266,7 @@ done
 [[ $RAMP =~ ^[0-9]+$ ]] || die "--ramp: expected an integer"
 [ "$TRANSPORT" = unix ] || [ "$TRANSPORT" = tcp ] || die "--transport: unix or tcp"
 [ -z "$IO_THREADS" ] || [[ $IO_THREADS =~ ^[1-9][0-9]*$ ]] || die "--io-threads: expected a positive integer"
+[ -z "$POLL_US" ] || [[ $POLL_US =~ ^[0-9]+$ ]] || die "--poll-us: expected a whole number of microseconds"
 if [ "$RESYNC" = 2 ]; then ROWS=; SERVERS=; WIRE=none; fi
 IFS=, read -r -a ROW_LIST <<<"$ROWS"
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
@@ -488,6 +492,7 @@ write_blockrelay_config() {
   if [ "$TRANSPORT" = unix ]; then nbd="\"unix_socket\": \"$EP_SOCK\""
   else nbd="\"listen\": \"127.0.0.1:$EP_PORT\""; fi
   if [ -n "$IO_THREADS" ]; then nbd="$nbd, \"io_threads\": $IO_THREADS"; fi
+  if [ -n "$POLL_US" ]; then nbd="$nbd, \"poll_us\": $POLL_US"; fi
   if [ -n "$downstream" ]; then links=",
       \"downstream\": $downstream"; fi
   cat >"$dir/site.json" <<EOF
@@ -674,6 +679,7 @@ MACHINE=$WORK/machine.txt
   echo "transport=$TRANSPORT"
   echo "size=$SIZE ($SIZE_BYTES bytes)"
   echo "io_threads=${IO_THREADS:-daemon default}"
+  echo "poll_us=${POLL_US:-daemon default}"
   echo "rounds=$ROUNDS"
   echo "runtime=$RUNTIME"
   echo "ramp=$RAMP"
@@ -1090,7 +1096,7 @@ w(f"Setup: transport {machine['transport']}; backing files of {machine['size']} 
   "each server started fresh for every run and stopped by PID after it; "
   f"{machine['rounds']} round(s), {machine['ramp']} s warm-up + {machine['runtime']} s measured per run; "
   "servers interleaved within each row, order rotated per round; `sync` before every run; "
-  f"blockrelay nbd.io_threads: {machine['io_threads']}. "
+  f"blockrelay nbd.io_threads: {machine['io_threads']}, nbd.poll_us: {machine.get('poll_us', 'daemon default')}. "
   "Numbers are medians over the rounds (each column separately). "
   "Latency is fio's total latency (submission + completion) of the row's reads or writes. "
   "spread = (max - min) / median of IOPS over the rounds. "

@@ -91,7 +91,7 @@ int RunDaemon(const std::string& config_path,
                        });
       };
   signals.async_wait(on_signal);
-  ctx.run();
+  (*site)->Run();
   site->reset();
   BR_LOG_INFO("site", "stopped (exit {})", exit_code);
   return exit_code;

@@ -51,7 +51,7 @@ constexpr size_t kMaxNameLength = 64;
 constexpr std::string_view kTopKeys[] = {
     "site", "data_dir", "control_socket", "nbd", "replication", "groups"};
 constexpr std::string_view kNbdKeys[] = {
-    "unix_socket", "listen", "io_threads"};
+    "unix_socket", "listen", "io_threads", "poll_us"};
 constexpr std::string_view kReplicationKeys[] = {
     "listen"};
 constexpr std::string_view kGroupKeys[] = {
@@ -417,6 +417,16 @@ class SiteParser {
                         *t);
       }
       out->io_threads = static_cast<uint32_t>(n);
+    }
+    if (const json* t = Find(v, "poll_us")) {
+      uint64_t n = 0;
+      if (!AsUnsigned(*t, &n) || n > kMaxPollUs) {
+        return Expected(Join(path, "poll_us"),
+                        fmt::format("expected a whole number of microseconds "
+                                    "from 0 to {}", kMaxPollUs),
+                        *t);
+      }
+      out->poll_us = static_cast<uint32_t>(n);
     }
     return Status::OK();
   }
@@ -965,6 +975,7 @@ nlohmann::json ToJson(const SiteConfig& c) {
   if (c.nbd.unix_socket) nbd["unix_socket"] = c.nbd.unix_socket->native();
   if (c.nbd.listen) nbd["listen"] = c.nbd.listen->ToString();
   nbd["io_threads"] = c.nbd.io_threads;
+  nbd["poll_us"] = c.nbd.poll_us;
   doc["nbd"] = std::move(nbd);
   json replication = json::object();
   if (c.replication.listen) {

@@ -236,7 +236,7 @@ void Volume::FlushShared(IoExecutor& io, FlushDone done) {
     if (flush_running_) return;
     flush_running_ = true;
   }
-  asio::post(io.executor(), [this] { RunSharedFlushes(); });
+  io.Post([this] { RunSharedFlushes(); });
 }
 
 void Volume::RunSharedFlushes() {

@@ -311,11 +311,10 @@ asio::awaitable<void> Session::ReadRequests() {
       continue;
     }
     executing_.fetch_add(1);
-    asio::post(io_.executor(),
-               [self, r, accounted, payload = std::move(payload)]() mutable {
-                 self->Execute(r, payload, accounted);
-                 self->executing_.fetch_sub(1);
-               });
+    io_.Post([self, r, accounted, payload = std::move(payload)]() mutable {
+      self->Execute(r, payload, accounted);
+      self->executing_.fetch_sub(1);
+    });
   }
 }
 

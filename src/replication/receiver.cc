@@ -881,7 +881,7 @@ void Receiver::StartRetire(GroupState& g) {
   ++g.retires_in_flight;
   GroupState* gp = &g;
   const uint64_t epoch = g.retire_epoch;
-  asio::post(g.io->executor(), [gp, epoch] {
+  g.io->Post([gp, epoch] {
     if (Status s = RetireJournal(*gp, epoch); !s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
       gp->Fail(s);
@@ -947,7 +947,7 @@ void Receiver::StartResyncDrain(GroupState& g) {
   if (g.resync_drain_posted.exchange(true)) return;
   ++g.resync_drains_in_flight;
   GroupState* gp = &g;
-  asio::post(g.io->executor(), [gp] {
+  g.io->Post([gp] {
     gp->resync_drain_posted = false;
     {
       std::lock_guard apply_lock(gp->apply_mu);

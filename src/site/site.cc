@@ -11,6 +11,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "blockrelay/core/event_loop.h"
 #include "replication/generations.h"
 #include "replication/link.h"
 #include "util/logging.h"
@@ -213,6 +214,10 @@ asio::awaitable<void> Site::RetireReplicationGroup(const std::string& name) {
     retired_.push_back(std::move(rg));
     co_return;
   }
+}
+
+void Site::Run() {
+  core::RunEventLoop(ctx_, *io_, std::chrono::microseconds(config_.nbd.poll_us));
 }
 
 Status Site::Start() {

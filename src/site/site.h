@@ -48,6 +48,10 @@ class Site {
   // Binds the NBD and control listeners and starts accepting.
   Status Start();
 
+  // Runs the io_context on the calling thread (the network thread) until it
+  // is stopped, polling for events as nbd.poll_us says (core/event_loop.h).
+  void Run();
+
   // Stops accepting, finishes NBD requests in flight, flushes every volume.
   // Returns the first flush error, if any.
   asio::awaitable<Status> Shutdown();

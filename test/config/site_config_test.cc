@@ -344,10 +344,12 @@ TEST_CASE("ParseSiteConfig: range bounds are inclusive", "[config]") {
   d["group_interval"] = "1ms";
   d["keepalive"] = "1s";
   doc["nbd"]["io_threads"] = 1;
+  doc["nbd"]["poll_us"] = 0;
   ParseOk(doc);
   d["group_interval"] = "10s";
   d["keepalive"] = "10min";
   doc["nbd"]["io_threads"] = 64;
+  doc["nbd"]["poll_us"] = 1000;
   ParseOk(doc);
 }
 
@@ -398,7 +400,7 @@ TEST_CASE("ParseSiteConfig: unknown key in nbd", "[config]") {
   doc["nbd"]["port"] = 10809;
   CHECK_THAT(ParseError(doc),
              StartsWith("nbd.port: unknown key") &&
-                 Contains("unix_socket, listen, io_threads"));
+                 Contains("unix_socket, listen, io_threads, poll_us"));
 }
 
 TEST_CASE("ParseSiteConfig: unknown key in replication", "[config]") {
@@ -874,6 +876,22 @@ TEST_CASE("ParseSiteConfig: nbd.io_threads outside 1..64", "[config]") {
                           "64, got ") &&
                    Contains(bad.is_string() ? "\"4\"" : bad.dump()));
   }
+}
+
+TEST_CASE("ParseSiteConfig: nbd.poll_us outside 0..1000", "[config]") {
+  json doc = MinimalDoc();
+  for (json bad : {json(1001), json(-1), json(2.5), json("50us")}) {
+    CAPTURE(bad.dump());
+    doc["nbd"]["poll_us"] = bad;
+    CHECK_THAT(ParseError(doc),
+               StartsWith("nbd.poll_us: expected a whole number of "
+                          "microseconds from 0 to 1000, got ") &&
+                   Contains(bad.is_string() ? "\"50us\"" : bad.dump()));
+  }
+}
+
+TEST_CASE("ParseSiteConfig: nbd.poll_us defaults to 50", "[config]") {
+  CHECK(ParseOk(MinimalDoc()).nbd.poll_us == 50);
 }
 
 TEST_CASE("ParseSiteConfig: group_interval outside 1ms..10s", "[config]") {

@@ -451,7 +451,7 @@ TEST_CASE("Volume: flushes waiting for a store sync hold no pool thread",
   std::atomic<int> written{0};
   for (int i = 0; i < kWrites; ++i) {
     Volume* v = f.volume.get();
-    asio::post(f.io->executor(), [v, i, &written] {
+    f.io->Post([v, i, &written] {
       if (v->Write(static_cast<uint64_t>(i) * 4096, Fill(4096, 7), false).ok()) ++written;
     });
   }

@@ -40,6 +40,10 @@ enum class QueueKind { kMemory, kDisk };
 enum class InitialSync { kFull, kNone, kChecksum };
 enum class OnSyncFailure { kLogging, kBlock };
 
+// nbd.poll_us when the config does not say (QEMU's IOThreads poll for up to
+// 32 us by default; docs/benchmarks.md has what this one was measured at).
+inline constexpr uint32_t kDefaultPollUs = 50;
+
 struct NbdConfig {
   // Unix socket the local host's NBD clients connect to. Created at start-up
   // (a stale socket file is replaced), removed at exit.
@@ -48,6 +52,10 @@ struct NbdConfig {
   std::optional<Endpoint> listen;
   // Number of threads doing blocking I/O on backing stores (default 4).
   uint32_t io_threads = 4;  // 1..64
+  // How long the network thread polls for its next event before it sleeps,
+  // while events arrive that densely and no storage work is in flight
+  // (core/event_loop.h); 0 never polls.
+  uint32_t poll_us = kDefaultPollUs;  // 0..kMaxPollUs
   bool operator==(const NbdConfig&) const = default;
 };
 
@@ -127,6 +135,7 @@ inline constexpr uint64_t kMinRegionSizeBytes = 4ull << 10;
 inline constexpr uint64_t kMaxRegionSizeBytes = 16ull << 20;
 inline constexpr uint64_t kMinMaxQueueBytes = 1ull << 20;
 inline constexpr uint32_t kMaxIoThreads = 64;
+inline constexpr uint32_t kMaxPollUs = 1000;
 // sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 inline constexpr size_t kMaxUnixSocketPathBytes = 107;
 

@@ -9,6 +9,8 @@
 // pool thread and must be safe there.
 #pragma once
 
+#include <atomic>
+#include <cstddef>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -40,9 +42,11 @@ class IoExecutor {
                   "capture raw pointers: see the comment above");
     return asio::async_initiate<const asio::use_awaitable_t<>, void(R)>(
         [this](auto handler, Fn fn) {
-          asio::post(pool_, [fn = std::move(fn),
+          pending_.fetch_add(1, std::memory_order_relaxed);
+          asio::post(pool_, [this, fn = std::move(fn),
                              handler = std::move(handler)]() mutable {
             R result = fn();
+            pending_.fetch_sub(1, std::memory_order_release);
             auto ex = asio::get_associated_executor(handler);
             asio::post(ex, [handler = std::move(handler),
                             result = std::move(result)]() mutable {
@@ -53,9 +57,21 @@ class IoExecutor {
         asio::use_awaitable, std::move(fn));
   }
 
-  // For callers that post plain functions instead of awaiting (the NBD
-  // session replies straight from the pool thread).
-  asio::thread_pool::executor_type executor() { return pool_.get_executor(); }
+  // Runs `fn()` on a pool thread, for callers that do not await a result
+  // (the NBD session replies straight from the pool thread).
+  template <typename Fn>
+  void Post(Fn fn) {
+    pending_.fetch_add(1, std::memory_order_relaxed);
+    asio::post(pool_, [this, fn = std::move(fn)]() mutable {
+      fn();
+      pending_.fetch_sub(1, std::memory_order_release);
+    });
+  }
+
+  // Calls queued or running on the pool. The network thread polls for its
+  // next event only while this is 0 (core/event_loop.h): with storage work
+  // in flight a spinning thread would take the CPU that work needs.
+  size_t pending() const { return pending_.load(std::memory_order_acquire); }
 
   // Waits for queued work to finish and joins the threads.
   void Stop() {
@@ -63,6 +79,7 @@ class IoExecutor {
   }
 
  private:
+  std::atomic<size_t> pending_{0};
   asio::thread_pool pool_;
 };
 
