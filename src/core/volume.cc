@@ -6,8 +6,19 @@
 #include <fmt/format.h>
 
 #include "blockrelay/core/io_executor.h"
+#include "util/logging.h"
 
 namespace blockrelay::core {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t Nanos(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch())
+      .count();
+}
+
+}  // namespace
 
 Volume::Volume(std::string group, std::string name,
                std::unique_ptr<storage::BlockStore> store,
@@ -156,6 +167,10 @@ Status Volume::WriteMarked(uint64_t offset, std::span<const std::byte> data,
 std::optional<Status> Volume::TryWriteWithoutWaiting(
     uint64_t offset, std::span<const std::byte> data, WriteContext* ctx) {
   if (!store_->WritesAreBuffered()) return std::nullopt;
+  const Clock::time_point started = Clock::now();
+  if (Nanos(started) < inline_paused_until_ns_.load(std::memory_order_relaxed)) {
+    return std::nullopt;
+  }
   if (Status s = CheckWritable(ctx); !s.ok()) return s;
   if (sink_ && !ranges_.TryLock(offset, data.size())) return std::nullopt;
   RangeGuard range(sink_ ? &ranges_ : nullptr, offset, data.size(),
@@ -172,8 +187,31 @@ std::optional<Status> Volume::TryWriteWithoutWaiting(
     }
   }
   Status s = WriteMarked(offset, data, /*fua=*/false);
+  NoteInlineWriteTime(started, Clock::now());
   if (s.ok()) Capture(CapturedOp::kWrite, offset, data.size(), data, wseq, false, ctx);
   return s;
+}
+
+void Volume::NoteInlineWriteTime(Clock::time_point started,
+                                 Clock::time_point ended) {
+  const auto took = ended - started;
+  if (took <= kInlineStallLimit) return;
+  inline_paused_until_ns_.store(Nanos(ended + kInlinePauseAfterStall),
+                                std::memory_order_relaxed);
+  const uint64_t stalls = ++inline_stalls_;
+  const int64_t logged = inline_stall_logged_ns_.load();
+  if (logged != 0 &&
+      Nanos(ended) - logged < std::chrono::nanoseconds(std::chrono::minutes(1)).count()) {
+    return;
+  }
+  inline_stall_logged_ns_.store(Nanos(ended));
+  BR_LOG_WARN("volume", "volume {}: a buffered write took {} ms on the network "
+              "thread (the kernel throttles writers while too many pages are "
+              "dirty, or the host did not run the thread); its writes go to the I/O threads for {} ms ({} such "
+              "stalls so far)",
+              name_,
+              std::chrono::duration_cast<std::chrono::milliseconds>(took).count(),
+              kInlinePauseAfterStall.count(), stalls);
 }
 
 bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {

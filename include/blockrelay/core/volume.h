@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -149,6 +150,13 @@ class Volume {
   // write without FUA only when that cannot block (buffered store, volume
   // writable, scoreboard bits already durable). nullopt: nothing was done,
   // use Write() on a pool thread.
+  // A buffered write can still block: when dirty pages pass the kernel's
+  // limit, it throttles the writer (balance_dirty_pages, up to 200 ms a
+  // time), and on the network thread that stalls every connection. So a
+  // write that took longer than kInlineStallLimit sends this volume's
+  // writes to the pool for kInlinePauseAfterStall.
+  static constexpr std::chrono::milliseconds kInlineStallLimit{2};
+  static constexpr std::chrono::milliseconds kInlinePauseAfterStall{1000};
   std::optional<Status> TryWriteWithoutWaiting(uint64_t offset,
                                                std::span<const std::byte> data,
                                                WriteContext* ctx = nullptr);
@@ -203,6 +211,9 @@ class Volume {
   Status StickyError() const;
   // Pool thread: runs store flushes for FlushShared() until no call waits.
   void RunSharedFlushes();
+  // Pauses inline writes if the one from `started` to `ended` stalled.
+  void NoteInlineWriteTime(std::chrono::steady_clock::time_point started,
+                           std::chrono::steady_clock::time_point ended);
 
   const std::string group_;
   const std::string name_;
@@ -220,6 +231,12 @@ class Volume {
 
   std::atomic<uint64_t> bytes_read_{0}, bytes_written_{0}, reads_{0},
       writes_{0}, flushes_{0}, trims_{0}, errors_{0};
+
+  // steady_clock nanoseconds until which TryWriteWithoutWaiting declines,
+  // and when a stall was last logged (at most once a minute).
+  std::atomic<int64_t> inline_paused_until_ns_{0};
+  std::atomic<int64_t> inline_stall_logged_ns_{0};  // 0: never
+  std::atomic<uint64_t> inline_stalls_{0};
 
   std::atomic<bool> failed_{false};
   mutable std::mutex failure_mu_;

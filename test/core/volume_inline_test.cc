@@ -1,0 +1,117 @@
+// Volume::TryWriteWithoutWaiting (include/blockrelay/core/volume.h): the
+// network thread's write path. It declines what could block, and after a
+// write that did block anyway (the kernel throttling dirty pages) it sends
+// the volume's writes to the pool for a while. The store here is in memory,
+// claims to be buffered like a file, and can be told to take its time.
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "blockrelay/core/volume.h"
+#include "testutil/fault_injection_block_store.h"
+
+namespace blockrelay::core {
+namespace {
+
+using namespace std::chrono_literals;
+using Bytes = std::vector<std::byte>;
+
+constexpr uint64_t kVolumeBytes = 1 << 20;
+
+// A FaultInjectionBlockStore that says its writes are buffered (so the
+// network thread may write to it) and sleeps in Write() when told to.
+class SlowBufferedStore final : public storage::BlockStore {
+ public:
+  explicit SlowBufferedStore(uint64_t size_bytes) : inner_(size_bytes) {}
+
+  void set_write_delay(std::chrono::milliseconds d) { delay_ = d; }
+
+  uint64_t size_bytes() const override { return inner_.size_bytes(); }
+  std::string Describe() const override { return "slow buffered store"; }
+  bool WritesAreBuffered() const override { return true; }
+  Status Read(uint64_t offset, std::span<std::byte> out) override {
+    return inner_.Read(offset, out);
+  }
+  Status Write(uint64_t offset, std::span<const std::byte> data, bool fua) override {
+    if (const auto d = delay_.load(); d.count() > 0) std::this_thread::sleep_for(d);
+    return inner_.Write(offset, data, fua);
+  }
+  Status Trim(uint64_t offset, uint64_t length, bool fua) override {
+    return inner_.Trim(offset, length, fua);
+  }
+  Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim, bool fast_only,
+                     bool fua) override {
+    return inner_.WriteZeroes(offset, length, may_trim, fast_only, fua);
+  }
+  Status Flush() override { return inner_.Flush(); }
+  Status Cache(uint64_t offset, uint64_t length) override {
+    return inner_.Cache(offset, length);
+  }
+  Result<std::vector<storage::Extent>> BlockStatus(uint64_t offset,
+                                                   uint64_t length) override {
+    return inner_.BlockStatus(offset, length);
+  }
+  bool CanTrim() const override { return true; }
+  bool CanFastZero() const override { return true; }
+
+ private:
+  testutil::FaultInjectionBlockStore inner_;
+  std::atomic<std::chrono::milliseconds> delay_{0ms};
+};
+
+struct Fixture {
+  Fixture() {
+    auto owned = std::make_unique<SlowBufferedStore>(kVolumeBytes);
+    store = owned.get();
+    volume = std::make_unique<Volume>("g", "v", std::move(owned), nullptr,
+                                      /*read_only=*/false);
+  }
+  SlowBufferedStore* store;
+  std::unique_ptr<Volume> volume;
+  Bytes block = Bytes(4096, std::byte{0x5a});
+};
+
+TEST_CASE("TryWriteWithoutWaiting: a buffered store's write is carried out "
+          "at once", "[volume][inline]") {
+  Fixture f;
+  auto s = f.volume->TryWriteWithoutWaiting(0, f.block);
+  REQUIRE(s.has_value());
+  CHECK(s->ok());
+  Bytes back(f.block.size());
+  REQUIRE(f.volume->Read(0, back).ok());
+  CHECK(back == f.block);
+}
+
+TEST_CASE("TryWriteWithoutWaiting: after a write that stalled, the next "
+          "ones go to the pool", "[volume][inline]") {
+  Fixture f;
+  f.store->set_write_delay(Volume::kInlineStallLimit + 5ms);
+  auto stalled = f.volume->TryWriteWithoutWaiting(0, f.block);
+  REQUIRE(stalled.has_value());
+  CHECK(stalled->ok());  // the slow write itself was done, and succeeded
+  f.store->set_write_delay(0ms);
+  CHECK_FALSE(f.volume->TryWriteWithoutWaiting(4096, f.block).has_value());
+  CHECK_FALSE(f.volume->TryWriteWithoutWaiting(8192, f.block).has_value());
+  // The pool's path is not affected.
+  CHECK(f.volume->Write(4096, f.block, /*fua=*/false).ok());
+}
+
+TEST_CASE("TryWriteWithoutWaiting: writes come back inline once the pause "
+          "after a stall is over", "[volume][inline]") {
+  Fixture f;
+  f.store->set_write_delay(Volume::kInlineStallLimit + 5ms);
+  REQUIRE(f.volume->TryWriteWithoutWaiting(0, f.block).has_value());
+  f.store->set_write_delay(0ms);
+  REQUIRE_FALSE(f.volume->TryWriteWithoutWaiting(4096, f.block).has_value());
+  std::this_thread::sleep_for(Volume::kInlinePauseAfterStall + 100ms);
+  CHECK(f.volume->TryWriteWithoutWaiting(4096, f.block).has_value());
+}
+
+}  // namespace
+}  // namespace blockrelay::core
