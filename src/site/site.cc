@@ -769,12 +769,18 @@ nlohmann::json Site::StatusJson() const {
           for (const auto& d : group.downstream) {
             if (d.site == slot.site) dc = &d;
           }
+          // The slot for the upstream (docs/replication.md, "Scoreboard
+          // slots for the upstream") has no link while this site is its
+          // secondary: it tracks what that site would miss after a promote.
+          const bool for_upstream =
+              !dc && group.upstream && group.upstream->site == slot.site;
+          auto* link = rg ? rg->FindLink(slot.site) : nullptr;
           vol_links.push_back(
               {{"site", slot.site},
-               {"mode", dc ? config::ToString(dc->mode) : "unknown"},
-               {"state", rg && rg->FindLink(slot.site)
-                             ? replication::LinkStateName(rg->FindLink(slot.site)->state())
-                             : "logging"},
+               {"mode", dc ? config::ToString(dc->mode)
+                        : for_upstream ? "upstream" : "unknown"},
+               {"state", link ? replication::LinkStateName(link->state())
+                         : for_upstream ? "tracking" : "logging"},
                {"dirty_regions", st.dirty_regions},
                {"dirty_bytes", st.dirty_bytes}});
         }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "testutil/daemon.h"
@@ -165,6 +166,33 @@ TEST_CASE("Replication: async link leaves the downstream's volumes "
   CHECK(link->value("last_acked_seq", uint64_t{0}) > 0);
   CHECK(link->value("queue_bytes", uint64_t{1}) == 0);
   CHECK(link->value("lag_bytes", uint64_t{1}) == 0);
+}
+
+// Goal: the operator can tell a secondary's slot for its upstream (kept for
+// a failover) from a downstream link that is down.
+TEST_CASE("Replication: a secondary's status shows its slot for the "
+          "upstream as mode upstream, state tracking",
+          "[replication]") {
+  SitePair pair;
+  // With an address the upstream gets a slot (docs/replication.md).
+  pair.b().config()["groups"][0]["upstream"]["address"] =
+      fmt::format("127.0.0.1:{}", testutil::PickFreeTcpPort());
+  RequireStarted(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  auto g = testutil::GroupStatus(pair.b(), "g");
+  REQUIRE(g.has_value());
+  REQUIRE(g->contains("volumes"));
+  int slots_for_a = 0;
+  for (const auto& v : (*g)["volumes"]) {
+    for (const auto& l : v.value("links", json::array())) {
+      if (l.value("site", "") != "a") continue;
+      ++slots_for_a;
+      CHECK(l.value("mode", "") == "upstream");
+      CHECK(l.value("state", "") == "tracking");
+    }
+  }
+  CHECK(slots_for_a == static_cast<int>((*g)["volumes"].size()));
+  CHECK(slots_for_a > 0);
 }
 
 // Goal: acknowledgements (plus the periodic sweep) clear the scoreboard, so

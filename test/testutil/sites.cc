@@ -100,6 +100,8 @@ const json* FindByKey(const json& array, const std::string& key,
   return nullptr;
 }
 
+}  // namespace
+
 std::optional<json> GroupStatus(const TestDaemon& d, const std::string& group) {
   auto status = StatusOf(d);
   if (!status || !status->contains("groups")) return std::nullopt;
@@ -107,7 +109,6 @@ std::optional<json> GroupStatus(const TestDaemon& d, const std::string& group) {
   if (!g) return std::nullopt;
   return *g;
 }
-}  // namespace
 
 std::optional<json> LinkStatus(const TestDaemon& d, const std::string& group,
                                const std::string& site) {

@@ -62,6 +62,9 @@ uint64_t FileChecksum(const std::filesystem::path& path);
 // Status readers: nullopt when the daemon does not answer or has no such
 // entry.
 std::optional<nlohmann::json> StatusOf(const TestDaemon& d);
+// groups[name == group] of the status reply.
+std::optional<nlohmann::json> GroupStatus(const TestDaemon& d,
+                                          const std::string& group);
 // groups[name == group].downstream[site == site] of the status reply.
 std::optional<nlohmann::json> LinkStatus(const TestDaemon& d,
                                          const std::string& group,
