@@ -772,12 +772,15 @@ nlohmann::json Site::StatusJson() const {
           // The slot for the upstream (docs/replication.md, "Scoreboard
           // slots for the upstream") has no link while this site is its
           // secondary: it tracks what that site would miss after a promote.
+          // After a promote a link to the old upstream runs, and speaks
+          // for the slot.
           const bool for_upstream =
               !dc && group.upstream && group.upstream->site == slot.site;
           auto* link = rg ? rg->FindLink(slot.site) : nullptr;
           vol_links.push_back(
               {{"site", slot.site},
-               {"mode", dc ? config::ToString(dc->mode)
+               {"mode", dc     ? config::ToString(dc->mode)
+                        : link ? (link->is_sync() ? "sync" : "async")
                         : for_upstream ? "upstream" : "unknown"},
                {"state", link ? replication::LinkStateName(link->state())
                          : for_upstream ? "tracking" : "logging"},

@@ -23,7 +23,7 @@ namespace blockrelay::core {
 
 // What the loop did while it was idle, for tests and the curious.
 struct EventLoopStats {
-  uint64_t sleeps = 0;        // waits in epoll_wait until an event came
+  uint64_t sleeps = 0;        // blocking waits (run_one) for the next event
   uint64_t polled_wakes = 0;  // events found by polling, without sleeping
 };
 
