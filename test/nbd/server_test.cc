@@ -193,6 +193,31 @@ TEST_CASE_METHOD(ServerTest,
   StopCleanly();
 }
 
+// nbd.poll_us only changes how the network thread waits (docs/design.md):
+// the ends of its range serve I/O and stop as the default does.
+TEST_CASE_METHOD(ServerTest,
+                 "Server: with nbd.poll_us at 0 (off) or 1000 (the most) "
+                 "writes read back and SIGTERM exits 0",
+                 "[nbd-server]") {
+  uint32_t poll_us = 0;
+  SECTION("off") { poll_us = 0; }
+  SECTION("the most") { poll_us = 1000; }
+  daemon_.config()["nbd"]["poll_us"] = poll_us;
+  Start();
+  auto h = Connect();
+  for (uint64_t i = 0; i < 64; ++i) {
+    auto data = Pattern(4 * kKiB, static_cast<uint32_t>(i));
+    REQUIRE(testutil::Pwrite(h.get(), data, i * 4 * kKiB) == 0);
+  }
+  for (uint64_t i = 0; i < 64; ++i) {
+    std::vector<std::byte> back(4 * kKiB);
+    REQUIRE(testutil::Pread(h.get(), back, i * 4 * kKiB) == 0);
+    CHECK(back == Pattern(4 * kKiB, static_cast<uint32_t>(i)));
+  }
+  h.reset();
+  StopCleanly();
+}
+
 TEST_CASE_METHOD(ServerTest,
                  "Server: pipelined writes and reads all complete and read "
                  "back",
