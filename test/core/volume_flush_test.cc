@@ -25,6 +25,7 @@
 
 #include "blockrelay/core/io_executor.h"
 #include "testutil/fault_injection_block_store.h"
+#include "testutil/forwarding_block_store.h"
 
 namespace blockrelay::core {
 namespace {
@@ -44,41 +45,18 @@ Bytes Fill(size_t length, uint8_t value) {
 // writes returned before it began and then takes a while. Counts Flush()
 // calls (failed ones too) and the most that ran at once. A flush counts as
 // started once it has made the data durable and reached the gate.
-class GatedStore final : public storage::BlockStore {
+class GatedStore final : public testutil::ForwardingBlockStore {
  public:
-  explicit GatedStore(uint64_t size_bytes) : inner_(size_bytes) {}
+  explicit GatedStore(uint64_t size_bytes) : ForwardingBlockStore(size_bytes) {}
 
-  uint64_t size_bytes() const override { return inner_.size_bytes(); }
   std::string Describe() const override { return "gated store"; }
-  Status Read(uint64_t offset, std::span<std::byte> out) override {
-    return inner_.Read(offset, out);
-  }
-  Status Write(uint64_t offset, std::span<const std::byte> data, bool fua) override {
-    return inner_.Write(offset, data, fua);
-  }
-  Status Trim(uint64_t offset, uint64_t length, bool fua) override {
-    return inner_.Trim(offset, length, fua);
-  }
-  Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim, bool fast_only,
-                     bool fua) override {
-    return inner_.WriteZeroes(offset, length, may_trim, fast_only, fua);
-  }
-  Status Cache(uint64_t offset, uint64_t length) override {
-    return inner_.Cache(offset, length);
-  }
-  Result<std::vector<storage::Extent>> BlockStatus(uint64_t offset,
-                                                   uint64_t length) override {
-    return inner_.BlockStatus(offset, length);
-  }
-  bool CanTrim() const override { return true; }
-  bool CanFastZero() const override { return true; }
 
   Status Flush() override {
     {
       std::lock_guard lock(mu_);
       max_running_ = std::max(max_running_, ++running_);
     }
-    Status s = inner_.Flush();
+    Status s = ForwardingBlockStore::Flush();
     std::unique_lock lock(mu_);
     const int number = ++started_;
     cv_.notify_all();
@@ -112,10 +90,8 @@ class GatedStore final : public storage::BlockStore {
     return max_running_;
   }
 
-  testutil::FaultInjectionBlockStore& inner() { return inner_; }
 
  private:
-  testutil::FaultInjectionBlockStore inner_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   int allowed_ = INT_MAX;   // GUARDED_BY(mu_)

@@ -14,7 +14,7 @@
 #include <catch2/catch.hpp>
 
 #include "blockrelay/core/volume.h"
-#include "testutil/fault_injection_block_store.h"
+#include "testutil/forwarding_block_store.h"
 
 namespace blockrelay::core {
 namespace {
@@ -24,44 +24,22 @@ using Bytes = std::vector<std::byte>;
 
 constexpr uint64_t kVolumeBytes = 1 << 20;
 
-// A FaultInjectionBlockStore that says its writes are buffered (so the
+// An in-memory store that says its writes are buffered (so the
 // network thread may write to it) and sleeps in Write() when told to.
-class SlowBufferedStore final : public storage::BlockStore {
+class SlowBufferedStore final : public testutil::ForwardingBlockStore {
  public:
-  explicit SlowBufferedStore(uint64_t size_bytes) : inner_(size_bytes) {}
+  explicit SlowBufferedStore(uint64_t size_bytes) : ForwardingBlockStore(size_bytes) {}
 
   void set_write_delay(std::chrono::milliseconds d) { delay_ = d; }
 
-  uint64_t size_bytes() const override { return inner_.size_bytes(); }
   std::string Describe() const override { return "slow buffered store"; }
   bool WritesAreBuffered() const override { return true; }
-  Status Read(uint64_t offset, std::span<std::byte> out) override {
-    return inner_.Read(offset, out);
-  }
   Status Write(uint64_t offset, std::span<const std::byte> data, bool fua) override {
     if (const auto d = delay_.load(); d.count() > 0) std::this_thread::sleep_for(d);
-    return inner_.Write(offset, data, fua);
+    return ForwardingBlockStore::Write(offset, data, fua);
   }
-  Status Trim(uint64_t offset, uint64_t length, bool fua) override {
-    return inner_.Trim(offset, length, fua);
-  }
-  Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim, bool fast_only,
-                     bool fua) override {
-    return inner_.WriteZeroes(offset, length, may_trim, fast_only, fua);
-  }
-  Status Flush() override { return inner_.Flush(); }
-  Status Cache(uint64_t offset, uint64_t length) override {
-    return inner_.Cache(offset, length);
-  }
-  Result<std::vector<storage::Extent>> BlockStatus(uint64_t offset,
-                                                   uint64_t length) override {
-    return inner_.BlockStatus(offset, length);
-  }
-  bool CanTrim() const override { return true; }
-  bool CanFastZero() const override { return true; }
 
  private:
-  testutil::FaultInjectionBlockStore inner_;
   std::atomic<std::chrono::milliseconds> delay_{0ms};
 };
 

@@ -38,6 +38,7 @@
 #include "replication/receiver.h"
 #include "testutil/daemon.h"
 #include "testutil/fault_injection_block_store.h"
+#include "testutil/forwarding_block_store.h"
 
 namespace blockrelay::replication {
 namespace {
@@ -46,20 +47,11 @@ constexpr uint64_t kVolumeBytes = 1 << 20;
 
 // Forwards to a FaultInjectionBlockStore; the flushes whose 1-based number
 // is in `blocked` wait until Release(n).
-class GateStore final : public storage::BlockStore {
+class GateStore final : public testutil::ForwardingBlockStore {
  public:
   GateStore(testutil::FaultInjectionBlockStore* inner, std::set<int> blocked)
-      : inner_(inner), blocked_(std::move(blocked)) {}
-  uint64_t size_bytes() const override { return inner_->size_bytes(); }
+      : ForwardingBlockStore(inner), blocked_(std::move(blocked)) {}
   std::string Describe() const override { return "gate"; }
-  Status Read(uint64_t o, std::span<std::byte> out) override { return inner_->Read(o, out); }
-  Status Write(uint64_t o, std::span<const std::byte> d, bool fua) override {
-    return inner_->Write(o, d, fua);
-  }
-  Status Trim(uint64_t o, uint64_t l, bool fua) override { return inner_->Trim(o, l, fua); }
-  Status WriteZeroes(uint64_t o, uint64_t l, bool mt, bool fo, bool fua) override {
-    return inner_->WriteZeroes(o, l, mt, fo, fua);
-  }
   // A blocked flush makes durable what was written when it was called (as
   // fdatasync does), then takes long to return: until Release(n).
   // Flush 3 (the second retire) is held before it starts.
@@ -69,7 +61,7 @@ class GateStore final : public storage::BlockStore {
       std::lock_guard lock(mu_);
       n = ++flushes_;
     }
-    Status s = n == 3 ? Status::OK() : inner_->Flush();
+    Status s = n == 3 ? Status::OK() : inner().Flush();
     std::unique_lock lock(mu_);
     if (blocked_.count(n)) {
       waiting_.insert(n);
@@ -78,15 +70,9 @@ class GateStore final : public storage::BlockStore {
       waiting_.erase(n);
     }
     lock.unlock();
-    if (n == 3) s = inner_->Flush();
+    if (n == 3) s = inner().Flush();
     return s;
   }
-  Status Cache(uint64_t o, uint64_t l) override { return inner_->Cache(o, l); }
-  Result<std::vector<storage::Extent>> BlockStatus(uint64_t o, uint64_t l) override {
-    return inner_->BlockStatus(o, l);
-  }
-  bool CanTrim() const override { return true; }
-  bool CanFastZero() const override { return true; }
 
   bool WaitBlocked(int n, std::chrono::seconds timeout) {
     std::unique_lock lock(mu_);
@@ -104,7 +90,6 @@ class GateStore final : public storage::BlockStore {
   }
 
  private:
-  testutil::FaultInjectionBlockStore* inner_;
   std::set<int> blocked_;
   std::mutex mu_;
   std::condition_variable cv_;
