@@ -167,8 +167,7 @@ Status Volume::WriteMarked(uint64_t offset, std::span<const std::byte> data,
 std::optional<Status> Volume::TryWriteWithoutWaiting(
     uint64_t offset, std::span<const std::byte> data, WriteContext* ctx) {
   if (!store_->WritesAreBuffered()) return std::nullopt;
-  const Clock::time_point started = Clock::now();
-  if (Nanos(started) < inline_paused_until_ns_.load(std::memory_order_relaxed)) {
+  if (Nanos(Clock::now()) < inline_paused_until_ns_.load(std::memory_order_relaxed)) {
     return std::nullopt;
   }
   if (Status s = CheckWritable(ctx); !s.ok()) return s;
@@ -209,8 +208,8 @@ void Volume::NoteInlineWriteTime(Clock::time_point started,
   inline_stall_logged_ns_.store(Nanos(ended));
   BR_LOG_WARN("volume", "volume {}: a buffered write took {} ms on the network "
               "thread (the kernel throttles writers while too many pages are "
-              "dirty, or the host did not run the thread); its writes go to the I/O threads for {} ms ({} such "
-              "stalls so far)",
+              "dirty, or the host did not run the thread); its writes go to "
+              "the I/O threads for {} ms ({} such stalls so far)",
               name_,
               std::chrono::duration_cast<std::chrono::milliseconds>(took).count(),
               kInlinePauseAfterStall.count(), stalls);
