@@ -42,11 +42,8 @@ class IoExecutor {
                   "capture raw pointers: see the comment above");
     return asio::async_initiate<const asio::use_awaitable_t<>, void(R)>(
         [this](auto handler, Fn fn) {
-          pending_.fetch_add(1, std::memory_order_relaxed);
-          asio::post(pool_, [this, fn = std::move(fn),
-                             handler = std::move(handler)]() mutable {
+          Post([fn = std::move(fn), handler = std::move(handler)]() mutable {
             R result = fn();
-            pending_.fetch_sub(1, std::memory_order_release);
             auto ex = asio::get_associated_executor(handler);
             asio::post(ex, [handler = std::move(handler),
                             result = std::move(result)]() mutable {
@@ -57,8 +54,9 @@ class IoExecutor {
         asio::use_awaitable, std::move(fn));
   }
 
-  // Runs `fn()` on a pool thread, for callers that do not await a result
-  // (the NBD session replies straight from the pool thread).
+  // Runs `fn()` on a pool thread, counted in pending() until it returns;
+  // for callers that do not await a result (the NBD session replies
+  // straight from the pool thread), and under Run().
   template <typename Fn>
   void Post(Fn fn) {
     pending_.fetch_add(1, std::memory_order_relaxed);
