@@ -247,7 +247,9 @@ int WaitCaughtUp(ControlCommand& c, const std::string& group,
       }
       return kExitFailed;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    // A status request costs the daemon microseconds; a coarser poll
+    // would add its interval to whatever a script times with `wait`.
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   c.Print(last, [&](const nlohmann::json&) {
     fmt::print("group {}{}: caught up\n", group, link.empty() ? "" : " link " + link);

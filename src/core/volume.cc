@@ -122,9 +122,9 @@ Status Volume::Write(uint64_t offset, std::span<const std::byte> data,
 }
 
 Status Volume::ReadForResync(
-    uint64_t offset, std::span<std::byte> out,
+    uint64_t offset, uint64_t length, std::vector<std::byte>& out,
     const std::function<void(storage::WriteSeq)>& with_data, bool* all_zero) {
-  RangeGuard range(&ranges_, offset, out.size());
+  RangeGuard range(&ranges_, offset, length);
   // Every write that got a WriteSeq <= as_of and touches this range has
   // finished: writes take the range before MarkDirty numbers them.
   const storage::WriteSeq as_of =
@@ -133,7 +133,7 @@ Status Volume::ReadForResync(
     *all_zero = false;
     // A finished write is in the page cache, which SEEK_DATA counts as
     // data, so a hole here is a hole for every write up to as_of.
-    auto extents = store_->BlockStatus(offset, out.size());
+    auto extents = store_->BlockStatus(offset, length);
     if (extents.ok()) {
       uint64_t covered = 0;
       bool zero = true;
@@ -141,7 +141,7 @@ Status Volume::ReadForResync(
         zero = zero && e.zero;
         covered += e.length_bytes;
       }
-      if (zero && covered >= out.size()) {
+      if (zero && covered >= length) {
         *all_zero = true;
         with_data(as_of);
         return Status::OK();
@@ -149,6 +149,7 @@ Status Volume::ReadForResync(
     }
     // A failed block status is no reason to fail the resync: read instead.
   }
+  out.resize(length);
   Status s = Read(offset, out);
   if (s.ok()) with_data(as_of);
   return s;

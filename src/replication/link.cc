@@ -867,7 +867,6 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
         chunk.regions = r - *first;
         chunk.data = std::make_shared<SealedGroup>();
         chunk.data->flags = kGroupResync;
-        chunk.data->data.resize(chunk.length);
         chunk.data->opened = std::chrono::steady_clock::now();
         // Counted before the read delivers it: its acknowledgement may
         // come before this coroutine resumes.
@@ -896,8 +895,9 @@ asio::awaitable<void> Link::ResyncLoop(std::shared_ptr<Connection> c) {
           SealedGroup* raw = chunk.data.get();
           const std::shared_ptr<const SealedGroup> keep = chunk.data;
           bool unallocated = false;
+          // Sized by the read (on this thread), and not at all for a hole.
           Status st = vol->ReadForResync(
-              chunk.offset, std::span<std::byte>(raw->data.data(), chunk.length),
+              chunk.offset, chunk.length, raw->data,
               [&](storage::WriteSeq as_of) {
                 CapturedOp op;
                 op.volume = vindex;
@@ -1438,7 +1438,7 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
       request->volume = static_cast<uint32_t>(v);
       request->offset = offset;
       request->region_size = rs;
-      Bytes buffer(length);
+      Bytes buffer;
       Bytes* bp = &buffer;
       VerifyRequest* rp = request.get();
       std::shared_ptr<VerifyRequest>* keep = &request;
@@ -1448,7 +1448,7 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
       // read follow the request in the stream, so both sides digest the
       // same point of the history.
       Status s = co_await group_.io().Run([vol, bp, rp, keep, grp, self, offset, length, rs] {
-        return vol->ReadForResync(offset, *bp, [&](storage::WriteSeq) {
+        return vol->ReadForResync(offset, length, *bp, [&](storage::WriteSeq) {
           for (uint64_t pos = 0; pos < length; pos += rs) {
             const uint64_t n = std::min(rs, length - pos);
             rp->digests.push_back(XXH3_64bits(bp->data() + pos, n));
@@ -1660,7 +1660,7 @@ asio::awaitable<bool> Link::CompareLoop(std::shared_ptr<Connection> c) {
       request->volume = static_cast<uint32_t>(v);
       request->offset = offset;
       request->region_size = rs;
-      Bytes buffer(length);
+      Bytes buffer;
       Bytes* bp = &buffer;
       VerifyRequest* rp = request.get();
       std::shared_ptr<VerifyRequest>* keep = &request;
@@ -1668,7 +1668,7 @@ asio::awaitable<bool> Link::CompareLoop(std::shared_ptr<Connection> c) {
       Link* self = this;
       Status s = co_await group_.io().Run(
           [vol, bp, rp, keep, grp, self, offset, length, rs, as_of_out] {
-            return vol->ReadForResync(offset, *bp, [&](storage::WriteSeq as_of) {
+            return vol->ReadForResync(offset, length, *bp, [&](storage::WriteSeq as_of) {
               *as_of_out = as_of;
               for (uint64_t pos = 0; pos < length; pos += rs) {
                 rp->digests.push_back(XXH3_64bits(bp->data() + pos, std::min(rs, length - pos)));

@@ -491,9 +491,11 @@ Result<FrameHeader> DecodeFrameHeader(std::span<const std::byte> header) {
   return h;
 }
 
-Result<Frame> DecodeFrame(const FrameHeader& header,
-                          std::span<const std::byte> header_bytes,
-                          std::span<const std::byte> payload) {
+namespace {
+Result<Frame> DecodeFrameImpl(const FrameHeader& header,
+                              std::span<const std::byte> header_bytes,
+                              std::span<const std::byte> payload,
+                              bool check_checksum) {
   const char* name = FrameTypeName(header.type);
   if (!IsKnownType(static_cast<uint16_t>(header.type))) {
     return Status::Corruption(fmt::format("unknown frame type {}",
@@ -509,8 +511,9 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
         fmt::format("{}: payload is {} bytes, the header announces {}", name,
                     payload.size(), header.length));
   }
-  uint64_t checksum =
-      FrameChecksum(header_bytes.first(kChecksumOffset), payload);
+  uint64_t checksum = check_checksum
+                          ? FrameChecksum(header_bytes.first(kChecksumOffset), payload)
+                          : header.checksum;
   if (checksum != header.checksum) {
     return Status::Corruption(fmt::format(
         "{}: checksum mismatch (header says {:#018x}, computed {:#018x})", name,
@@ -617,6 +620,19 @@ Result<Frame> DecodeFrame(const FrameHeader& header,
   }
   return Status::Corruption(
       fmt::format("unknown frame type {}", static_cast<uint16_t>(header.type)));
+}
+}  // namespace
+
+Result<Frame> DecodeFrame(const FrameHeader& header,
+                          std::span<const std::byte> header_bytes,
+                          std::span<const std::byte> payload) {
+  return DecodeFrameImpl(header, header_bytes, payload, /*check_checksum=*/true);
+}
+
+Result<Frame> DecodeCheckedFrame(const FrameHeader& header,
+                                 std::span<const std::byte> header_bytes,
+                                 std::span<const std::byte> payload) {
+  return DecodeFrameImpl(header, header_bytes, payload, /*check_checksum=*/false);
 }
 
 void EncodeHello(const Hello& hello, Bytes& out) {

@@ -45,6 +45,10 @@ constexpr uint64_t kResyncFlushBytes = 32ull << 20;
 // it also bounds what a restart replays.
 constexpr uint64_t kJournalResetBytes = 256ull << 20;
 constexpr auto kIdleReset = std::chrono::seconds(1);
+// A resync's BEGIN saves the volumes' holes of at least this size in the
+// undo record at once (SaveHolesAtBegin), at most this many records.
+constexpr uint64_t kMinHoleSavedAtBegin = 64ull << 10;
+constexpr size_t kMaxHoleRecordsAtBegin = 65536;
 // Received frames waiting to be synced and applied are held in memory; past
 // this many bytes the connection stops taking frames until they are
 // applied (the upstream's queue, bounded by its max_queue, absorbs it).
@@ -167,6 +171,14 @@ struct Receiver::GroupState {
   // for (a background drain): reported by the next SyncAndApply.
   uint64_t resync_flushed_conn_id = 0;       // GUARDED_BY(apply_mu)
   uint64_t resync_flushed_link_seq = 0;      // GUARDED_BY(apply_mu)
+  // A drain's flush running without apply_mu (StartResyncDrain), so that
+  // the next batches are applied while the disk writes this one: until it
+  // ends, nothing from resync_flushing_first_link_seq of
+  // resync_flushing_conn_id on is reported durable. GUARDED_BY(apply_mu)
+  bool resync_flushing = false;
+  uint64_t resync_flushing_conn_id = 0;
+  uint64_t resync_flushing_first_link_seq = 0;
+  uint64_t resync_flushing_link_seq = 0;
   bool undo_unsynced = false;              // GUARDED_BY(apply_mu)
 
   // Network thread.
@@ -339,8 +351,9 @@ Status Receiver::ApplyFrame(GroupState& g, const Bytes& frame) {
   std::span<const std::byte> bytes(frame);
   auto header = DecodeFrameHeader(bytes.first(kFrameHeaderBytes));
   if (!header.ok()) return header.status();
-  auto decoded = DecodeFrame(*header, bytes.first(kFrameHeaderBytes),
-                             bytes.subspan(kFrameHeaderBytes));
+  // Checked when it arrived, or by GroupJournal::Open() when replayed.
+  auto decoded = DecodeCheckedFrame(*header, bytes.first(kFrameHeaderBytes),
+                                    bytes.subspan(kFrameHeaderBytes));
   if (!decoded.ok()) return decoded.status();
   auto* group = std::get_if<WriteGroup>(&*decoded);
   if (!group) return Status::Corruption("journal holds a frame that is not a WRITE_GROUP");
@@ -403,11 +416,43 @@ Status Receiver::BeginResync(GroupState& g) {
   if (!undo.ok()) return undo.status();
   g.undo = std::move(undo).value();
   g.consistent = false;
+  if (Status s = SaveHolesAtBegin(g); !s.ok()) return s;
   g.undo_bytes = g.undo->size_bytes();
   BR_LOG_INFO("replication", "group {}: resync begins; inconsistent until it "
               "ends (what it overwrites is kept in {})", g.target.config->name,
               g.undo_path);
   return Status::OK();
+}
+
+Status Receiver::SaveHolesAtBegin(GroupState& g) {
+  size_t records = 0;
+  for (uint32_t vi = 0; vi < g.target.volumes.size(); ++vi) {
+    core::Volume& v = *g.target.volumes[vi];
+    uint64_t pos = 0;
+    while (pos < v.size_bytes() && records < kMaxHoleRecordsAtBegin) {
+      auto extents = v.BlockStatus(pos, v.size_bytes() - pos);
+      // Not fatal: the batches save what they overwrite, holes included.
+      if (!extents.ok() || extents->empty()) break;
+      bool progressed = false;
+      for (const auto& e : *extents) {
+        if (e.length_bytes == 0) break;
+        if (e.zero && e.length_bytes >= kMinHoleSavedAtBegin &&
+            records < kMaxHoleRecordsAtBegin) {
+          for (auto [offset, length] : g.undo->Unsaved(vi, pos, e.length_bytes)) {
+            if (Status s = g.undo->AppendZeros(vi, offset, length); !s.ok()) {
+              return s.WithContext("saving the volumes' holes in the undo record");
+            }
+            ++records;
+          }
+        }
+        pos += e.length_bytes;
+        progressed = true;
+      }
+      if (!progressed) break;
+    }
+  }
+  if (records == 0) return Status::OK();
+  return g.undo->Sync();
 }
 
 Status Receiver::EndResync(GroupState& g) {
@@ -480,8 +525,9 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
     std::span<const std::byte> bytes(q.frame);
     auto header = DecodeFrameHeader(bytes.first(kFrameHeaderBytes));
     if (!header.ok()) return header.status();
-    auto decoded = DecodeFrame(*header, bytes.first(kFrameHeaderBytes),
-                               bytes.subspan(kFrameHeaderBytes));
+    // Checked when it arrived.
+    auto decoded = DecodeCheckedFrame(*header, bytes.first(kFrameHeaderBytes),
+                                      bytes.subspan(kFrameHeaderBytes));
     if (!decoded.ok()) return decoded.status();
     auto* group = std::get_if<WriteGroup>(&*decoded);
     if (!group) return Status::Corruption("queued resync frame is not a WRITE_GROUP");
@@ -825,11 +871,17 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
       now - last_resync_frame >= kSyncInterval;
   if (resync_flush_due) {
     if (Status s = FlushResyncData(g, conn_id, durable_link_seq); !s.ok()) return s;
-  } else if (g.resync_unflushed_bytes > 0 && g.resync_conn_id == conn_id &&
-             *durable_link_seq >= g.resync_first_unflushed_link_seq) {
+  } else {
     // Acknowledgements are cumulative: nothing at or after resync data
-    // that is not flushed yet may be reported durable.
-    *durable_link_seq = g.resync_first_unflushed_link_seq - 1;
+    // that is not flushed yet may be reported durable. What a background
+    // flush is writing came first.
+    uint64_t first_not_durable = UINT64_MAX;
+    if (g.resync_flushing && g.resync_flushing_conn_id == conn_id) {
+      first_not_durable = g.resync_flushing_first_link_seq;
+    } else if (g.resync_unflushed_bytes > 0 && g.resync_conn_id == conn_id) {
+      first_not_durable = g.resync_first_unflushed_link_seq;
+    }
+    if (*durable_link_seq >= first_not_durable) *durable_link_seq = first_not_durable - 1;
   }
   const bool idle = now - g.last_apply >= kIdleReset;
   bool retire = false;
@@ -949,17 +1001,43 @@ void Receiver::StartResyncDrain(GroupState& g) {
   GroupState* gp = &g;
   g.io->Post([gp] {
     gp->resync_drain_posted = false;
+    Status s;
+    bool flush = false;
     {
       std::lock_guard apply_lock(gp->apply_mu);
-      Status s = gp->failed ? Status::OK() : DrainResyncQueue(*gp);
-      if (s.ok() && !gp->failed && gp->resync_unflushed_bytes >= kResyncFlushBytes) {
-        uint64_t ignored = 0;
-        s = FlushResyncData(*gp, 0, &ignored);
+      s = gp->failed ? Status::OK() : DrainResyncQueue(*gp);
+      if (s.ok() && !gp->failed && !gp->resync_flushing &&
+          gp->resync_unflushed_bytes >= kResyncFlushBytes) {
+        // Flushed below without apply_mu: the next drain applies the next
+        // batches meanwhile, so the disk always has the next writes queued
+        // behind this flush (held under apply_mu, it had only what
+        // StartWriteback had started, and receiving stalled behind it).
+        gp->resync_flushing = true;
+        gp->resync_flushing_conn_id = gp->resync_conn_id;
+        gp->resync_flushing_first_link_seq = gp->resync_first_unflushed_link_seq;
+        gp->resync_flushing_link_seq = gp->resync_link_seq;
+        gp->resync_unflushed_bytes = 0;
+        flush = true;
       }
-      if (!s.ok()) {
-        BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
-        gp->Fail(s);
+    }
+    if (flush) {
+      for (const auto& v : gp->target.volumes) {
+        s = v->Flush();
+        if (!s.ok()) break;
       }
+      std::lock_guard apply_lock(gp->apply_mu);
+      gp->resync_flushing = false;
+      // Connection ids grow: a later connection's report is never replaced.
+      if (s.ok() && (gp->resync_flushing_conn_id > gp->resync_flushed_conn_id ||
+                     (gp->resync_flushing_conn_id == gp->resync_flushed_conn_id &&
+                      gp->resync_flushing_link_seq > gp->resync_flushed_link_seq))) {
+        gp->resync_flushed_conn_id = gp->resync_flushing_conn_id;
+        gp->resync_flushed_link_seq = gp->resync_flushing_link_seq;
+      }
+    }
+    if (!s.ok()) {
+      BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
+      gp->Fail(s);
     }
     --gp->resync_drains_in_flight;
   });
@@ -1004,7 +1082,9 @@ Status Receiver::ApplyResyncData(GroupState& g, uint64_t conn_id, uint64_t link_
 
 Status Receiver::FlushResyncData(GroupState& g, uint64_t conn_id,
                                  uint64_t* durable_link_seq) {
-  if (g.resync_unflushed_bytes == 0) return Status::OK();
+  // A background flush may still be writing what came before: this flush
+  // covers it too (its writes were done before this one began).
+  if (g.resync_unflushed_bytes == 0 && !g.resync_flushing) return Status::OK();
   for (const auto& v : g.target.volumes) {
     if (Status s = v->Flush(); !s.ok()) {
       g.Fail(s);

@@ -198,6 +198,14 @@ class Receiver {
   // start-up.
   static Status BeginResync(GroupState& g);
   static Status EndResync(GroupState& g);
+  // Saves every hole of the group's volumes (of at least
+  // kMinHoleSavedAtBegin; at most kMaxHoleRecordsAtBegin records) in the
+  // new undo record as "zeros" records, with one sync. A hole holds its
+  // BEGIN contents until a write of the epoch saves it, so this is what a
+  // batch would save later; done at once, the batches that fill holes (all
+  // of an initial sync to a fresh sparse downstream) have nothing to save
+  // and skip their undo sync. REQUIRES: g.apply_mu held, g.undo just made.
+  static Status SaveHolesAtBegin(GroupState& g);
   // A BEGIN or END marker as it arrives: applies everything received
   // before it, flushes the volumes, opens or closes the resync epoch, and
   // empties the journal (markers are never journaled: a replay must not

@@ -309,7 +309,7 @@ TEST_CASE("Volume: ReadForResync hands over the data while the range is held",
   Fixture f;
   REQUIRE(f.volume->Write(4096, Fill(4096, 0x42), false).ok());
 
-  Bytes out(8192);
+  Bytes out;
   std::atomic<bool> write_done{false};
   Status write_status = Status::IOError("not run");
   std::thread writer;
@@ -318,7 +318,7 @@ TEST_CASE("Volume: ReadForResync hands over the data while the range is held",
   bool write_done_inside = true;
   Bytes seen;
   storage::WriteSeq as_of = 99;
-  Status s = f.volume->ReadForResync(0, out, [&](storage::WriteSeq seq) {
+  Status s = f.volume->ReadForResync(0, 8192, out, [&](storage::WriteSeq seq) {
     ++callbacks;
     as_of = seq;
     seen = out;
@@ -354,9 +354,9 @@ TEST_CASE("Volume: ReadForResync hands over the data while the range is held",
 TEST_CASE("Volume: a failed ReadForResync read does not call back", "[core]") {
   Fixture f;
   f.store->FailNth(testutil::FaultOp::kRead, 1, EIO);
-  Bytes out(512);
+  Bytes out;
   int callbacks = 0;
-  Status s = f.volume->ReadForResync(0, out, [&](storage::WriteSeq) { ++callbacks; });
+  Status s = f.volume->ReadForResync(0, 512, out, [&](storage::WriteSeq) { ++callbacks; });
   CHECK_FALSE(s.ok());
   CHECK(callbacks == 0);
   CHECK(f.volume->IfNoWriteInFlight([](storage::WriteSeq) {}));

@@ -707,6 +707,33 @@ TEST_CASE("ReplicationProtocol: any flipped byte of the payload or the "
   }
 }
 
+TEST_CASE("ReplicationProtocol: DecodeCheckedFrame skips only the checksum",
+          "[replication][protocol]") {
+  const WriteGroup sent = SampleGroup();
+  const Bytes frame = Encode(EncodeWriteGroup, sent);
+  auto header = DecodeFrameHeader(HeaderOf(frame));
+  REQUIRE(header.ok());
+  // The same bytes decode to the same group either way.
+  auto checked = DecodeCheckedFrame(*header, HeaderOf(frame), PayloadOf(frame));
+  REQUIRE(checked.ok());
+  const WriteGroup& got = std::get<WriteGroup>(*checked);
+  CHECK(got.link_seq == sent.link_seq);
+  REQUIRE(got.ops.size() == sent.ops.size());
+  CHECK(Bytes(got.ops[0].data.begin(), got.ops[0].data.end()) ==
+        Bytes(sent.ops[0].data.begin(), sent.ops[0].data.end()));
+  // A changed data byte: only DecodeFrame notices.
+  Bytes changed = frame;
+  changed.back() ^= std::byte{0x01};
+  CHECK_THAT(DecodeFrame(*header, HeaderOf(changed), PayloadOf(changed)).status().message(),
+             Contains("checksum mismatch"));
+  CHECK(DecodeCheckedFrame(*header, HeaderOf(changed), PayloadOf(changed)).ok());
+  // Everything else is still checked.
+  Bytes longer = Concat({PayloadOf(frame), B({0})});
+  auto r = DecodeCheckedFrame(*header, HeaderOf(frame), longer);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().message(), Contains("header announces"));
+}
+
 TEST_CASE("ReplicationProtocol: WRITE_GROUP op with an unknown type is "
           "refused",
           "[replication][protocol]") {

@@ -3,13 +3,16 @@
 // must not remove the *next* retired journal, whose groups are acknowledged
 // as durable but not yet flushed to the volumes; resync data interleaved
 // with streamed groups is flushed per 32 MiB, not per frame; a trim in
-// resync data is undone to the bytes it overwrote.
+// resync data is undone to the bytes it overwrote; a resync's BEGIN saves
+// the volume's holes at once, and a rollback returns them to zeroes.
 //
 // Driven through a real Receiver with a raw upstream speaking the wire
 // protocol; the volume's store blocks chosen Flush() calls so that the
 // interleaving is deterministic.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <condition_variable>
 #include <cstdint>
@@ -33,9 +36,11 @@
 #include "blockrelay/core/io_executor.h"
 #include "blockrelay/core/volume.h"
 #include "blockrelay/io/env.h"
+#include "blockrelay/storage/block_store.h"
 #include "replication/journal.h"
 #include "replication/protocol.h"
 #include "replication/receiver.h"
+#include "replication/undo_record.h"
 #include "testutil/daemon.h"
 #include "testutil/fault_injection_block_store.h"
 #include "testutil/forwarding_block_store.h"
@@ -416,6 +421,107 @@ TEST_CASE("Receiver: a trim in resync data is undone to the bytes it overwrote",
   std::vector<std::byte> b(1);
   REQUIRE(volume->Read(0, b).ok());
   CHECK(static_cast<int>(b[0]) == 0x55);
+  std::atomic<bool> stopped{false};
+  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
+    co_await rp->Stop();
+    stopped = true;
+  }, asio::detached);
+  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
+  ctx.stop();
+  net.join();
+}
+
+}  // namespace
+}  // namespace blockrelay::replication
+
+namespace blockrelay::replication {
+namespace {
+
+// A fresh sparse downstream's initial sync writes nothing but holes: BEGIN
+// saves them in the undo record at once (one sync), so the batches that
+// fill them have nothing left to save; a rollback still returns them to
+// zeroes.
+TEST_CASE("Receiver: a resync's BEGIN saves the volume's holes in the undo "
+          "record, and a rollback returns them to zeroes",
+          "[replication][undo]") {
+  testutil::TempDir dir;
+  config::GroupConfig config;
+  config.name = "g";
+  config.role = config::Role::kSecondary;
+  config.upstream = config::UpstreamConfig{"a", std::nullopt};
+  storage::FileBlockStoreOptions options;
+  options.path = (dir.path() / "v.img").string();
+  options.size_bytes = kVolumeBytes;
+  auto store = storage::OpenFileBlockStore(options);
+  REQUIRE(store.ok());
+  auto volume = std::make_shared<core::Volume>("g", "v", std::move(store).value(), nullptr,
+                                               /*read_only=*/true);
+  asio::io_context ctx;
+  core::IoExecutor io{2};
+  ReceiverTarget t;
+  t.config = &config;
+  t.volumes = {volume};
+  auto r = Receiver::Open(ctx, io, "b", dir.path().string(), {t});
+  REQUIRE(r.ok());
+  const uint16_t port = testutil::PickFreeTcpPort();
+  REQUIRE((*r)->Listen(config::Endpoint{"127.0.0.1", port}).ok());
+  (*r)->Start();
+  std::thread net([&] { ctx.run(); });
+  const auto undo_path = dir.path() / "undo-g.log";
+  uint64_t undo_after_begin = 0;
+  std::vector<std::byte> resync_data(256 * 1024, std::byte{0x66});
+  {
+    RawUpstream up(port);
+    Hello hello;
+    hello.site = "a";
+    hello.group = "g";
+    hello.region_size_bytes = config.region_size_bytes;
+    hello.volumes = {{"v", kVolumeBytes}};
+    Bytes out;
+    EncodeHello(hello, out);
+    up.Send(out);
+    REQUIRE(std::get<HelloReply>(up.Read()).result == HelloResult::kAccepted);
+    REQUIRE(std::holds_alternative<DirtyRanges>(up.Read()));
+    // Data in the first 64 KiB; the rest of the file stays a hole.
+    std::vector<std::byte> k;
+    up.Send(WriteFrame(1, 1, 0, 0x55, k));
+    up.Send(MarkerFrame(2, kGroupResyncBegin));
+    up.WaitDurable(2);
+    REQUIRE(std::filesystem::exists(undo_path));
+    // The header (4096 bytes) and at least one record: the hole.
+    undo_after_begin = std::filesystem::file_size(undo_path);
+    CHECK(undo_after_begin > UndoRecord::kHeaderBytes);
+    WriteGroup g;
+    g.link_seq = 3;
+    g.flags = kGroupResync;
+    g.ops.push_back(Op{OpType::kWrite, 0, 512 * 1024, resync_data.size(), resync_data});
+    Bytes f;
+    EncodeWriteGroup(g, f);
+    up.Send(f);
+    up.WaitDurable(3);
+  }
+  // Written into the hole, and nothing more saved for it.
+  std::vector<std::byte> b(1);
+  REQUIRE(volume->Read(512 * 1024, b).ok());
+  CHECK(static_cast<int>(b[0]) == 0x66);
+  CHECK(std::filesystem::file_size(undo_path) == undo_after_begin);
+  // The upstream is gone: roll back.
+  std::atomic<int> done{0};
+  bool rolled_back = false;
+  Receiver* rp = r->get();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  asio::co_spawn(ctx, [rp, &done, &rolled_back]() -> asio::awaitable<void> {
+    auto out = co_await rp->Rollback("g");
+    rolled_back = out.ok() && out->rolled_back;
+    done = 1;
+  }, asio::detached);
+  REQUIRE(WaitFor([&] { return done.load() == 1; }, std::chrono::seconds(10)));
+  CHECK(rolled_back);
+  std::vector<std::byte> back(resync_data.size(), std::byte{1});
+  REQUIRE(volume->Read(512 * 1024, back).ok());
+  CHECK(std::all_of(back.begin(), back.end(), [](std::byte x) { return x == std::byte{0}; }));
+  REQUIRE(volume->Read(0, b).ok());
+  CHECK(static_cast<int>(b[0]) == 0x55);  // the data before the epoch stays
   std::atomic<bool> stopped{false};
   asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
     co_await rp->Stop();

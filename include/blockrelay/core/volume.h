@@ -125,16 +125,17 @@ class Volume {
   }
   ReplicationSink* replication() const { return sink_; }
 
-  // Resync: reads [offset, offset+out.size()) while no write to it is in
-  // flight and, still holding the range, calls with_data(as_of): as_of is
-  // the scoreboard WriteSeq the data is current to (for MarkClean once the
-  // downstream has it). Holding the range orders the resync data before
-  // any later write to those bytes in the replication stream.
+  // Resync: reads [offset, offset+length) into `out` (resized to `length`)
+  // while no write to it is in flight and, still holding the range, calls
+  // with_data(as_of): as_of is the scoreboard WriteSeq the data is current
+  // to (for MarkClean once the downstream has it). Holding the range orders
+  // the resync data before any later write to those bytes in the
+  // replication stream.
   // With `all_zero`, the store's block status is asked first (under the
   // range): when the whole range is unallocated or reads as zeroes, nothing
   // is read, `out` is left as it was and *all_zero is true -- a sparse or
-  // zeroed region costs a seek, not a read.
-  Status ReadForResync(uint64_t offset, std::span<std::byte> out,
+  // zeroed region costs a seek, not a read (nor a buffer to read into).
+  Status ReadForResync(uint64_t offset, uint64_t length, std::vector<std::byte>& out,
                        const std::function<void(storage::WriteSeq)>& with_data,
                        bool* all_zero = nullptr);
   // Runs fn(current WriteSeq) if no write is in flight on this volume;
