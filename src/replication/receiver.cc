@@ -567,10 +567,6 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
       }
     }
   }
-  // Let the disk start on this batch now: the flush that makes it durable
-  // (every kResyncFlushBytes) then has less left to wait for, and the
-  // writeback overlaps with receiving the next batches.
-  for (const auto& v : g.target.volumes) v->StartWriteback();
   for (const auto& q : queue) {
     if (g.resync_unflushed_bytes == 0 || g.resync_conn_id != q.conn_id) {
       g.resync_first_unflushed_link_seq = q.link_seq;
@@ -588,8 +584,51 @@ Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> gro
   //    volume holds (a hole reads as zeroes without a read).
   struct Plan {
     const Op* op;
-    std::vector<std::byte> current;  // empty: the range is a hole / zeroes
-    std::vector<ByteRun> runs;       // relative to op->offset
+    std::span<const std::byte> current;  // empty: the range is a hole / zeroes
+    std::vector<ByteRun> runs;           // relative to op->offset
+  };
+  // One buffer for what the batch reads, left uninitialized: it is read
+  // into, and a zero-filled 64 KiB per op showed in the profile.
+  std::vector<uint64_t> batch_end(g.target.volumes.size(), 0);
+  uint64_t total = 0;
+  for (const WriteGroup& group : groups) {
+    for (const Op& op : group.ops) {
+      if (op.length == 0) continue;
+      batch_end[op.volume] = std::max(batch_end[op.volume], op.offset + op.length);
+      total += op.length;
+    }
+  }
+  auto reads = std::make_unique_for_overwrite<std::byte[]>(total);
+  uint64_t used = 0;
+  // Block status once for many ops, not twice lseek per op: ops come in
+  // ascending order, and one call answers up to the batch's last byte
+  // (unless the store caps its extents). Nothing writes the volumes while
+  // the batch is planned.
+  struct KnownExtents {
+    uint64_t begin = 0, end = 0;
+    std::vector<storage::Extent> extents;
+  };
+  std::vector<KnownExtents> known(g.target.volumes.size());
+  auto reads_as_zeroes = [&](const Op& op) {
+    KnownExtents& k = known[op.volume];
+    const uint64_t op_end = op.offset + op.length;
+    if (op.offset < k.begin || op_end > k.end) {
+      auto extents = g.target.volumes[op.volume]->BlockStatus(
+          op.offset, batch_end[op.volume] - op.offset);
+      if (!extents.ok()) return false;  // no reason to fail: read instead
+      k.begin = k.end = op.offset;
+      for (const auto& e : *extents) k.end += e.length_bytes;
+      k.extents = std::move(extents).value();
+      if (op_end > k.end) return false;
+    }
+    uint64_t pos = k.begin;
+    for (const auto& e : k.extents) {
+      const uint64_t e_end = pos + e.length_bytes;
+      if (e_end > op.offset && !e.zero) return false;
+      if (e_end >= op_end) return true;
+      pos = e_end;
+    }
+    return false;
   };
   std::vector<Plan> plans;
   for (const WriteGroup& group : groups) {
@@ -597,21 +636,13 @@ Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> gro
       if (op.length == 0) continue;
       core::Volume& v = *g.target.volumes[op.volume];
       Plan plan{&op, {}, {}};
-      bool zeroes = false;
-      if (auto extents = v.BlockStatus(op.offset, op.length); extents.ok()) {
-        uint64_t covered = 0;
-        zeroes = true;
-        for (const auto& e : *extents) {
-          zeroes = zeroes && e.zero;
-          covered += e.length_bytes;
-        }
-        zeroes = zeroes && covered >= op.length;
-      }
-      if (!zeroes) {
-        plan.current.resize(op.length);
-        if (Status s = v.Read(op.offset, plan.current); !s.ok()) {
+      if (!reads_as_zeroes(op)) {
+        std::span<std::byte> into(reads.get() + used, op.length);
+        used += op.length;
+        if (Status s = v.Read(op.offset, into); !s.ok()) {
           return s.WithContext("reading what resync data overwrites");
         }
+        plan.current = into;
       }
       // A trim leaves zeroes (or anything): saved like a zeroing.
       plan.runs = op.type == OpType::kWrite ? DifferingRuns(plan.current, op.data)
@@ -1019,6 +1050,13 @@ void Receiver::StartResyncDrain(GroupState& g) {
         gp->resync_unflushed_bytes = 0;
         flush = true;
       }
+    }
+    // Let the disk start on what the drain wrote: the flush that makes it
+    // durable then has less left to wait for, and the writeback overlaps
+    // with receiving the next batches. Not under apply_mu: with scattered
+    // data, queueing the writeback of the whole file takes milliseconds.
+    if (s.ok()) {
+      for (const auto& v : gp->target.volumes) v->StartWriteback();
     }
     if (flush) {
       for (const auto& v : gp->target.volumes) {
