@@ -37,6 +37,8 @@ constexpr uint64_t kSyncBatchBytes = 4ull << 20;
 constexpr uint64_t kResyncBatchBytes = 8ull << 20;
 constexpr uint64_t kMaxResyncQueueBytes = 4 * kResyncBatchBytes;
 constexpr uint64_t kResyncFlushBytes = 32ull << 20;
+// The ranges one applied batch may cover (ApplyQueuedResync).
+constexpr uint64_t kMaxResyncBatchSpanBytes = 32ull << 20;
 // The journal is rotated past this size, and when the link has been idle
 // for kIdleReset: the full one is retired once the volumes are flushed
 // (RotateJournal, RetireJournal). The volume flush writes back every region
@@ -49,6 +51,10 @@ constexpr auto kIdleReset = std::chrono::seconds(1);
 // undo record at once (SaveHolesAtBegin), at most this many records.
 constexpr uint64_t kMinHoleSavedAtBegin = 64ull << 10;
 constexpr size_t kMaxHoleRecordsAtBegin = 65536;
+// ... and walks the volumes' extents with at most this many block status
+// calls (each covers up to 1,024 extents): a fragmented file costs BEGIN a
+// bounded time under the apply lock.
+constexpr size_t kMaxBlockStatusCallsAtBegin = 256;
 // Received frames waiting to be synced and applied are held in memory; past
 // this many bytes the connection stops taking frames until they are
 // applied (the upstream's queue, bounded by its max_queue, absorbs it).
@@ -77,6 +83,13 @@ std::string VolumeNames(const std::vector<std::string>& names) {
 }
 }  // namespace
 
+// A resync frame received and not applied yet.
+struct Receiver::QueuedResync {
+  uint64_t conn_id;
+  uint64_t link_seq;
+  Bytes frame;
+};
+
 struct Receiver::GroupState {
   ReceiverTarget target;
   // Swapped by RotateJournal under both locks below.
@@ -98,7 +111,7 @@ struct Receiver::GroupState {
   //   append_mu: journal appends and `pending`; held briefly, except
   //              while the journal is reset (rare);
   //   apply_mu:  syncing and applying, one batch at a time, in order.
-  // Lock order: apply_mu, then append_mu.
+  // Lock order: apply_mu, then append_mu (then resync_mu).
   std::mutex apply_mu;
   std::mutex append_mu;
   struct Pending {
@@ -155,13 +168,9 @@ struct Receiver::GroupState {
   uint64_t resync_link_seq = 0;
   // Resync frames received but not applied yet, in arrival order: applied
   // in batches, so that one undo-record sync covers many of them.
-  struct QueuedResync {
-    uint64_t conn_id;
-    uint64_t link_seq;
-    Bytes frame;
-  };
   // The network thread queues resync frames without waiting for a batch
-  // being applied (QueueResyncInline); lock order apply_mu, then resync_mu.
+  // being applied (QueueResyncInline); lock order apply_mu, append_mu,
+  // resync_mu.
   std::mutex resync_mu;
   std::vector<QueuedResync> resync_queue;  // GUARDED_BY(resync_mu)
   uint64_t resync_queue_bytes = 0;         // GUARDED_BY(resync_mu)
@@ -424,12 +433,29 @@ Status Receiver::BeginResync(GroupState& g) {
   return Status::OK();
 }
 
+namespace {
+// Whether the store reports all of [offset, offset+length) as reading
+// zeroes (false when it cannot tell).
+bool ReadsAsZeroes(core::Volume& v, uint64_t offset, uint64_t length) {
+  auto extents = v.BlockStatus(offset, length);
+  if (!extents.ok()) return false;
+  uint64_t covered = 0;
+  for (const auto& e : *extents) {
+    if (!e.zero) return false;
+    covered += e.length_bytes;
+  }
+  return covered >= length;
+}
+}  // namespace
+
 Status Receiver::SaveHolesAtBegin(GroupState& g) {
   size_t records = 0;
+  size_t calls = 0;
   for (uint32_t vi = 0; vi < g.target.volumes.size(); ++vi) {
     core::Volume& v = *g.target.volumes[vi];
     uint64_t pos = 0;
-    while (pos < v.size_bytes() && records < kMaxHoleRecordsAtBegin) {
+    while (pos < v.size_bytes() && records < kMaxHoleRecordsAtBegin &&
+           calls++ < kMaxBlockStatusCallsAtBegin) {
       auto extents = v.BlockStatus(pos, v.size_bytes() - pos);
       // Not fatal: the batches save what they overwrite, holes included.
       if (!extents.ok() || extents->empty()) break;
@@ -512,12 +538,17 @@ Status Receiver::SaveUndo(GroupState& g, const WriteGroup& group, bool sync) {
 }
 
 Status Receiver::DrainResyncQueue(GroupState& g) {
-  std::vector<GroupState::QueuedResync> queue;
+  std::vector<QueuedResync> queue;
   {
     std::lock_guard lock(g.resync_mu);
     queue.swap(g.resync_queue);
     g.resync_queue_bytes = 0;
   }
+  return ApplyQueuedResync(g, std::move(queue));
+}
+
+Status Receiver::ApplyQueuedResync(GroupState& g,
+                                   std::vector<QueuedResync> queue) {
   if (queue.empty()) return Status::OK();
   std::vector<WriteGroup> groups;
   groups.reserve(queue.size());
@@ -547,11 +578,20 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
     return it != taken.end() && it->first.first == op.volume &&
            it->first.second < op.offset + op.length;
   };
+  // A batch also ends past kMaxResyncBatchSpanBytes of ranges: what it
+  // overwrites is read into memory at once, and a zero operation of a few
+  // bytes on the wire may cover a MiB that holds data here.
   size_t begin = 0;
+  uint64_t span = 0;
   for (size_t i = 0; i <= groups.size(); ++i) {
     bool cut = i == groups.size();
+    uint64_t group_span = 0;
     if (!cut) {
-      for (const Op& op : groups[i].ops) cut = cut || overlaps(op);
+      for (const Op& op : groups[i].ops) {
+        cut = cut || overlaps(op);
+        group_span += op.length;
+      }
+      cut = cut || span + group_span > kMaxResyncBatchSpanBytes;
     }
     if (cut && i > begin) {
       if (Status s = ApplyResyncBatch(g, std::span(groups).subspan(begin, i - begin));
@@ -560,11 +600,13 @@ Status Receiver::DrainResyncQueue(GroupState& g) {
       }
       taken.clear();
       begin = i;
+      span = 0;
     }
     if (i < groups.size()) {
       for (const Op& op : groups[i].ops) {
         if (op.length) taken[{op.volume, op.offset}] = op.offset + op.length;
       }
+      span += group_span;
     }
   }
   for (const auto& q : queue) {
@@ -587,19 +629,13 @@ Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> gro
     std::span<const std::byte> current;  // empty: the range is a hole / zeroes
     std::vector<ByteRun> runs;           // relative to op->offset
   };
-  // One buffer for what the batch reads, left uninitialized: it is read
-  // into, and a zero-filled 64 KiB per op showed in the profile.
   std::vector<uint64_t> batch_end(g.target.volumes.size(), 0);
-  uint64_t total = 0;
   for (const WriteGroup& group : groups) {
     for (const Op& op : group.ops) {
       if (op.length == 0) continue;
       batch_end[op.volume] = std::max(batch_end[op.volume], op.offset + op.length);
-      total += op.length;
     }
   }
-  auto reads = std::make_unique_for_overwrite<std::byte[]>(total);
-  uint64_t used = 0;
   // Block status once for many ops, not twice lseek per op: ops come in
   // ascending order, and one call answers up to the batch's last byte
   // (unless the store caps its extents). Nothing writes the volumes while
@@ -630,25 +666,38 @@ Status Receiver::ApplyResyncBatch(GroupState& g, std::span<const WriteGroup> gro
     }
     return false;
   };
-  std::vector<Plan> plans;
+  std::vector<const Op*> ops;
+  std::vector<bool> zeroes;
+  uint64_t to_read = 0;
   for (const WriteGroup& group : groups) {
     for (const Op& op : group.ops) {
       if (op.length == 0) continue;
-      core::Volume& v = *g.target.volumes[op.volume];
-      Plan plan{&op, {}, {}};
-      if (!reads_as_zeroes(op)) {
-        std::span<std::byte> into(reads.get() + used, op.length);
-        used += op.length;
-        if (Status s = v.Read(op.offset, into); !s.ok()) {
-          return s.WithContext("reading what resync data overwrites");
-        }
-        plan.current = into;
-      }
-      // A trim leaves zeroes (or anything): saved like a zeroing.
-      plan.runs = op.type == OpType::kWrite ? DifferingRuns(plan.current, op.data)
-                                            : NonZeroRuns(plan.current);
-      plans.push_back(std::move(plan));
+      ops.push_back(&op);
+      zeroes.push_back(reads_as_zeroes(op));
+      if (!zeroes.back()) to_read += op.length;
     }
+  }
+  // One buffer for what the batch reads, left uninitialized: it is read
+  // into, and a zero-filled 64 KiB per op showed in the profile.
+  auto reads = std::make_unique_for_overwrite<std::byte[]>(to_read);
+  uint64_t used = 0;
+  std::vector<Plan> plans;
+  plans.reserve(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const Op& op = *ops[i];
+    Plan plan{&op, {}, {}};
+    if (!zeroes[i]) {
+      std::span<std::byte> into(reads.get() + used, op.length);
+      used += op.length;
+      if (Status s = g.target.volumes[op.volume]->Read(op.offset, into); !s.ok()) {
+        return s.WithContext("reading what resync data overwrites");
+      }
+      plan.current = into;
+    }
+    // A trim leaves zeroes (or anything): saved like a zeroing.
+    plan.runs = op.type == OpType::kWrite ? DifferingRuns(plan.current, op.data)
+                                          : NonZeroRuns(plan.current);
+    plans.push_back(std::move(plan));
   }
   // 2. Between BEGIN and END: the old bytes of what changes are durable in
   //    the undo record (one sync for the batch) before any of it is written.
@@ -744,6 +793,11 @@ Status Receiver::RollbackGroup(GroupState& g, RollbackOutcome* out) {
         core::WriteContext ctx;
         ctx.from_upstream = true;
         core::Volume& v = *g.target.volumes[volume];
+        if (data.empty() && ReadsAsZeroes(v, offset, length)) {
+          // A hole BEGIN saved that the epoch never wrote: nothing to
+          // restore, and no zeroing for this site's own downstreams.
+          return Status::OK();
+        }
         Status ws = data.empty()
                         ? v.WriteZeroes(offset, length, /*may_trim=*/true,
                                         /*fast_only=*/false, /*fua=*/false, &ctx)
@@ -857,16 +911,24 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
                               uint64_t* durable_link_seq, ResyncFlush resync_flush) {
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
-  // Queued resync data arrived before everything now pending in the journal.
-  if (Status s = DrainResyncQueue(g); !s.ok()) {
-    g.Fail(s);
-    return s;
-  }
+  // Both queues at one instant: a resync frame is queued only while nothing
+  // is pending (QueueResyncInline), so every one taken here arrived before
+  // every pending group taken with it and is applied first. Taken one
+  // after the other, a resync frame queued in between would be applied
+  // after (over) a streamed group to the same bytes that followed it.
+  std::vector<QueuedResync> resync;
   std::vector<GroupState::Pending> batch;
   {
     std::lock_guard lock(g.append_mu);
+    std::lock_guard resync_lock(g.resync_mu);
+    resync.swap(g.resync_queue);
+    g.resync_queue_bytes = 0;
     batch.swap(g.pending);
     g.pending_bytes = 0;
+  }
+  if (Status s = ApplyQueuedResync(g, std::move(resync)); !s.ok()) {
+    g.Fail(s);
+    return s;
   }
   if (!batch.empty()) {
     // Everything in `batch` was appended before this sync starts.
@@ -1007,12 +1069,13 @@ Status Receiver::DropRetiredJournal(GroupState& g) {
 bool Receiver::QueueResyncInline(GroupState& g, uint64_t conn_id,
                                  uint64_t link_seq, Bytes& frame) {
   if (g.failed) return false;
-  {
-    std::unique_lock append_lock(g.append_mu, std::try_to_lock);
-    if (!append_lock.owns_lock() || !g.pending.empty()) return false;
-  }
   bool drain = false;
   {
+    // Queued under append_mu while nothing is pending: SyncAndApply takes
+    // both queues together and relies on every queued frame preceding
+    // every pending one.
+    std::unique_lock append_lock(g.append_mu, std::try_to_lock);
+    if (!append_lock.owns_lock() || !g.pending.empty()) return false;
     std::lock_guard lock(g.resync_mu);
     // Past a few batches waiting, the caller applies on the pool before
     // reading on (back-pressure).
@@ -1037,6 +1100,9 @@ void Receiver::StartResyncDrain(GroupState& g) {
     {
       std::lock_guard apply_lock(gp->apply_mu);
       s = gp->failed ? Status::OK() : DrainResyncQueue(*gp);
+      // Failed under the lock: a SyncAndApply that ran between would
+      // acknowledge later frames past resync data this drain lost.
+      if (!s.ok()) gp->Fail(s);
       if (s.ok() && !gp->failed && !gp->resync_flushing &&
           gp->resync_unflushed_bytes >= kResyncFlushBytes) {
         // Flushed below without apply_mu: the next drain applies the next
@@ -1064,6 +1130,9 @@ void Receiver::StartResyncDrain(GroupState& g) {
         if (!s.ok()) break;
       }
       std::lock_guard apply_lock(gp->apply_mu);
+      // Failed before the cap on durable acknowledgements goes: the data
+      // this flush was to make durable may not be.
+      if (!s.ok()) gp->Fail(s);
       gp->resync_flushing = false;
       // Connection ids grow: a later connection's report is never replaced.
       if (s.ok() && (gp->resync_flushing_conn_id > gp->resync_flushed_conn_id ||
@@ -1075,7 +1144,6 @@ void Receiver::StartResyncDrain(GroupState& g) {
     }
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", gp->target.config->name, s.ToString());
-      gp->Fail(s);
     }
     --gp->resync_drains_in_flight;
   });

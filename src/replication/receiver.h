@@ -160,6 +160,7 @@ class Receiver {
  private:
   struct GroupState;
   struct Conn;
+  struct QueuedResync;
   Receiver(asio::io_context& ctx, core::IoExecutor& io, std::string local_site);
   asio::awaitable<void> Accept();
   asio::awaitable<void> Serve(asio::ip::tcp::socket socket);
@@ -246,6 +247,9 @@ class Receiver {
   // Applies the queued resync frames in order: saves what they overwrite,
   // syncs the undo record once, then writes them. REQUIRES: g.apply_mu held.
   static Status DrainResyncQueue(GroupState& g);
+  // The same for frames already taken from the queue (SyncAndApply takes
+  // the queue together with the pending journal groups).
+  static Status ApplyQueuedResync(GroupState& g, std::vector<QueuedResync> queue);
   // Applies resync frames that do not overlap each other: reads what the
   // volumes hold, saves in the undo record (one sync) and writes only the
   // granules that differ (resync_diff.h). REQUIRES: g.apply_mu held.

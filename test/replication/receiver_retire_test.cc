@@ -4,7 +4,8 @@
 // as durable but not yet flushed to the volumes; resync data interleaved
 // with streamed groups is flushed per 32 MiB, not per frame; a trim in
 // resync data is undone to the bytes it overwrote; a resync's BEGIN saves
-// the volume's holes at once, and a rollback returns them to zeroes.
+// the volume's holes at once, and a rollback returns them to zeroes; a
+// streamed group never overtakes resync data that arrived before it.
 //
 // Driven through a real Receiver with a raw upstream speaking the wire
 // protocol; the volume's store blocks chosen Flush() calls so that the
@@ -523,6 +524,116 @@ TEST_CASE("Receiver: a resync's BEGIN saves the volume's holes in the undo "
   REQUIRE(volume->Read(0, b).ok());
   CHECK(static_cast<int>(b[0]) == 0x55);  // the data before the epoch stays
   std::atomic<bool> stopped{false};
+  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
+    co_await rp->Stop();
+    stopped = true;
+  }, asio::detached);
+  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
+  ctx.stop();
+  net.join();
+}
+
+}  // namespace
+}  // namespace blockrelay::replication
+
+namespace blockrelay::replication {
+namespace {
+
+// Blocks the first write at offset 0 until Release().
+class WriteGate final : public testutil::ForwardingBlockStore {
+ public:
+  explicit WriteGate(testutil::FaultInjectionBlockStore* inner) : ForwardingBlockStore(inner) {}
+  Status Write(uint64_t offset, std::span<const std::byte> data, bool fua) override {
+    if (offset == 0) {
+      std::unique_lock lock(mu_);
+      blocked_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [&] { return released_; });
+    }
+    return ForwardingBlockStore::Write(offset, data, fua);
+  }
+  bool WaitBlocked() {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return blocked_; });
+  }
+  void Release() {
+    std::lock_guard lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool blocked_ = false, released_ = false;
+};
+
+Bytes ResyncFrame(uint64_t link_seq, uint64_t offset, uint8_t value, std::vector<std::byte>& keep) {
+  keep.assign(4096, static_cast<std::byte>(value));
+  WriteGroup g;
+  g.link_seq = link_seq;
+  g.flags = kGroupResync;
+  g.ops.push_back(Op{OpType::kWrite, 0, offset, 4096, keep});
+  Bytes out;
+  EncodeWriteGroup(g, out);
+  return out;
+}
+
+// A resync frame queued while SyncAndApply applies an earlier resync batch,
+// then a streamed group to the same bytes: the streamed group came later
+// and must land last.
+TEST_CASE("Receiver: a streamed group does not overtake resync data queued "
+          "before it", "[replication]") {
+  testutil::TempDir dir;
+  config::GroupConfig config;
+  config.name = "g";
+  config.role = config::Role::kSecondary;
+  config.upstream = config::UpstreamConfig{"a", std::nullopt};
+  testutil::FaultInjectionBlockStore inner(kVolumeBytes);
+  auto* gate = new WriteGate(&inner);
+  auto volume = std::make_shared<core::Volume>(
+      "g", "v", std::unique_ptr<storage::BlockStore>(gate), nullptr, /*read_only=*/true);
+  asio::io_context ctx;
+  core::IoExecutor io{3};
+  ReceiverTarget t;
+  t.config = &config;
+  t.volumes = {volume};
+  auto r = Receiver::Open(ctx, io, "b", dir.path().string(), {t});
+  REQUIRE(r.ok());
+  const uint16_t port = testutil::PickFreeTcpPort();
+  REQUIRE((*r)->Listen(config::Endpoint{"127.0.0.1", port}).ok());
+  (*r)->Start();
+  std::thread net([&] { ctx.run(); });
+  {
+    RawUpstream up(port);
+    Hello hello;
+    hello.site = "a";
+    hello.group = "g";
+    hello.region_size_bytes = config.region_size_bytes;
+    hello.volumes = {{"v", kVolumeBytes}};
+    Bytes out;
+    EncodeHello(hello, out);
+    up.Send(out);
+    REQUIRE(std::get<HelloReply>(up.Read()).result == HelloResult::kAccepted);
+    REQUIRE(std::holds_alternative<DirtyRanges>(up.Read()));
+    std::vector<std::byte> k0, k1, k2;
+    // Q0: resync data at 0; the ticker's SyncAndApply drains it and blocks
+    // in its write.
+    up.Send(ResyncFrame(1, 0, 0xAA, k0));
+    REQUIRE(gate->WaitBlocked());
+    // R: resync data at 64 KiB (queued inline: nothing pending), then S: a
+    // streamed group to the same bytes (appended inline).
+    up.Send(ResyncFrame(2, 65536, 0x11, k1));
+    up.Send(WriteFrame(3, 1, 65536, 0x22, k2));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    gate->Release();
+    up.WaitDurable(3);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  std::vector<std::byte> b(1);
+  REQUIRE(volume->Read(65536, b).ok());
+  CHECK(static_cast<int>(b[0]) == 0x22);  // S came after R
+  std::atomic<bool> stopped{false};
+  Receiver* rp = r->get();
   asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
     co_await rp->Stop();
     stopped = true;
