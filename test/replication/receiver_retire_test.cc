@@ -277,6 +277,81 @@ namespace {
 // (QueueResyncInline refuses while the journal has pending frames), and
 // ApplyResyncData applies those with SyncAndApply: with kAlways that would
 // flush the volumes once per resync frame.
+// A secondary site "b" with group "g" of one volume "v", its Receiver
+// listening on a free loopback port, the network thread running; stopped
+// and joined when it goes.
+class ReceiverSite {
+ public:
+  ReceiverSite(const std::filesystem::path& dir, std::shared_ptr<core::Volume> volume,
+               size_t io_threads = 2)
+      : volume_(std::move(volume)), io_(io_threads) {
+    config_.name = "g";
+    config_.role = config::Role::kSecondary;
+    config_.upstream = config::UpstreamConfig{"a", std::nullopt};
+    ReceiverTarget t;
+    t.config = &config_;
+    t.volumes = {volume_};
+    auto r = Receiver::Open(ctx_, io_, "b", dir.string(), {t});
+    REQUIRE(r.ok());
+    receiver_ = std::move(r).value();
+    port_ = testutil::PickFreeTcpPort();
+    REQUIRE(receiver_->Listen(config::Endpoint{"127.0.0.1", port_}).ok());
+    receiver_->Start();
+    net_ = std::thread([this] { ctx_.run(); });
+  }
+  ~ReceiverSite() {
+    std::atomic<bool> stopped{false};
+    Receiver* rp = receiver_.get();
+    asio::co_spawn(ctx_, [rp, &stopped]() -> asio::awaitable<void> {
+      co_await rp->Stop();
+      stopped = true;
+    }, asio::detached);
+    WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
+    ctx_.stop();
+    net_.join();
+  }
+
+  uint16_t port() const { return port_; }
+
+  // HELLO as site a, accepted, and the DIRTY_RANGES that follows.
+  void Handshake(RawUpstream& up) {
+    Hello hello;
+    hello.site = "a";
+    hello.group = "g";
+    hello.region_size_bytes = config_.region_size_bytes;
+    hello.volumes = {{"v", volume_->size_bytes()}};
+    Bytes out;
+    EncodeHello(hello, out);
+    up.Send(out);
+    REQUIRE(std::get<HelloReply>(up.Read()).result == HelloResult::kAccepted);
+    REQUIRE(std::holds_alternative<DirtyRanges>(up.Read()));
+  }
+
+  // `blockrelay rollback g`, once the upstream is gone: whether it rolled back.
+  bool Rollback() {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::atomic<int> done{0};
+    bool rolled_back = false;
+    Receiver* rp = receiver_.get();
+    asio::co_spawn(ctx_, [rp, &done, &rolled_back]() -> asio::awaitable<void> {
+      auto out = co_await rp->Rollback("g");
+      rolled_back = out.ok() && out->rolled_back;
+      done = 1;
+    }, asio::detached);
+    REQUIRE(WaitFor([&] { return done.load() == 1; }, std::chrono::seconds(10)));
+    return rolled_back;
+  }
+
+ private:
+  config::GroupConfig config_;
+  std::shared_ptr<core::Volume> volume_;
+  asio::io_context ctx_;
+  core::IoExecutor io_;
+  std::unique_ptr<Receiver> receiver_;
+  uint16_t port_ = 0;
+  std::thread net_;
+};
+
 TEST_CASE("Receiver: interleaved streamed groups do not make every resync frame "
           "flush the volumes", "[replication]") {
   testutil::TempDir dir;
@@ -361,37 +436,14 @@ namespace {
 TEST_CASE("Receiver: a trim in resync data is undone to the bytes it overwrote",
           "[replication][undo]") {
   testutil::TempDir dir;
-  config::GroupConfig config;
-  config.name = "g";
-  config.role = config::Role::kSecondary;
-  config.upstream = config::UpstreamConfig{"a", std::nullopt};
   auto* inner = new testutil::FaultInjectionBlockStore(kVolumeBytes);
   auto volume = std::make_shared<core::Volume>(
       "g", "v", std::unique_ptr<storage::BlockStore>(inner), nullptr, /*read_only=*/true);
-  asio::io_context ctx;
-  core::IoExecutor io{2};
-  ReceiverTarget t;
-  t.config = &config;
-  t.volumes = {volume};
-  auto r = Receiver::Open(ctx, io, "b", dir.path().string(), {t});
-  REQUIRE(r.ok());
-  const uint16_t port = testutil::PickFreeTcpPort();
-  REQUIRE((*r)->Listen(config::Endpoint{"127.0.0.1", port}).ok());
-  (*r)->Start();
-  std::thread net([&] { ctx.run(); });
+  ReceiverSite site(dir.path(), volume);
   {
-    RawUpstream up(port);
-    Hello hello;
-    hello.site = "a";
-    hello.group = "g";
-    hello.region_size_bytes = config.region_size_bytes;
-    hello.volumes = {{"v", kVolumeBytes}};
+    RawUpstream up(site.port());
+    site.Handshake(up);
     Bytes out;
-    EncodeHello(hello, out);
-    up.Send(out);
-    REQUIRE(std::get<HelloReply>(up.Read()).result == HelloResult::kAccepted);
-    REQUIRE(std::holds_alternative<DirtyRanges>(up.Read()));
-    out.clear();
     EncodePing(Ping{0}, out);
     up.Send(out);
     std::vector<std::byte> k;
@@ -408,28 +460,10 @@ TEST_CASE("Receiver: a trim in resync data is undone to the bytes it overwrote",
     up.WaitDurable(3);
   }
   // The upstream is gone: roll back.
-  std::atomic<int> done{0};
-  bool rolled_back = false;
-  Receiver* rp = r->get();
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  asio::co_spawn(ctx, [rp, &done, &rolled_back]() -> asio::awaitable<void> {
-    auto out = co_await rp->Rollback("g");
-    rolled_back = out.ok() && out->rolled_back;
-    done = 1;
-  }, asio::detached);
-  REQUIRE(WaitFor([&] { return done.load() == 1; }, std::chrono::seconds(10)));
-  CHECK(rolled_back);
+  CHECK(site.Rollback());
   std::vector<std::byte> b(1);
   REQUIRE(volume->Read(0, b).ok());
   CHECK(static_cast<int>(b[0]) == 0x55);
-  std::atomic<bool> stopped{false};
-  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
-    co_await rp->Stop();
-    stopped = true;
-  }, asio::detached);
-  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
-  ctx.stop();
-  net.join();
 }
 
 }  // namespace
@@ -446,10 +480,6 @@ TEST_CASE("Receiver: a resync's BEGIN saves the volume's holes in the undo "
           "record, and a rollback returns them to zeroes",
           "[replication][undo]") {
   testutil::TempDir dir;
-  config::GroupConfig config;
-  config.name = "g";
-  config.role = config::Role::kSecondary;
-  config.upstream = config::UpstreamConfig{"a", std::nullopt};
   storage::FileBlockStoreOptions options;
   options.path = (dir.path() / "v.img").string();
   options.size_bytes = kVolumeBytes;
@@ -457,33 +487,14 @@ TEST_CASE("Receiver: a resync's BEGIN saves the volume's holes in the undo "
   REQUIRE(store.ok());
   auto volume = std::make_shared<core::Volume>("g", "v", std::move(store).value(), nullptr,
                                                /*read_only=*/true);
-  asio::io_context ctx;
-  core::IoExecutor io{2};
-  ReceiverTarget t;
-  t.config = &config;
-  t.volumes = {volume};
-  auto r = Receiver::Open(ctx, io, "b", dir.path().string(), {t});
-  REQUIRE(r.ok());
-  const uint16_t port = testutil::PickFreeTcpPort();
-  REQUIRE((*r)->Listen(config::Endpoint{"127.0.0.1", port}).ok());
-  (*r)->Start();
-  std::thread net([&] { ctx.run(); });
+  ReceiverSite site(dir.path(), volume);
   const auto undo_path = dir.path() / "undo-g.log";
   uint64_t undo_after_begin = 0;
   std::vector<std::byte> resync_data(256 * 1024, std::byte{0x66});
   {
-    RawUpstream up(port);
-    Hello hello;
-    hello.site = "a";
-    hello.group = "g";
-    hello.region_size_bytes = config.region_size_bytes;
-    hello.volumes = {{"v", kVolumeBytes}};
-    Bytes out;
-    EncodeHello(hello, out);
-    up.Send(out);
-    REQUIRE(std::get<HelloReply>(up.Read()).result == HelloResult::kAccepted);
-    REQUIRE(std::holds_alternative<DirtyRanges>(up.Read()));
-    // Data in the first 64 KiB; the rest of the file stays a hole.
+    RawUpstream up(site.port());
+    site.Handshake(up);
+    // Data in the first 4 KiB; the rest of the file stays a hole.
     std::vector<std::byte> k;
     up.Send(WriteFrame(1, 1, 0, 0x55, k));
     up.Send(MarkerFrame(2, kGroupResyncBegin));
@@ -507,30 +518,12 @@ TEST_CASE("Receiver: a resync's BEGIN saves the volume's holes in the undo "
   CHECK(static_cast<int>(b[0]) == 0x66);
   CHECK(std::filesystem::file_size(undo_path) == undo_after_begin);
   // The upstream is gone: roll back.
-  std::atomic<int> done{0};
-  bool rolled_back = false;
-  Receiver* rp = r->get();
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  asio::co_spawn(ctx, [rp, &done, &rolled_back]() -> asio::awaitable<void> {
-    auto out = co_await rp->Rollback("g");
-    rolled_back = out.ok() && out->rolled_back;
-    done = 1;
-  }, asio::detached);
-  REQUIRE(WaitFor([&] { return done.load() == 1; }, std::chrono::seconds(10)));
-  CHECK(rolled_back);
+  CHECK(site.Rollback());
   std::vector<std::byte> back(resync_data.size(), std::byte{1});
   REQUIRE(volume->Read(512 * 1024, back).ok());
   CHECK(std::all_of(back.begin(), back.end(), [](std::byte x) { return x == std::byte{0}; }));
   REQUIRE(volume->Read(0, b).ok());
   CHECK(static_cast<int>(b[0]) == 0x55);  // the data before the epoch stays
-  std::atomic<bool> stopped{false};
-  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
-    co_await rp->Stop();
-    stopped = true;
-  }, asio::detached);
-  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
-  ctx.stop();
-  net.join();
 }
 
 }  // namespace
@@ -584,37 +577,14 @@ Bytes ResyncFrame(uint64_t link_seq, uint64_t offset, uint8_t value, std::vector
 TEST_CASE("Receiver: a streamed group does not overtake resync data queued "
           "before it", "[replication]") {
   testutil::TempDir dir;
-  config::GroupConfig config;
-  config.name = "g";
-  config.role = config::Role::kSecondary;
-  config.upstream = config::UpstreamConfig{"a", std::nullopt};
   testutil::FaultInjectionBlockStore inner(kVolumeBytes);
   auto* gate = new WriteGate(&inner);
   auto volume = std::make_shared<core::Volume>(
       "g", "v", std::unique_ptr<storage::BlockStore>(gate), nullptr, /*read_only=*/true);
-  asio::io_context ctx;
-  core::IoExecutor io{3};
-  ReceiverTarget t;
-  t.config = &config;
-  t.volumes = {volume};
-  auto r = Receiver::Open(ctx, io, "b", dir.path().string(), {t});
-  REQUIRE(r.ok());
-  const uint16_t port = testutil::PickFreeTcpPort();
-  REQUIRE((*r)->Listen(config::Endpoint{"127.0.0.1", port}).ok());
-  (*r)->Start();
-  std::thread net([&] { ctx.run(); });
+  ReceiverSite site(dir.path(), volume, /*io_threads=*/3);
   {
-    RawUpstream up(port);
-    Hello hello;
-    hello.site = "a";
-    hello.group = "g";
-    hello.region_size_bytes = config.region_size_bytes;
-    hello.volumes = {{"v", kVolumeBytes}};
-    Bytes out;
-    EncodeHello(hello, out);
-    up.Send(out);
-    REQUIRE(std::get<HelloReply>(up.Read()).result == HelloResult::kAccepted);
-    REQUIRE(std::holds_alternative<DirtyRanges>(up.Read()));
+    RawUpstream up(site.port());
+    site.Handshake(up);
     std::vector<std::byte> k0, k1, k2;
     // Q0: resync data at 0; the ticker's SyncAndApply drains it and blocks
     // in its write.
@@ -632,15 +602,6 @@ TEST_CASE("Receiver: a streamed group does not overtake resync data queued "
   std::vector<std::byte> b(1);
   REQUIRE(volume->Read(65536, b).ok());
   CHECK(static_cast<int>(b[0]) == 0x22);  // S came after R
-  std::atomic<bool> stopped{false};
-  Receiver* rp = r->get();
-  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
-    co_await rp->Stop();
-    stopped = true;
-  }, asio::detached);
-  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
-  ctx.stop();
-  net.join();
 }
 
 }  // namespace
