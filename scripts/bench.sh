@@ -107,8 +107,8 @@
 #   --servers A,B     only these servers (see --list)
 #   --transport T     unix (default) or tcp (127.0.0.1)
 #   --size SIZE       backing file size for fallocate (default 4GiB)
-#   --io-threads N    blockrelay nbd.io_threads (default: the daemon's own)
-#   --poll-us N       blockrelay nbd.poll_us (default: the daemon's own)
+#   --io-threads N    blockrelay nbd.io_threads, both sites (default: the daemon's own)
+#   --poll-us N       blockrelay nbd.poll_us, both sites (default: the daemon's own)
 #   --workdir-base D  where to mktemp -d the work dir (default /var/tmp)
 #   --build-dir D     build dir (default build-bench; relative to the repo
 #                     or absolute); the binary is D/blockrelay, or
@@ -550,6 +550,9 @@ start_blockrelay_link() {
   local mode=$1 dir=$2 extra=${3:-} bdir=$2/b port attempt i ok bpid
   mkdir -p "$bdir"
   new_endpoint "$dir"
+  local bnbd="\"unix_socket\": \"$bdir/nbd.sock\""
+  if [ -n "$IO_THREADS" ]; then bnbd="$bnbd, \"io_threads\": $IO_THREADS"; fi
+  if [ -n "$POLL_US" ]; then bnbd="$bnbd, \"poll_us\": $POLL_US"; fi
   for attempt in 1 2 3; do
     port=$(free_port)
     cat >"$bdir/site.json" <<EOF
@@ -557,7 +560,7 @@ start_blockrelay_link() {
   "site": "b",
   "data_dir": "$bdir/data",
   "control_socket": "$bdir/control.sock",
-  "nbd": { "unix_socket": "$bdir/nbd.sock" },
+  "nbd": { $bnbd },
   "replication": { "listen": "127.0.0.1:$port" },
   "groups": [
     {

@@ -44,6 +44,10 @@ constexpr size_t kMaxBatchMessages = 256;
 
 size_t MessageBytes(const auto& m) { return m.header.size() + m.data.size(); }
 
+// The session whose network-thread replies are being held back
+// (Session::CorkScope), or null.
+thread_local const void* t_corked_session = nullptr;
+
 }  // namespace
 
 Session::Session(Socket socket, const VolumeCatalog& catalog,
@@ -91,6 +95,7 @@ asio::awaitable<void> Session::Run() {
               volume_->name(), state_.read_only ? " (read-only)" : "");
   read_buffer_.resize(kReadBufferBytes);
   co_await ReadRequests();
+  FlushCorked();
 
   // Reader ended (DISC, EOF, stop or a fatal client error): let requests in
   // flight finish and their replies go out, then close.
@@ -245,16 +250,24 @@ asio::awaitable<void> Session::ReadRequests() {
           in_flight_bytes_.load() + unsent_bytes_.load() < kMaxInFlightBytes) {
         break;
       }
+      FlushCorked();
       co_await WaitForWake();
       if (broken_.load()) co_return;
     }
     reader_waiting_.store(false);
-    if (!co_await ReadExactly(header_bytes)) {
-      if (!stopping_ && !broken_.load()) {
-        BR_LOG_INFO("nbd", "client {} ({}) closed the connection without "
-                    "NBD_CMD_DISC", id_, peer_);
+    // Pipelined requests are usually already in the read buffer: taking
+    // them from there without a coroutine call (a frame allocation each)
+    // showed in the profile of 4 KiB writes at QD32. Replies held back
+    // meanwhile leave before this coroutine can wait on the socket.
+    if (!TakeBuffered(header_bytes)) {
+      FlushCorked();
+      if (!co_await ReadExactly(header_bytes)) {
+        if (!stopping_ && !broken_.load()) {
+          BR_LOG_INFO("nbd", "client {} ({}) closed the connection without "
+                      "NBD_CMD_DISC", id_, peer_);
+        }
+        co_return;
       }
-      co_return;
     }
     auto request = DecodeRequest(header_bytes);
     if (!request.ok()) {
@@ -271,6 +284,7 @@ asio::awaitable<void> Session::ReadRequests() {
       BR_LOG_INFO("nbd", "client {} ({}): {} refused: {}", id_, peer_,
                   CommandName(r.type), rejection->reason);
       // The payload of a refused WRITE is still on the wire.
+      FlushCorked();
       if (has_payload && !co_await Discard(r.length)) co_return;
       SendError(r, rejection->error, rejection->reason);
       continue;
@@ -278,13 +292,37 @@ asio::awaitable<void> Session::ReadRequests() {
     if (r.type == static_cast<uint16_t>(Command::kDisc)) {
       co_return;  // no reply; Run() drains and closes
     }
+    // A small WRITE whose payload is already in the read buffer is carried
+    // out from there when it can be done inline: no payload buffer to
+    // allocate, no copy into it.
+    if (has_payload && executing_.load() == 0 && r.length <= kInlineMaxBytes &&
+        read_end_ - read_pos_ >= r.length) {
+      const std::span<const std::byte> buffered(read_buffer_.data() + read_pos_,
+                                                r.length);
+      in_flight_.fetch_add(1);
+      in_flight_bytes_.fetch_add(r.length);
+      bool done;
+      {
+        CorkScope cork(this);
+        done = TryExecuteInline(r, buffered, r.length);
+      }
+      if (done) {
+        read_pos_ += r.length;
+        continue;
+      }
+      in_flight_.fetch_sub(1);
+      in_flight_bytes_.fetch_sub(r.length);
+    }
     DataBuffer payload;
     if (has_payload) {
       payload.resize(r.length);
-      if (!co_await ReadExactly(payload)) {
-        BR_LOG_WARN("nbd", "client {} ({}) disconnected in the middle of a "
-                    "{}-byte WRITE", id_, peer_, r.length);
-        co_return;
+      if (!TakeBuffered(payload)) {
+        FlushCorked();
+        if (!co_await ReadExactly(payload)) {
+          BR_LOG_WARN("nbd", "client {} ({}) disconnected in the middle of a "
+                      "{}-byte WRITE", id_, peer_, r.length);
+          co_return;
+        }
       }
     }
     const size_t accounted =
@@ -306,9 +344,9 @@ asio::awaitable<void> Session::ReadRequests() {
     // sending each write to the pool would cost a hop and a wake-up each.
     // Everything else, and every request while another executes on the
     // pool, goes to the pool.
-    if (executing_.load() == 0 && r.length <= kInlineMaxBytes &&
-        TryExecuteInline(r, payload, accounted)) {
-      continue;
+    if (executing_.load() == 0 && r.length <= kInlineMaxBytes) {
+      CorkScope cork(this);
+      if (TryExecuteInline(r, payload, accounted)) continue;
     }
     executing_.fetch_add(1);
     io_.Post([self, r, accounted, payload = std::move(payload)]() mutable {
@@ -324,7 +362,15 @@ void Session::Finished(size_t payload_bytes) {
   WakeReader();
 }
 
-bool Session::TryExecuteInline(const Request& r, const DataBuffer& payload,
+bool Session::TakeBuffered(std::span<std::byte> out) {
+  if (read_end_ - read_pos_ < out.size()) return false;
+  std::memcpy(out.data(), read_buffer_.data() + read_pos_, out.size());
+  read_pos_ += out.size();
+  return true;
+}
+
+bool Session::TryExecuteInline(const Request& r,
+                               std::span<const std::byte> payload,
                                size_t accounted) {
   if (r.flags & kCmdFlagFua) return false;
   if (r.type == static_cast<uint16_t>(Command::kWrite)) {
@@ -515,6 +561,22 @@ void Session::SendError(const Request& r, uint32_t error,
   Send({std::move(header), {}});
 }
 
+Session::CorkScope::CorkScope(Session* session) { t_corked_session = session; }
+Session::CorkScope::~CorkScope() { t_corked_session = nullptr; }
+
+void Session::FlushCorked() {
+  if (!corked_) return;
+  corked_ = false;
+  {
+    std::lock_guard lock(out_mu_);
+    // Another thread's send may have taken the held replies along.
+    if (sending_ || outbox_.empty() || broken_.load()) return;
+    sending_ = true;
+  }
+  if (SendQueuedNow()) return;
+  asio::co_spawn(socket_.get_executor(), AsyncDrain(), asio::detached);
+}
+
 void Session::Send(OutMessage message) {
   {
     std::lock_guard lock(out_mu_);
@@ -522,6 +584,13 @@ void Session::Send(OutMessage message) {
     unsent_bytes_.fetch_add(MessageBytes(message));
     outbox_.push_back(std::move(message));
     if (sending_) return;  // the current sender will pick it up
+    if (t_corked_session == this) {
+      // The network thread is taking pipelined requests from its read
+      // buffer: their replies leave together, in one sendmsg, before it
+      // next waits (FlushCorked).
+      corked_ = true;
+      return;
+    }
     sending_ = true;
   }
   if (SendQueuedNow()) return;

@@ -11,7 +11,9 @@
 // serialised by out_mu_: whichever thread finds no send in progress becomes
 // the sender and writes everything queued (several replies in one sendmsg);
 // if the socket is full it hands the rest to an async writer on the network
-// thread. Replies leave out of order, as requests finish.
+// thread. Replies leave out of order, as requests finish. Replies of
+// requests carried out inline from the read buffer are held back and sent
+// together before the network thread next waits (CorkScope, FlushCorked).
 #pragma once
 
 #include <atomic>
@@ -19,6 +21,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -103,8 +106,22 @@ class Session : public std::enable_shared_from_this<Session> {
   void ExecuteFlush(const Request& r, size_t accounted);
   // Network thread: carries out `r` at once if that cannot block on the
   // disk; false (nothing done) otherwise.
-  bool TryExecuteInline(const Request& r, const DataBuffer& payload,
+  bool TryExecuteInline(const Request& r, std::span<const std::byte> payload,
                         size_t accounted);
+  // Network thread: copies `out.size()` bytes from the read buffer if it
+  // holds them all; false (nothing taken) otherwise.
+  bool TakeBuffered(std::span<std::byte> out);
+  // While one exists, replies Send() gets on this thread for this session
+  // are queued without being sent (network thread, around requests carried
+  // out inline). FlushCorked() sends them; the reader calls it before every
+  // wait, so a held reply never waits for the client's next request.
+  struct CorkScope {
+    explicit CorkScope(Session* session);
+    ~CorkScope();
+    CorkScope(const CorkScope&) = delete;
+    CorkScope& operator=(const CorkScope&) = delete;
+  };
+  void FlushCorked();
   // Replies to a write-path request with status `s`, first waiting for the
   // sync downstreams when the volume has any, then calls Finished().
   void Complete(const Request& r, Status s, core::ReplicationSink::Ticket ticket,
@@ -142,6 +159,8 @@ class Session : public std::enable_shared_from_this<Session> {
   size_t read_pos_ = 0;
   size_t read_end_ = 0;
   bool stopping_ = false;
+  // Replies are queued under CorkScope and nobody has sent them yet.
+  bool corked_ = false;
   asio::steady_timer wake_;
 
   std::atomic<size_t> in_flight_{0};

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -305,6 +306,66 @@ TEST_CASE_METHOD(ServerTest,
   REQUIRE(testutil::Pwrite(h.get(), data, 2 * kMiB) == 0);
   REQUIRE(testutil::Flush(h.get()) == 0);
   CHECK(ReadBacking(2 * kMiB, data.size()) == data);
+  StopCleanly();
+}
+
+// Goal: requests carried out straight from the read buffer hold their
+// replies back to send them together; the last ones must still leave when
+// the client sends nothing more (it waits for them).
+TEST_CASE_METHOD(ServerTest,
+                 "Server: a burst of requests sent in one piece, with nothing "
+                 "after it, gets every reply",
+                 "[nbd-server]") {
+  Start();
+  auto c = RawGo();
+  constexpr uint64_t kWrites = 48;
+  constexpr uint32_t kChunk = 4096;
+  nbd::Bytes burst;
+  std::vector<std::vector<std::byte>> written;
+  for (uint64_t i = 0; i < kWrites; ++i) {
+    written.push_back(Pattern(kChunk, static_cast<int>(7 + i)));
+    nbd::Bytes header = nbd::EncodeRequest(
+        {.type = 1, .cookie = 1000 + i, .offset = i * kChunk, .length = kChunk});
+    burst.insert(burst.end(), header.begin(), header.end());
+    burst.insert(burst.end(), written.back().begin(), written.back().end());
+  }
+  // A refused WRITE (past the end) and a READ of the first block close the
+  // burst: an error reply and a read reply are held back the same way.
+  nbd::Bytes refused = nbd::EncodeRequest(
+      {.type = 1, .cookie = 1, .offset = kVolumeBytes, .length = kChunk});
+  burst.insert(burst.end(), refused.begin(), refused.end());
+  burst.insert(burst.end(), kChunk, std::byte{0});
+  nbd::Bytes read = nbd::EncodeRequest({.type = 0, .cookie = 2, .length = kChunk});
+  burst.insert(burst.end(), read.begin(), read.end());
+  REQUIRE(c.socket().SendAll(burst).ok());
+
+  std::set<uint64_t> acknowledged;
+  bool refused_seen = false, read_seen = false;
+  for (uint64_t i = 0; i < kWrites + 2; ++i) {
+    auto reply = c.ReadSimpleReply();
+    INFO("reply " << i << ": " << reply.status().ToString());
+    REQUIRE(reply.ok());
+    if (reply->cookie == 1) {
+      CHECK(reply->error == nbd::kENOSPC);
+      refused_seen = true;
+    } else if (reply->cookie == 2) {
+      CHECK(reply->error == 0);
+      auto data = c.socket().ReadExact(kChunk);
+      REQUIRE(data.ok());
+      CHECK(std::vector<std::byte>(data->begin(), data->end()) == written[0]);
+      read_seen = true;
+    } else {
+      CHECK(reply->error == 0);
+      CHECK(acknowledged.insert(reply->cookie).second);
+    }
+  }
+  CHECK(acknowledged.size() == kWrites);
+  CHECK(refused_seen);
+  CHECK(read_seen);
+  for (uint64_t i = 0; i < kWrites; i += 7) {
+    INFO("block " << i);
+    CHECK(ReadBacking(i * kChunk, kChunk) == written[i]);
+  }
   StopCleanly();
 }
 
