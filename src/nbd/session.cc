@@ -18,6 +18,7 @@
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
 
+#include "blockrelay/core/reply_batch.h"
 #include "nbd/volume_catalog.h"
 #include "util/logging.h"
 
@@ -565,10 +566,10 @@ Session::CorkScope::CorkScope(Session* session) { t_corked_session = session; }
 Session::CorkScope::~CorkScope() { t_corked_session = nullptr; }
 
 void Session::FlushCorked() {
-  if (!corked_) return;
-  corked_ = false;
   {
     std::lock_guard lock(out_mu_);
+    if (!corked_) return;
+    corked_ = false;
     // Another thread's send may have taken the held replies along.
     if (sending_ || outbox_.empty() || broken_.load()) return;
     sending_ = true;
@@ -591,6 +592,16 @@ void Session::Send(OutMessage message) {
       corked_ = true;
       return;
     }
+    if (core::ReplyBatch::Active()) {
+      // This thread completes several requests in a row (an acknowledgement
+      // from a sync downstream releases many): send once, at its end.
+      if (!corked_) {
+        corked_ = true;
+        core::ReplyBatch::Defer([self = shared_from_this()] { self->FlushCorked(); });
+      }
+      return;
+    }
+    corked_ = false;  // held replies, if any, go with this send
     sending_ = true;
   }
   if (SendQueuedNow()) return;

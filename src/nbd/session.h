@@ -113,8 +113,9 @@ class Session : public std::enable_shared_from_this<Session> {
   bool TakeBuffered(std::span<std::byte> out);
   // While one exists, replies Send() gets on this thread for this session
   // are queued without being sent (network thread, around requests carried
-  // out inline). FlushCorked() sends them; the reader calls it before every
-  // wait, so a held reply never waits for the client's next request.
+  // out inline). FlushCorked() sends them (any thread); the reader calls it
+  // before every wait, so a held reply never waits for the client's next
+  // request.
   struct CorkScope {
     explicit CorkScope(Session* session);
     ~CorkScope();
@@ -159,8 +160,6 @@ class Session : public std::enable_shared_from_this<Session> {
   size_t read_pos_ = 0;
   size_t read_end_ = 0;
   bool stopping_ = false;
-  // Replies are queued under CorkScope and nobody has sent them yet.
-  bool corked_ = false;
   asio::steady_timer wake_;
 
   std::atomic<size_t> in_flight_{0};
@@ -180,6 +179,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // Bytes of outbox_.front() already written.  GUARDED_BY(out_mu_)
   size_t front_sent_ = 0;
   bool sending_ = false;  // GUARDED_BY(out_mu_)
+  // Replies were queued under a CorkScope or a core::ReplyBatch and nobody
+  // has sent them yet; FlushCorked() will.  GUARDED_BY(out_mu_)
+  bool corked_ = false;
 };
 
 }  // namespace blockrelay::nbd

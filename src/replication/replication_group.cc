@@ -11,6 +11,7 @@
 #include <asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "blockrelay/core/reply_batch.h"
 #include "replication/generations.h"
 #include "replication/link.h"
 #include "util/logging.h"
@@ -390,6 +391,9 @@ void ReplicationGroup::CheckWaiters() {
     }
   }
   waiters_ = std::move(still);
+  // One acknowledgement often releases many writes of one connection:
+  // their replies leave in one send.
+  core::ReplyBatch batch;
   for (auto& [done, status] : ready) done(std::move(status));
 }
 
