@@ -21,6 +21,7 @@
 #include "blockrelay/storage/scoreboard.h"
 
 #include <algorithm>
+#include <optional>
 #include <array>
 #include <condition_variable>
 #include <deque>
@@ -40,6 +41,9 @@ constexpr size_t kPinShards = 64;
 constexpr uint64_t kExtentChunk = 8192;  // extent words per lazily allocated chunk
 constexpr uint64_t kHotBit = 1;          // extent word: bit 0 hot, bits 1.. last WriteSeq
 constexpr uint64_t kMaxPagesPerWrite = 256;
+// Extents declared ahead of a sequential writer (CommitExtentsLocked), at
+// most an eighth of the hot set.
+constexpr size_t kSequentialExtentsAhead = 7;
 
 struct alignas(64) PinCounter {
   std::atomic<int64_t> n{0};
@@ -161,6 +165,9 @@ struct Scoreboard::Impl {
   // --- metadata I/O: every write and sync of the file ---
   mutable std::mutex io_mu;
   std::vector<uint32_t> hot;         // GUARDED_BY(io_mu)
+  // The highest extent the last intent commit made hot, for spotting a
+  // sequential writer (CommitExtentsLocked).  GUARDED_BY(io_mu)
+  std::optional<uint32_t> last_committed_extent;
   uint64_t intent_seq = 0;           // GUARDED_BY(io_mu) last record written
   uint32_t next_ring = 0;            // GUARDED_BY(io_mu)
   format::Superblock superblock;     // GUARDED_BY(io_mu) as last written
@@ -370,6 +377,23 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
   }
   if (need.empty()) return Status::OK();  // an earlier leader did it
   const size_t cap = g.max_intent_extents;
+  // A writer streaming through the volume asks for the extent after the
+  // last one committed, and will ask for the next ones soon: declare them
+  // in this record, so that one metadata sync covers several extents
+  // (sequential 1 MiB writes paid a sync per 4 MiB extent, ~0.6 ms each).
+  // What it costs: after a crash, the extents declared ahead and never
+  // written are resynced too (they are merged dirty like any hot extent).
+  const uint32_t ahead = static_cast<uint32_t>(std::min<size_t>(kSequentialExtentsAhead, cap / 8));
+  if (ahead > 0 && last_committed_extent &&
+      std::find(need.begin(), need.end(), *last_committed_extent + 1) != need.end()) {
+    const uint32_t from = *std::max_element(need.begin(), need.end());
+    for (uint64_t e = uint64_t{from} + 1;
+         e <= uint64_t{from} + ahead && e < g.extent_count; ++e) {
+      const auto ext = static_cast<uint32_t>(e);
+      if ((ExtentWord(ext).load() & kHotBit) == 0) need.push_back(ext);
+    }
+  }
+  std::sort(need.begin(), need.end());
   if (hot.size() + need.size() > cap) {
     // Evict an eighth of the set beyond what is needed, so that a stream of
     // new extents pays the eviction's extra sync once per cap/8 commits.
@@ -393,6 +417,7 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     ExtentWord(e).fetch_or(kHotBit);
     hot.push_back(e);
   }
+  last_committed_extent = need.back();
   hot_count.store(hot.size());
   return Status::OK();
 }
