@@ -106,7 +106,7 @@ asio::awaitable<void> Session::Run() {
     bool drained;
     {
       std::lock_guard lock(out_mu_);
-      drained = in_flight_.load() == 0 && !sending_;
+      drained = in_flight_.load() == 0 && !sending_ && !corked_;
     }
     if (drained) break;
     co_await WaitForWake();
@@ -296,6 +296,7 @@ asio::awaitable<void> Session::ReadRequests() {
     // A small WRITE whose payload is already in the read buffer is carried
     // out from there when it can be done inline: no payload buffer to
     // allocate, no copy into it.
+    bool inline_declined = false;
     if (has_payload && executing_.load() == 0 && r.length <= kInlineMaxBytes &&
         read_end_ - read_pos_ >= r.length) {
       const std::span<const std::byte> buffered(read_buffer_.data() + read_pos_,
@@ -313,6 +314,7 @@ asio::awaitable<void> Session::ReadRequests() {
       }
       in_flight_.fetch_sub(1);
       in_flight_bytes_.fetch_sub(r.length);
+      inline_declined = true;
     }
     DataBuffer payload;
     if (has_payload) {
@@ -345,7 +347,7 @@ asio::awaitable<void> Session::ReadRequests() {
     // sending each write to the pool would cost a hop and a wake-up each.
     // Everything else, and every request while another executes on the
     // pool, goes to the pool.
-    if (executing_.load() == 0 && r.length <= kInlineMaxBytes) {
+    if (!inline_declined && executing_.load() == 0 && r.length <= kInlineMaxBytes) {
       CorkScope cork(this);
       if (TryExecuteInline(r, payload, accounted)) continue;
     }
@@ -566,13 +568,17 @@ Session::CorkScope::CorkScope(Session* session) { t_corked_session = session; }
 Session::CorkScope::~CorkScope() { t_corked_session = nullptr; }
 
 void Session::FlushCorked() {
+  bool send = false;
   {
     std::lock_guard lock(out_mu_);
     if (!corked_) return;
     corked_ = false;
     // Another thread's send may have taken the held replies along.
-    if (sending_ || outbox_.empty() || broken_.load()) return;
-    sending_ = true;
+    if (!sending_ && !outbox_.empty() && !broken_.load()) send = sending_ = true;
+  }
+  if (!send) {
+    WakeReader();  // Run()'s drain waits for corked_ to clear too
+    return;
   }
   if (SendQueuedNow()) return;
   asio::co_spawn(socket_.get_executor(), AsyncDrain(), asio::detached);

@@ -103,11 +103,14 @@ struct Scoreboard::Impl {
 
   bool AllSlotsSet(uint64_t first, uint64_t last) const;
   bool TrySetViaHotExtent(uint64_t extent, uint64_t first, uint64_t last);
-  Status GroupCommit(std::vector<uint32_t> extents);
+  // `entered`: the extents among `extents` whose first byte the write
+  // covers (a sequential writer enters each extent at its start).
+  Status GroupCommit(std::vector<uint32_t> extents, std::vector<uint32_t> entered);
   Status DirectMark(uint64_t first, uint64_t last);
 
   // REQUIRES io_mu held for the *Locked methods.
-  Status CommitExtentsLocked(const std::vector<uint32_t>& extents);
+  Status CommitExtentsLocked(const std::vector<uint32_t>& extents,
+                             const std::vector<uint32_t>& entered = {});
   Status EvictLocked(const std::vector<uint32_t>& victims);
   Status WritePagesLocked(std::vector<PageRef> refs, const RegionRange* add);
   Status WriteIntentRecordLocked(std::vector<uint32_t> extents, bool sync);
@@ -155,6 +158,7 @@ struct Scoreboard::Impl {
   // --- group commit (leveldb DBImpl::Write's writers_ queue) ---
   struct Writer {
     std::vector<uint32_t> extents;
+    std::vector<uint32_t> entered;
     Status status;
     bool done = false;
     std::condition_variable cv;
@@ -165,9 +169,11 @@ struct Scoreboard::Impl {
   // --- metadata I/O: every write and sync of the file ---
   mutable std::mutex io_mu;
   std::vector<uint32_t> hot;         // GUARDED_BY(io_mu)
-  // The highest extent the last intent commit made hot, for spotting a
-  // sequential writer (CommitExtentsLocked).  GUARDED_BY(io_mu)
+  // The highest extent the last intent commit made hot, and how many
+  // commits in a row a writer entered the extent after it at its start:
+  // spotting a sequential writer (CommitExtentsLocked).  GUARDED_BY(io_mu)
   std::optional<uint32_t> last_committed_extent;
+  int sequential_streak = 0;
   uint64_t intent_seq = 0;           // GUARDED_BY(io_mu) last record written
   uint32_t next_ring = 0;            // GUARDED_BY(io_mu)
   format::Superblock superblock;     // GUARDED_BY(io_mu) as last written
@@ -323,7 +329,12 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
     // Bits set above through hot extents are durable, so giving up here
     // leaves nothing to undo.
     if (!may_block) return std::nullopt;
-    Status s = GroupCommit(pending);
+    std::vector<uint32_t> entered;
+    for (uint32_t e : pending) {
+      const uint64_t start = ExtentFirstRegion(e) * g.region_size_bytes;
+      if (start >= offset && start < offset + length) entered.push_back(e);
+    }
+    Status s = GroupCommit(pending, std::move(entered));
     if (!s.ok()) return s;
     // Normally all hot now; an extent evicted again by a later commit
     // before we got to it goes round once more.
@@ -331,9 +342,11 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
   }
 }
 
-Status Scoreboard::Impl::GroupCommit(std::vector<uint32_t> extents) {
+Status Scoreboard::Impl::GroupCommit(std::vector<uint32_t> extents,
+                                     std::vector<uint32_t> entered) {
   Writer w;
   w.extents = std::move(extents);
+  w.entered = std::move(entered);
   std::unique_lock<std::mutex> lock(queue_mu);
   writers.push_back(&w);
   while (!w.done && &w != writers.front()) w.cv.wait(lock);
@@ -341,12 +354,13 @@ Status Scoreboard::Impl::GroupCommit(std::vector<uint32_t> extents) {
 
   // Leader: commit for every writer queued behind us, as long as the union
   // fits the hot set.
-  std::vector<uint32_t> all;
+  std::vector<uint32_t> all, all_entered;
   std::vector<Writer*> batch;
   for (Writer* x : writers) {
     if (!batch.empty() && all.size() + x->extents.size() > g.max_intent_extents) break;
     batch.push_back(x);
     all.insert(all.end(), x->extents.begin(), x->extents.end());
+    all_entered.insert(all_entered.end(), x->entered.begin(), x->entered.end());
   }
   std::sort(all.begin(), all.end());
   all.erase(std::unique(all.begin(), all.end()), all.end());
@@ -354,7 +368,7 @@ Status Scoreboard::Impl::GroupCommit(std::vector<uint32_t> extents) {
   Status s;
   {
     std::lock_guard<std::mutex> io_lock(io_mu);
-    s = CommitExtentsLocked(all);
+    s = CommitExtentsLocked(all, all_entered);
   }
   lock.lock();
   for (Writer* x : batch) {
@@ -369,7 +383,8 @@ Status Scoreboard::Impl::GroupCommit(std::vector<uint32_t> extents) {
   return s;
 }
 
-Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extents) {
+Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extents,
+                                             const std::vector<uint32_t>& entered) {
   if (failed.load()) return FailureStatus();
   std::vector<uint32_t> need;
   for (uint32_t e : extents) {
@@ -377,20 +392,38 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
   }
   if (need.empty()) return Status::OK();  // an earlier leader did it
   const size_t cap = g.max_intent_extents;
-  // A writer streaming through the volume asks for the extent after the
-  // last one committed, and will ask for the next ones soon: declare them
-  // in this record, so that one metadata sync covers several extents
-  // (sequential 1 MiB writes paid a sync per 4 MiB extent, ~0.6 ms each).
-  // What it costs: after a crash, the extents declared ahead and never
-  // written are resynced too (they are merged dirty like any hot extent).
-  const uint32_t ahead = static_cast<uint32_t>(std::min<size_t>(kSequentialExtentsAhead, cap / 8));
-  if (ahead > 0 && last_committed_extent &&
-      std::find(need.begin(), need.end(), *last_committed_extent + 1) != need.end()) {
-    const uint32_t from = *std::max_element(need.begin(), need.end());
-    for (uint64_t e = uint64_t{from} + 1;
-         e <= uint64_t{from} + ahead && e < g.extent_count; ++e) {
-      const auto ext = static_cast<uint32_t>(e);
-      if ((ExtentWord(ext).load() & kHotBit) == 0) need.push_back(ext);
+  // A writer streaming through the volume enters the extent after the last
+  // one committed at its start, and will ask for the next ones soon: after
+  // two such commits in a row, declare them in this record, so that one
+  // metadata sync covers several extents (sequential 1 MiB writes paid a
+  // sync per 4 MiB extent, ~0.6 ms each). Random writes almost never
+  // qualify (a 4 KiB write starts an extent once in 1,024, and it must be
+  // the right extent twice running). What it costs: after a crash, the
+  // extents declared ahead and never written are resynced too (they are
+  // merged dirty like any hot extent).
+  // The record never lists more than `cap` extents (recovery takes a
+  // longer one for torn), so the extents ahead only fill what is left.
+  const size_t room = cap > need.size() ? cap - need.size() : 0;
+  const size_t ahead = std::min({kSequentialExtentsAhead, cap / 8, room});
+  std::optional<uint64_t> stream_end;
+  const bool continues =
+      last_committed_extent &&
+      std::find(entered.begin(), entered.end(), uint64_t{*last_committed_extent} + 1) !=
+          entered.end();
+  sequential_streak = continues ? sequential_streak + 1 : 0;
+  if (ahead > 0 && sequential_streak >= 2) {
+    const uint64_t next = uint64_t{*last_committed_extent} + 1;
+    {
+      std::sort(need.begin(), need.end());
+      uint64_t e = next + 1;
+      for (; e <= next + ahead && e < g.extent_count; ++e) {
+        const auto ext = static_cast<uint32_t>(e);
+        if ((ExtentWord(ext).load() & kHotBit) == 0 &&
+            !std::binary_search(need.begin(), need.end(), ext)) {
+          need.push_back(ext);
+        }
+      }
+      stream_end = e - 1;
     }
   }
   std::sort(need.begin(), need.end());
@@ -417,7 +450,8 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     ExtentWord(e).fetch_or(kHotBit);
     hot.push_back(e);
   }
-  last_committed_extent = need.back();
+  // Where the stream continues, or else the highest extent committed.
+  last_committed_extent = static_cast<uint32_t>(stream_end.value_or(need.back()));
   hot_count.store(hot.size());
   return Status::OK();
 }

@@ -330,7 +330,8 @@ TEST_CASE_METHOD(ServerTest,
     burst.insert(burst.end(), written.back().begin(), written.back().end());
   }
   // A refused WRITE (past the end) and a READ of the first block close the
-  // burst: an error reply and a read reply are held back the same way.
+  // burst: the replies held back before the refusal leave ahead of it, and
+  // the READ's (carried out inline when cached) is held back like a write's.
   nbd::Bytes refused = nbd::EncodeRequest(
       {.type = 1, .cookie = 1, .offset = kVolumeBytes, .length = kChunk});
   burst.insert(burst.end(), refused.begin(), refused.end());
