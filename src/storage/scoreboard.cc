@@ -414,19 +414,18 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
   if (ahead > 0 && sequential_streak >= 2) {
     const uint64_t next = uint64_t{*last_committed_extent} + 1;
     {
-      std::sort(need.begin(), need.end());
       uint64_t e = next + 1;
       for (; e <= next + ahead && e < g.extent_count; ++e) {
         const auto ext = static_cast<uint32_t>(e);
-        if ((ExtentWord(ext).load() & kHotBit) == 0 &&
-            !std::binary_search(need.begin(), need.end(), ext)) {
-          need.push_back(ext);
-        }
+        if ((ExtentWord(ext).load() & kHotBit) == 0) need.push_back(ext);
       }
       stream_end = e - 1;
     }
   }
+  // The record lists extents strictly ascending; another writer of the
+  // batch may already have asked for one declared ahead.
   std::sort(need.begin(), need.end());
+  need.erase(std::unique(need.begin(), need.end()), need.end());
   if (hot.size() + need.size() > cap) {
     // Evict an eighth of the set beyond what is needed, so that a stream of
     // new extents pays the eviction's extra sync once per cap/8 commits.
