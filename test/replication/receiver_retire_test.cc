@@ -172,6 +172,19 @@ bool WaitFor(const std::function<bool()>& pred, std::chrono::seconds timeout) {
   return pred();
 }
 
+// Stops `receiver` on its network thread, then that thread.
+void StopReceiver(asio::io_context& ctx, Receiver& receiver, std::thread& net) {
+  std::atomic<bool> stopped{false};
+  Receiver* rp = &receiver;
+  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
+    co_await rp->Stop();
+    stopped = true;
+  }, asio::detached);
+  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
+  ctx.stop();
+  net.join();
+}
+
 TEST_CASE("Receiver: a retire overtaken by a marker must not remove the next "
           "retired journal before its groups are flushed",
           "[replication][journal]") {
@@ -254,15 +267,7 @@ TEST_CASE("Receiver: a retire overtaken by a marker must not remove the next "
     gate->ReleaseAll();
   }
   gate->ReleaseAll();
-  std::atomic<bool> stopped{false};
-  Receiver* rp = r->get();
-  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
-    co_await rp->Stop();
-    stopped = true;
-  }, asio::detached);
-  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
-  ctx.stop();
-  net.join();
+  StopReceiver(ctx, **r, net);
 }
 
 }  // namespace
@@ -271,12 +276,6 @@ TEST_CASE("Receiver: a retire overtaken by a marker must not remove the next "
 namespace blockrelay::replication {
 namespace {
 
-// Resync data is flushed (and acknowledged as
-// durable) once 32 MiB wait, when the resync pauses, or at a barrier. A
-// resync frame that follows a streamed (journaled) group goes to the pool
-// (QueueResyncInline refuses while the journal has pending frames), and
-// ApplyResyncData applies those with SyncAndApply: with kAlways that would
-// flush the volumes once per resync frame.
 // A secondary site "b" with group "g" of one volume "v", its Receiver
 // listening on a free loopback port, the network thread running; stopped
 // and joined when it goes.
@@ -299,17 +298,7 @@ class ReceiverSite {
     receiver_->Start();
     net_ = std::thread([this] { ctx_.run(); });
   }
-  ~ReceiverSite() {
-    std::atomic<bool> stopped{false};
-    Receiver* rp = receiver_.get();
-    asio::co_spawn(ctx_, [rp, &stopped]() -> asio::awaitable<void> {
-      co_await rp->Stop();
-      stopped = true;
-    }, asio::detached);
-    WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
-    ctx_.stop();
-    net_.join();
-  }
+  ~ReceiverSite() { StopReceiver(ctx_, *receiver_, net_); }
 
   uint16_t port() const { return port_; }
 
@@ -352,6 +341,12 @@ class ReceiverSite {
   std::thread net_;
 };
 
+// Resync data is flushed (and acknowledged as
+// durable) once 32 MiB wait, when the resync pauses, or at a barrier. A
+// resync frame that follows a streamed (journaled) group goes to the pool
+// (QueueResyncInline refuses while the journal has pending frames), and
+// ApplyResyncData applies those with SyncAndApply: with kAlways that would
+// flush the volumes once per resync frame.
 TEST_CASE("Receiver: interleaved streamed groups do not make every resync frame "
           "flush the volumes", "[replication]") {
   testutil::TempDir dir;
@@ -413,15 +408,7 @@ TEST_CASE("Receiver: interleaved streamed groups do not make every resync frame 
   }
   INFO("volume flushes for " << kFrames << " resync frames of 16 KiB: " << flushes);
   CHECK(flushes <= 5);
-  std::atomic<bool> stopped{false};
-  Receiver* rp = r->get();
-  asio::co_spawn(ctx, [rp, &stopped]() -> asio::awaitable<void> {
-    co_await rp->Stop();
-    stopped = true;
-  }, asio::detached);
-  WaitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
-  ctx.stop();
-  net.join();
+  StopReceiver(ctx, **r, net);
 }
 
 }  // namespace
