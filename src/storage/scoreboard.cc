@@ -110,7 +110,7 @@ struct Scoreboard::Impl {
 
   // REQUIRES io_mu held for the *Locked methods.
   Status CommitExtentsLocked(const std::vector<uint32_t>& extents,
-                             const std::vector<uint32_t>& entered = {});
+                             const std::vector<uint32_t>& entered);
   Status EvictLocked(const std::vector<uint32_t>& victims);
   Status WritePagesLocked(std::vector<PageRef> refs, const RegionRange* add);
   Status WriteIntentRecordLocked(std::vector<uint32_t> extents, bool sync);
@@ -406,21 +406,17 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
   const size_t room = cap > need.size() ? cap - need.size() : 0;
   const size_t ahead = std::min({kSequentialExtentsAhead, cap / 8, room});
   std::optional<uint64_t> stream_end;
-  const bool continues =
-      last_committed_extent &&
-      std::find(entered.begin(), entered.end(), uint64_t{*last_committed_extent} + 1) !=
-          entered.end();
+  const uint64_t next = last_committed_extent ? uint64_t{*last_committed_extent} + 1 : 0;
+  const bool continues = last_committed_extent &&
+                         std::find(entered.begin(), entered.end(), next) != entered.end();
   sequential_streak = continues ? sequential_streak + 1 : 0;
   if (ahead > 0 && sequential_streak >= 2) {
-    const uint64_t next = uint64_t{*last_committed_extent} + 1;
-    {
-      uint64_t e = next + 1;
-      for (; e <= next + ahead && e < g.extent_count; ++e) {
-        const auto ext = static_cast<uint32_t>(e);
-        if ((ExtentWord(ext).load() & kHotBit) == 0) need.push_back(ext);
-      }
-      stream_end = e - 1;
+    uint64_t e = next + 1;
+    for (; e <= next + ahead && e < g.extent_count; ++e) {
+      const auto ext = static_cast<uint32_t>(e);
+      if ((ExtentWord(ext).load() & kHotBit) == 0) need.push_back(ext);
     }
+    stream_end = e - 1;
   }
   // The record lists extents strictly ascending; another writer of the
   // batch may already have asked for one declared ahead.
