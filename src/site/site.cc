@@ -750,6 +750,8 @@ nlohmann::json Site::StatusJson() const {
           {"writes", c.writes},
           {"flushes", c.flushes},
           {"errors", c.errors},
+          {"inline_stalls", c.inline_stalls},
+          {"inline_preempted", c.inline_preempted},
       };
       if (auto err = v->sticky_error()) vol["error"] = err->message();
       // A secondary's volumes are consistent together: one resync epoch
@@ -787,7 +789,14 @@ nlohmann::json Site::StatusJson() const {
                {"dirty_regions", st.dirty_regions},
                {"dirty_bytes", st.dirty_bytes}});
         }
-        vol["intent_extents_in_use"] = sb->Stats().intent_extents_in_use;
+        // What DRBD's /proc/drbd shows as al: and bm:: how often writes
+        // had to wait for the metadata file.
+        const storage::ScoreboardStats stats = sb->Stats();
+        vol["intent_extents_in_use"] = stats.intent_extents_in_use;
+        vol["metadata"] = {{"syncs", stats.metadata_syncs},
+                           {"intent_commits", stats.intent_commits},
+                           {"evicted_extents", stats.evicted_extents},
+                           {"direct_marks", stats.direct_marks}};
       }
       vol["links"] = std::move(vol_links);
       volumes.push_back(std::move(vol));

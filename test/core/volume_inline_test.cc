@@ -1,7 +1,8 @@
 // Volume::TryWriteWithoutWaiting (include/blockrelay/core/volume.h): the
 // network thread's write path. It declines what could block, and after a
 // write that did block anyway (the kernel throttling dirty pages) it sends
-// the volume's writes to the pool for a while. The store here is in memory,
+// the volume's writes to the pool for a while; a write that was only slow
+// because the thread was not run does not. The store here is in memory,
 // claims to be buffered like a file, and can be told to take its time.
 #include <atomic>
 #include <chrono>
@@ -31,16 +32,25 @@ class SlowBufferedStore final : public testutil::ForwardingBlockStore {
   explicit SlowBufferedStore(uint64_t size_bytes) : ForwardingBlockStore(size_bytes) {}
 
   void set_write_delay(std::chrono::milliseconds d) { delay_ = d; }
+  // Busy for that long instead of sleeping: what a write looks like from
+  // the thread when the host runs other threads meanwhile.
+  void set_write_spin(std::chrono::milliseconds d) { spin_ = d; }
 
   std::string Describe() const override { return "slow buffered store"; }
   bool WritesAreBuffered() const override { return true; }
   Status Write(uint64_t offset, std::span<const std::byte> data, bool fua) override {
     if (const auto d = delay_.load(); d.count() > 0) std::this_thread::sleep_for(d);
+    if (const auto d = spin_.load(); d.count() > 0) {
+      const auto until = std::chrono::steady_clock::now() + d;
+      while (std::chrono::steady_clock::now() < until) {
+      }
+    }
     return ForwardingBlockStore::Write(offset, data, fua);
   }
 
  private:
   std::atomic<std::chrono::milliseconds> delay_{0ms};
+  std::atomic<std::chrono::milliseconds> spin_{0ms};
 };
 
 struct Fixture {
@@ -78,6 +88,28 @@ TEST_CASE("TryWriteWithoutWaiting: after a write that stalled, the next "
   CHECK_FALSE(f.volume->TryWriteWithoutWaiting(8192, f.block).has_value());
   // The pool's path is not affected.
   CHECK(f.volume->Write(4096, f.block, /*fua=*/false).ok());
+}
+
+TEST_CASE("TryWriteWithoutWaiting: a write that was slow without sleeping "
+          "(the thread was not run) pauses nothing", "[volume][inline]") {
+  Fixture f;
+  f.store->set_write_spin(Volume::kInlineStallLimit + 5ms);
+  auto slow = f.volume->TryWriteWithoutWaiting(0, f.block);
+  REQUIRE(slow.has_value());
+  CHECK(slow->ok());
+  f.store->set_write_spin(0ms);
+  CHECK(f.volume->TryWriteWithoutWaiting(4096, f.block).has_value());
+  CHECK(f.volume->counters().inline_preempted == 1);
+  CHECK(f.volume->counters().inline_stalls == 0);
+}
+
+TEST_CASE("TryWriteWithoutWaiting: a stall that slept is counted",
+          "[volume][inline]") {
+  Fixture f;
+  f.store->set_write_delay(Volume::kInlineStallLimit + 5ms);
+  REQUIRE(f.volume->TryWriteWithoutWaiting(0, f.block).has_value());
+  CHECK(f.volume->counters().inline_stalls == 1);
+  CHECK(f.volume->counters().inline_preempted == 0);
 }
 
 TEST_CASE("TryWriteWithoutWaiting: writes come back inline once the pause "

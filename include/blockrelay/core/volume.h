@@ -46,6 +46,11 @@ struct VolumeCounters {
   uint64_t flushes = 0;
   uint64_t trims = 0;
   uint64_t errors = 0;
+  // Inline writes that took longer than Volume::kInlineStallLimit: because
+  // the kernel made the thread sleep (each pauses inline writes), or
+  // because the host did not run it (no pause).
+  uint64_t inline_stalls = 0;
+  uint64_t inline_preempted = 0;
 };
 
 // Per-call options of the write path.
@@ -155,7 +160,8 @@ class Volume {
   // limit, it throttles the writer (balance_dirty_pages, up to 200 ms a
   // time), and on the network thread that stalls every connection. So a
   // write that took longer than kInlineStallLimit sends this volume's
-  // writes to the pool for kInlinePauseAfterStall.
+  // writes to the pool for kInlinePauseAfterStall, unless the thread never
+  // slept during it (it was preempted: a busy host, not a throttled disk).
   static constexpr std::chrono::milliseconds kInlineStallLimit{2};
   static constexpr std::chrono::milliseconds kInlinePauseAfterStall{1000};
   std::optional<Status> TryWriteWithoutWaiting(uint64_t offset,
@@ -238,6 +244,7 @@ class Volume {
   std::atomic<int64_t> inline_paused_until_ns_{0};
   std::atomic<int64_t> inline_stall_logged_ns_{0};  // 0: never
   std::atomic<uint64_t> inline_stalls_{0};
+  std::atomic<uint64_t> inline_preempted_{0};
 
   std::atomic<bool> failed_{false};
   mutable std::mutex failure_mu_;
