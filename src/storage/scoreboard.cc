@@ -41,9 +41,11 @@ constexpr size_t kPinShards = 64;
 constexpr uint64_t kExtentChunk = 8192;  // extent words per lazily allocated chunk
 constexpr uint64_t kHotBit = 1;          // extent word: bit 0 hot, bits 1.. last WriteSeq
 constexpr uint64_t kMaxPagesPerWrite = 256;
-// Extents declared ahead of a sequential writer (CommitExtentsLocked), at
-// most an eighth of the hot set.
+// Extents declared ahead of a sequential writer (CommitExtentsLocked): 7,
+// doubling per commit while the stream goes on up to 56, and at most an
+// eighth of the hot set.
 constexpr size_t kSequentialExtentsAhead = 7;
+constexpr int kSequentialAheadDoublings = 3;
 
 struct alignas(64) PinCounter {
   std::atomic<int64_t> n{0};
@@ -403,14 +405,22 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
   // merged dirty like any hot extent).
   // The record never lists more than `cap` extents (recovery takes a
   // longer one for torn), so the extents ahead only fill what is left.
-  const size_t room = cap > need.size() ? cap - need.size() : 0;
-  const size_t ahead = std::min({kSequentialExtentsAhead, cap / 8, room});
+  // The run ahead doubles while the stream goes on (7, 14, 28, 56
+  // extents), as the kernel's readahead window does: 4 GiB of sequential
+  // 1 MiB writes paid 128 syncs with a fixed 7.
   std::optional<uint64_t> stream_end;
   const uint64_t next = last_committed_extent ? uint64_t{*last_committed_extent} + 1 : 0;
   const bool continues = last_committed_extent &&
                          std::find(entered.begin(), entered.end(), next) != entered.end();
   sequential_streak = continues ? sequential_streak + 1 : 0;
-  if (ahead > 0 && sequential_streak >= 2) {
+  const size_t room = cap > need.size() ? cap - need.size() : 0;
+  const size_t wanted =
+      sequential_streak >= 2
+          ? kSequentialExtentsAhead
+                << std::min(sequential_streak - 2, kSequentialAheadDoublings)
+          : 0;
+  const size_t ahead = std::min({wanted, cap / 8, room});
+  if (ahead > 0) {
     uint64_t e = next + 1;
     for (; e <= next + ahead && e < g.extent_count; ++e) {
       const auto ext = static_cast<uint32_t>(e);
