@@ -254,6 +254,10 @@ void Volume::NoteInlineWriteTime(Clock::time_point started,
               kInlinePauseAfterStall.count(), stalls);
 }
 
+void Volume::Announce(uint64_t offset, uint64_t length) {
+  if (tracks_writes_) metadata_->scoreboard().Announce(offset, length);
+}
+
 bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
   if (!store_->ReadIfCached(offset, out)) return false;
   ++reads_;

@@ -351,6 +351,10 @@ asio::awaitable<void> Session::ReadRequests() {
       CorkScope cork(this);
       if (TryExecuteInline(r, payload, accounted)) continue;
     }
+    if (has_payload || r.type == static_cast<uint16_t>(Command::kWriteZeroes) ||
+        r.type == static_cast<uint16_t>(Command::kTrim)) {
+      volume_->Announce(r.offset, r.length);
+    }
     executing_.fetch_add(1);
     io_.Post([self, r, accounted, payload = std::move(payload)]() mutable {
       self->Execute(r, payload, accounted);

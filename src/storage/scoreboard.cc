@@ -87,6 +87,7 @@ struct Scoreboard::Impl {
   ~Impl();
 
   // nullopt only when !may_block and metadata I/O would be needed.
+  void Announce(uint64_t offset, uint64_t length);
   std::optional<Status> MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq_out,
                                   bool may_block);
   uint64_t MarkClean(uint32_t slot, uint64_t offset, uint64_t length, WriteSeq as_of);
@@ -167,6 +168,11 @@ struct Scoreboard::Impl {
   };
   std::mutex queue_mu;
   std::deque<Writer*> writers;  // GUARDED_BY(queue_mu)
+
+  // Extents that writes on their way to MarkDirty will need (Announce);
+  // the next commit takes along those that fit. At most max_intent_extents.
+  std::mutex announced_mu;
+  std::vector<uint32_t> announced;  // GUARDED_BY(announced_mu)
 
   // --- metadata I/O: every write and sync of the file ---
   mutable std::mutex io_mu;
@@ -344,6 +350,24 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
   }
 }
 
+void Scoreboard::Impl::Announce(uint64_t offset, uint64_t length) {
+  if (length == 0 || bitmaps.empty() || failed.load(std::memory_order_relaxed)) return;
+  if (offset > g.size_bytes || length > g.size_bytes - offset) return;
+  const uint64_t first = offset / g.region_size_bytes;
+  const uint64_t last = (offset + length - 1) / g.region_size_bytes;
+  const uint64_t e0 = first / g.regions_per_extent;
+  const uint64_t e1 = last / g.regions_per_extent;
+  if (e1 - e0 >= 2) return;
+  for (uint64_t e = e0; e <= e1; ++e) {
+    if (ExtentWord(e).load() & kHotBit) continue;
+    if (AllSlotsSet(std::max(first, ExtentFirstRegion(e)), std::min(last, ExtentLastRegion(e)))) {
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(announced_mu);
+    if (announced.size() < g.max_intent_extents) announced.push_back(static_cast<uint32_t>(e));
+  }
+}
+
 Status Scoreboard::Impl::GroupCommit(std::vector<uint32_t> extents,
                                      std::vector<uint32_t> entered) {
   Writer w;
@@ -428,8 +452,26 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     }
     stream_end = e - 1;
   }
+  // Where the stream continues, or else the highest extent asked for.
+  const uint32_t highest_asked = *std::max_element(need.begin(), need.end());
+  // Writes on their way to MarkDirty announced the extents they will need
+  // (Announce): take along those that fit without an eviction. Only one
+  // writer per storage thread can be waiting here, so without this a QD32
+  // random writer entering fresh extents paid a sync per 2-3 of them.
+  std::vector<uint32_t> announced_now;
+  {
+    std::lock_guard<std::mutex> lock(announced_mu);
+    announced_now.swap(announced);
+  }
+  size_t fit = cap > hot.size() + need.size() ? cap - hot.size() - need.size() : 0;
+  for (uint32_t e : announced_now) {
+    if (fit == 0) break;
+    if ((ExtentWord(e).load() & kHotBit) != 0) continue;
+    need.push_back(e);
+    --fit;
+  }
   // The record lists extents strictly ascending; another writer of the
-  // batch may already have asked for one declared ahead.
+  // batch may already have asked for one declared ahead or announced.
   std::sort(need.begin(), need.end());
   need.erase(std::unique(need.begin(), need.end()), need.end());
   if (hot.size() + need.size() > cap) {
@@ -455,8 +497,7 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     ExtentWord(e).fetch_or(kHotBit);
     hot.push_back(e);
   }
-  // Where the stream continues, or else the highest extent committed.
-  last_committed_extent = static_cast<uint32_t>(stream_end.value_or(need.back()));
+  last_committed_extent = static_cast<uint32_t>(stream_end.value_or(highest_asked));
   hot_count.store(hot.size());
   return Status::OK();
 }
@@ -800,6 +841,8 @@ Status Scoreboard::MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq) {
 std::optional<Status> Scoreboard::TryMarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq) {
   return impl_->MarkDirty(offset, length, seq, /*may_block=*/false);
 }
+
+void Scoreboard::Announce(uint64_t offset, uint64_t length) { impl_->Announce(offset, length); }
 
 WriteSeq Scoreboard::CurrentWriteSeq() const { return impl_->write_seq.load(); }
 

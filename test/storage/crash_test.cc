@@ -215,6 +215,15 @@ class CrashIteration {
       for (uint64_t r = offset / region_; r <= (offset + length - 1) / region_; ++r) {
         touched_[r] = true;
       }
+      // A write queued for a storage thread announces its extents first
+      // (Scoreboard::Announce); some announced writes never come.
+      if (Chance(3)) sb.Announce(offset, length);
+      if (Chance(10)) {
+        uint64_t announced = Pick(0, size_ / 512 - 1) * 512;
+        touched_[announced / region_] = true;  // its extent may be resynced
+        Log(fmt::format("announce {}+512, never written", announced));
+        sb.Announce(announced, 512);
+      }
       Status s = sb.MarkDirty(offset, length, &seq);
       std::string what = kind < 7 ? "write" : kind < 9 ? "trim" : "write_zeroes";
       Log(fmt::format("{} {}+{}{} seq {}: MarkDirty {}", what, offset, length, fua ? " fua" : "",
@@ -342,8 +351,8 @@ class CrashIteration {
       }
     }
     // Invariant 2, roughly: site b started identical, so a dirty region of
-    // b lies in an intent extent some write touched (torn bitmap pages are
-    // legitimately all dirty, so not after tearing).
+    // b lies in an intent extent some write touched or announced (torn
+    // bitmap pages are legitimately all dirty, so not after tearing).
     if (mode != CrashMode::kPowerLossTear) {
       uint32_t slot = *meta.SlotForSite("b");
       uint64_t per_extent = extent_ / region_;
@@ -384,7 +393,7 @@ class CrashIteration {
   std::vector<Recent> recent_;
   std::vector<Transfer> in_flight_;
   std::vector<std::string> log_;
-  std::vector<bool> touched_;  // regions any MarkDirty covered
+  std::vector<bool> touched_;  // regions any MarkDirty covered or Announce named
   uint64_t region_ = 0, extent_ = 0, size_ = 0;
   uint32_t max_hot_ = 0;
   uint64_t writes_ = 0;

@@ -144,6 +144,62 @@ TEST_CASE("Scoreboard: a writer out of order declares no extent ahead", "[scoreb
   CHECK(sb.Stats().intent_extents_in_use == 6);
 }
 
+TEST_CASE("Scoreboard: extents announced by writes on their way go with the next commit",
+          "[scoreboard]") {
+  VolumeFixture fx;
+  auto meta = fx.OpenOk(fx.Options(64 * kMiB));
+  Scoreboard& sb = meta->scoreboard();
+  sb.Announce(5 * 4 * kMiB + 100, 4096);
+  sb.Announce(9 * 4 * kMiB, 4096);
+  const uint64_t before = fx.env.sync_count();
+  REQUIRE(sb.MarkDirty(1 * 4 * kMiB + 64 * kKiB, 4096).ok());  // one commit for all three
+  CHECK(fx.env.sync_count() - before == 1);
+  CHECK(sb.Stats().intent_extents_in_use == 3);
+  REQUIRE(sb.MarkDirty(5 * 4 * kMiB + 100, 4096).ok());
+  REQUIRE(sb.MarkDirty(9 * 4 * kMiB, 4096).ok());
+  CHECK(fx.env.sync_count() - before == 1);
+  // Announcing what is hot adds nothing to the next commit.
+  sb.Announce(9 * 4 * kMiB + 8192, 4096);
+  REQUIRE(sb.MarkDirty(12 * 4 * kMiB + 64 * kKiB, 4096).ok());
+  CHECK(sb.Stats().intent_extents_in_use == 4);
+}
+
+TEST_CASE("Scoreboard: announced extents only fill room left in the hot set",
+          "[scoreboard]") {
+  // Hot set of 8 extents of 1 MiB, 6 in use: of 5 announced extents, the
+  // next commit takes along only as many as fit without an eviction.
+  VolumeFixture fx;
+  VolumeMetadataOptions o = fx.Options(64 * kMiB, 64 * kKiB);
+  o.intent_extent_bytes = 1 * kMiB;
+  o.max_intent_extents = 8;
+  auto meta = fx.OpenOk(o);
+  Scoreboard& sb = meta->scoreboard();
+  for (uint64_t extent : {1, 3, 5, 7, 9, 11}) {  // entered mid-extent: no stream
+    REQUIRE(sb.MarkDirty(extent * kMiB + 64 * kKiB, 4096).ok());
+  }
+  for (uint64_t extent : {20, 22, 24, 26, 28}) sb.Announce(extent * kMiB, 4096);
+  REQUIRE(sb.MarkDirty(40 * kMiB + 64 * kKiB, 4096).ok());
+  CHECK(sb.Stats().intent_extents_in_use == 8);
+  CHECK(sb.Stats().evicted_extents == 0);
+}
+
+TEST_CASE("Scoreboard: after a crash, an extent announced and never written is dirty",
+          "[scoreboard]") {
+  // The price of an announcement whose write never came: a resync of it.
+  VolumeFixture fx;
+  VolumeMetadataOptions o = fx.Options(64 * kMiB);
+  {
+    auto meta = fx.OpenOk(o);
+    Scoreboard& sb = meta->scoreboard();
+    sb.Announce(7 * 4 * kMiB, 4096);
+    REQUIRE(sb.MarkDirty(2 * 4 * kMiB + 64 * kKiB, 4096).ok());
+  }
+  fx.env.DropUnsyncedWrites();
+  auto meta = fx.OpenOk(o);
+  CHECK(meta->scoreboard().IsDirty(0, 7 * 4 * kMiB / (64 * kKiB)));
+  CHECK(meta->scoreboard().IsDirty(0, (2 * 4 * kMiB + 64 * kKiB) / (64 * kKiB)));
+}
+
 TEST_CASE("Scoreboard: after a crash, extents declared ahead of a sequential writer are "
           "dirty", "[scoreboard]") {
   // The price of declaring ahead: a crash resyncs them too, written or not.

@@ -167,6 +167,10 @@ class Volume {
   std::optional<Status> TryWriteWithoutWaiting(uint64_t offset,
                                                std::span<const std::byte> data,
                                                WriteContext* ctx = nullptr);
+  // A write, trim or write-zeroes of this range is queued for a pool
+  // thread: its intent extents may go with the next metadata commit
+  // (storage::Scoreboard::Announce). Never blocks.
+  void Announce(uint64_t offset, uint64_t length);
   // Reads only from the page cache; false: nothing read, use Read().
   bool ReadIfCached(uint64_t offset, std::span<std::byte> out);
   Status Cache(uint64_t offset, uint64_t length);

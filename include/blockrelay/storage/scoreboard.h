@@ -125,6 +125,16 @@ class Scoreboard {
   // first write into a slot maps its bitmap array: one mmap, no disk I/O).
   std::optional<Status> TryMarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq = nullptr);
 
+  // A MarkDirty of [offset, offset+length) will follow soon (a write queued
+  // for a storage thread): the next intent commit makes its extents hot too
+  // if they fit the hot set without an eviction, so that one metadata sync
+  // serves every write in flight, not only the writers already waiting in
+  // MarkDirty (one per storage thread). A range of more than two extents
+  // is ignored. Only a hint: nothing is made durable here, and an extent
+  // announced but never written is merely resynced after a crash. Never
+  // blocks on I/O; takes a short lock only for an extent that is not hot.
+  void Announce(uint64_t offset, uint64_t length);
+
   // The WriteSeq of the latest MarkDirty that has started.
   WriteSeq CurrentWriteSeq() const;
 
