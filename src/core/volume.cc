@@ -20,21 +20,27 @@ int64_t Nanos(Clock::time_point t) {
       .count();
 }
 
-// The calling thread's voluntary context switches (it slept in the kernel),
-// or -1 if getrusage failed.
-long VoluntarySwitches() {
+// The calling thread's context switches so far: voluntary (it slept in
+// the kernel) and involuntary (the scheduler gave its CPU to another
+// thread). `ok` is false if getrusage failed.
+struct ContextSwitches {
+  bool ok = false;
+  long voluntary = 0;
+  long involuntary = 0;
+};
+ContextSwitches ThreadContextSwitches() {
   rusage usage{};
-  if (getrusage(RUSAGE_THREAD, &usage) != 0) return -1;
-  return usage.ru_nvcsw;
+  if (getrusage(RUSAGE_THREAD, &usage) != 0) return {};
+  return {true, usage.ru_nvcsw, usage.ru_nivcsw};
 }
 
-// A recent count of VoluntarySwitches() of the thread that runs inline
-// writes, refreshed at most every kSwitchSampleInterval: getrusage costs
-// ~0.2 us, an inline 4 KiB write ~5 us.
+// A recent ThreadContextSwitches() of the thread that runs inline writes,
+// refreshed at most every kSwitchSampleInterval: getrusage costs ~0.2 us,
+// an inline 4 KiB write ~5 us.
 constexpr auto kSwitchSampleInterval = std::chrono::microseconds(250);
 struct SwitchSample {
   Clock::time_point taken{};
-  long voluntary = -1;
+  ContextSwitches switches;
 };
 thread_local SwitchSample t_switch_sample;
 
@@ -209,7 +215,7 @@ std::optional<Status> Volume::TryWriteWithoutWaiting(
   // Only the store write is timed: the steps above never wait on the disk.
   const Clock::time_point write_started = Clock::now();
   if (write_started - t_switch_sample.taken >= kSwitchSampleInterval) {
-    t_switch_sample = {write_started, VoluntarySwitches()};
+    t_switch_sample = {write_started, ThreadContextSwitches()};
   }
   Status s = WriteMarked(offset, data, /*fua=*/false);
   NoteInlineWriteTime(write_started, Clock::now());
@@ -222,17 +228,20 @@ void Volume::NoteInlineWriteTime(Clock::time_point started,
   const auto took = ended - started;
   if (took <= kInlineStallLimit) return;
   // A thread the kernel throttled slept (a voluntary context switch). One
-  // that never slept since the sample before the write was only not run:
-  // the host had more runnable threads than cores (on a 2-core machine,
-  // fio, this site and a downstream site on the same host preempt each
-  // other every few hundred ms). Pausing then would send a second of
-  // writes through the pool for nothing.
-  const long voluntary = VoluntarySwitches();
-  const bool slept = voluntary < 0 || t_switch_sample.voluntary < 0 ||
-                     voluntary != t_switch_sample.voluntary ||
-                     t_switch_sample.taken > started;
-  t_switch_sample = {ended, voluntary};
-  if (!slept) {
+  // that did not sleep since the sample before the write, but lost its CPU
+  // to another thread (an involuntary switch), was only not run: the host
+  // had more runnable threads than cores (on a 2-core machine, fio, this
+  // site, the kernel's writeback and a downstream site on the same host
+  // preempt each other every few hundred ms). Pausing then would send a
+  // second of writes through the pool for nothing. Anything else (no
+  // switch at all: the kernel worked for the thread, e.g. reclaiming
+  // memory, or the hypervisor did not run the CPU) pauses as before.
+  const ContextSwitches now = ThreadContextSwitches();
+  const ContextSwitches& before = t_switch_sample.switches;
+  const bool preempted = now.ok && before.ok && now.voluntary == before.voluntary &&
+                         now.involuntary > before.involuntary;
+  t_switch_sample = {ended, now};
+  if (preempted) {
     ++inline_preempted_;
     return;
   }

@@ -86,8 +86,8 @@ struct Scoreboard::Impl {
   explicit Impl(ScoreboardStart& start);
   ~Impl();
 
-  // nullopt only when !may_block and metadata I/O would be needed.
   void Announce(uint64_t offset, uint64_t length);
+  // nullopt only when !may_block and metadata I/O would be needed.
   std::optional<Status> MarkDirty(uint64_t offset, uint64_t length, WriteSeq* seq_out,
                                   bool may_block);
   uint64_t MarkClean(uint32_t slot, uint64_t offset, uint64_t length, WriteSeq as_of);
@@ -177,9 +177,11 @@ struct Scoreboard::Impl {
   // --- metadata I/O: every write and sync of the file ---
   mutable std::mutex io_mu;
   std::vector<uint32_t> hot;         // GUARDED_BY(io_mu)
-  // The highest extent the last intent commit made hot, and how many
-  // commits in a row a writer entered the extent after it at its start:
-  // spotting a sequential writer (CommitExtentsLocked).  GUARDED_BY(io_mu)
+  // The last extent of the run of hot extents that starts at the highest
+  // one the last intent commit was asked for (or at the end of its run
+  // ahead), and how many commits in a row a writer entered the extent
+  // after it at its start: spotting a sequential writer
+  // (CommitExtentsLocked).  GUARDED_BY(io_mu)
   std::optional<uint32_t> last_committed_extent;
   int sequential_streak = 0;
   uint64_t intent_seq = 0;           // GUARDED_BY(io_mu) last record written
@@ -364,6 +366,8 @@ void Scoreboard::Impl::Announce(uint64_t offset, uint64_t length) {
       continue;
     }
     std::lock_guard<std::mutex> lock(announced_mu);
+    // Consecutive writes into one extent announce it once.
+    if (!announced.empty() && announced.back() == e) continue;
     if (announced.size() < g.max_intent_extents) announced.push_back(static_cast<uint32_t>(e));
   }
 }
@@ -452,7 +456,6 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     }
     stream_end = e - 1;
   }
-  // Where the stream continues, or else the highest extent asked for.
   const uint32_t highest_asked = *std::max_element(need.begin(), need.end());
   // Writes on their way to MarkDirty announced the extents they will need
   // (Announce): take along those that fit without an eviction. Only one
@@ -463,6 +466,9 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     std::lock_guard<std::mutex> lock(announced_mu);
     announced_now.swap(announced);
   }
+  std::sort(announced_now.begin(), announced_now.end());
+  announced_now.erase(std::unique(announced_now.begin(), announced_now.end()),
+                      announced_now.end());
   size_t fit = cap > hot.size() + need.size() ? cap - hot.size() - need.size() : 0;
   for (uint32_t e : announced_now) {
     if (fit == 0) break;
@@ -497,7 +503,16 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     ExtentWord(e).fetch_or(kHotBit);
     hot.push_back(e);
   }
-  last_committed_extent = static_cast<uint32_t>(stream_end.value_or(highest_asked));
+  // Where the stream will ask next: past the extents ahead, and past any
+  // hot ones after them (extents its own queued writes announced), so that
+  // announcements do not hide a sequential writer.
+  uint64_t last = stream_end.value_or(highest_asked);
+  for (size_t i = 0; i < cap && last + 1 < g.extent_count &&
+                     (ExtentWord(last + 1).load() & kHotBit) != 0;
+       ++i) {
+    ++last;
+  }
+  last_committed_extent = static_cast<uint32_t>(last);
   hot_count.store(hot.size());
   return Status::OK();
 }

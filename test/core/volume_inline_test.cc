@@ -2,8 +2,10 @@
 // network thread's write path. It declines what could block, and after a
 // write that did block anyway (the kernel throttling dirty pages) it sends
 // the volume's writes to the pool for a while; a write that was only slow
-// because the thread was not run does not. The store here is in memory,
+// because another thread had the CPU does not. The store here is in memory,
 // claims to be buffered like a file, and can be told to take its time.
+#include <sched.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -90,17 +92,65 @@ TEST_CASE("TryWriteWithoutWaiting: after a write that stalled, the next "
   CHECK(f.volume->Write(4096, f.block, /*fua=*/false).ok());
 }
 
-TEST_CASE("TryWriteWithoutWaiting: a write that was slow without sleeping "
-          "(the thread was not run) pauses nothing", "[volume][inline]") {
+// Runs `fn` with the calling thread and a busy competitor pinned to one
+// CPU, so that the scheduler takes the CPU from the caller now and then
+// (involuntary context switches) while it never sleeps.
+template <typename Fn>
+void WithCompetitorOnSameCpu(Fn fn) {
+  cpu_set_t allowed;
+  REQUIRE(sched_getaffinity(0, sizeof(allowed), &allowed) == 0);
+  int cpu = 0;
+  while (!CPU_ISSET(cpu, &allowed)) ++cpu;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  REQUIRE(sched_setaffinity(0, sizeof(one), &one) == 0);
+  std::atomic<bool> stop{false};
+  std::thread competitor([&] {
+    sched_setaffinity(0, sizeof(one), &one);
+    while (!stop.load()) {
+    }
+  });
+  // Older than the volume's sampling interval: the write samples afresh.
+  std::this_thread::sleep_for(5ms);
+  fn();
+  stop.store(true);
+  competitor.join();
+  sched_setaffinity(0, sizeof(allowed), &allowed);
+}
+
+TEST_CASE("TryWriteWithoutWaiting: a write that was slow because another "
+          "thread had the CPU pauses nothing", "[volume][inline]") {
   Fixture f;
-  f.store->set_write_spin(Volume::kInlineStallLimit + 5ms);
-  auto slow = f.volume->TryWriteWithoutWaiting(0, f.block);
-  REQUIRE(slow.has_value());
-  CHECK(slow->ok());
+  // Long enough for the scheduler to switch to the competitor several times.
+  f.store->set_write_spin(50ms);
+  WithCompetitorOnSameCpu([&] {
+    auto slow = f.volume->TryWriteWithoutWaiting(0, f.block);
+    REQUIRE(slow.has_value());
+    CHECK(slow->ok());
+  });
   f.store->set_write_spin(0ms);
   CHECK(f.volume->TryWriteWithoutWaiting(4096, f.block).has_value());
   CHECK(f.volume->counters().inline_preempted == 1);
   CHECK(f.volume->counters().inline_stalls == 0);
+}
+
+TEST_CASE("TryWriteWithoutWaiting: a write that was slow without sleeping or "
+          "losing the CPU still pauses (the kernel worked for the thread)",
+          "[volume][inline]") {
+  Fixture f;
+  std::this_thread::sleep_for(5ms);  // the write samples afresh
+  f.store->set_write_spin(Volume::kInlineStallLimit + 3ms);
+  auto slow = f.volume->TryWriteWithoutWaiting(0, f.block);
+  REQUIRE(slow.has_value());
+  f.store->set_write_spin(0ms);
+  const auto c = f.volume->counters();
+  // An idle core usually lets the spin run unswitched; on a busy machine
+  // the scheduler may take the CPU meanwhile, which is the case above.
+  CHECK(c.inline_stalls + c.inline_preempted == 1);
+  if (c.inline_stalls == 1) {
+    CHECK_FALSE(f.volume->TryWriteWithoutWaiting(4096, f.block).has_value());
+  }
 }
 
 TEST_CASE("TryWriteWithoutWaiting: a stall that slept is counted",

@@ -160,8 +160,9 @@ class Volume {
   // limit, it throttles the writer (balance_dirty_pages, up to 200 ms a
   // time), and on the network thread that stalls every connection. So a
   // write that took longer than kInlineStallLimit sends this volume's
-  // writes to the pool for kInlinePauseAfterStall, unless the thread never
-  // slept during it (it was preempted: a busy host, not a throttled disk).
+  // writes to the pool for kInlinePauseAfterStall, unless the thread did
+  // not sleep during it and lost its CPU to another thread (it was
+  // preempted: a busy host, not a throttled disk).
   static constexpr std::chrono::milliseconds kInlineStallLimit{2};
   static constexpr std::chrono::milliseconds kInlinePauseAfterStall{1000};
   std::optional<Status> TryWriteWithoutWaiting(uint64_t offset,
