@@ -890,8 +890,8 @@ TEST_CASE("ParseSiteConfig: nbd.poll_us outside 0..1000", "[config]") {
   }
 }
 
-TEST_CASE("ParseSiteConfig: nbd.poll_us defaults to 50", "[config]") {
-  CHECK(ParseOk(MinimalDoc()).nbd.poll_us == 50);
+TEST_CASE("ParseSiteConfig: nbd.poll_us defaults to 200", "[config]") {
+  CHECK(ParseOk(MinimalDoc()).nbd.poll_us == 200);
 }
 
 TEST_CASE("ParseSiteConfig: group_interval outside 1ms..10s", "[config]") {

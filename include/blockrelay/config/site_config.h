@@ -41,8 +41,8 @@ enum class InitialSync { kFull, kNone, kChecksum };
 enum class OnSyncFailure { kLogging, kBlock };
 
 // nbd.poll_us when the config does not say (QEMU's IOThreads poll for up to
-// 32 us by default; docs/benchmarks.md has what this one was measured at).
-inline constexpr uint32_t kDefaultPollUs = 50;
+// 32 us by default; docs/design.md, "NBD data path", has why 200).
+inline constexpr uint32_t kDefaultPollUs = 200;
 
 struct NbdConfig {
   // Unix socket the local host's NBD clients connect to. Created at start-up
