@@ -81,8 +81,9 @@ TEST_CASE("Scoreboard: a sequential writer's next extents are declared with the 
 
 TEST_CASE("Scoreboard: a long sequential stream declares further ahead as it goes on, "
           "up to 56 extents", "[scoreboard]") {
-  // 128 extents written in order: a fixed run of 7 ahead paid 18 syncs. After a crash, no more than the 56 extents of the last run
-  // ahead are dirty beyond what was written.
+  // 128 extents written in order: a fixed run of 7 ahead paid 18 syncs.
+  // After a crash, no more than the 56 extents of the last run ahead are
+  // dirty beyond what was written.
   VolumeFixture fx;
   VolumeMetadataOptions o = fx.Options(1024 * kMiB);
   {
