@@ -27,6 +27,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -125,6 +126,21 @@ struct Scoreboard::Impl {
   uint64_t ExtentFirstRegion(uint64_t e) const { return e * g.regions_per_extent; }
   uint64_t ExtentLastRegion(uint64_t e) const {
     return std::min((e + 1) * g.regions_per_extent, g.region_count) - 1;
+  }
+  // The regions [first, last] of a byte range, and their extents [e0, e1].
+  // REQUIRES length > 0 and the range inside the volume.
+  struct RegionSpan {
+    uint64_t first, last, e0, e1;
+  };
+  RegionSpan SpanOf(uint64_t offset, uint64_t length) const {
+    const uint64_t first = offset / g.region_size_bytes;
+    const uint64_t last = (offset + length - 1) / g.region_size_bytes;
+    return {first, last, first / g.regions_per_extent, last / g.regions_per_extent};
+  }
+  // The part of regions [first, last] that lies in extent e.
+  std::pair<uint64_t, uint64_t> RegionsInExtent(uint64_t e, uint64_t first,
+                                                uint64_t last) const {
+    return {std::max(first, ExtentFirstRegion(e)), std::min(last, ExtentLastRegion(e))};
   }
 
   Status Fail(const Status& s);
@@ -305,10 +321,7 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
   WriteSeq seq = write_seq.fetch_add(1) + 1;
   if (seq_out != nullptr) *seq_out = seq;
   if (length == 0 || bitmaps.empty()) return Status::OK();
-  const uint64_t first = offset / g.region_size_bytes;
-  const uint64_t last = (offset + length - 1) / g.region_size_bytes;
-  const uint64_t e0 = first / g.regions_per_extent;
-  const uint64_t e1 = last / g.regions_per_extent;
+  const auto [first, last, e0, e1] = SpanOf(offset, length);
   // The seq goes in before the bits are read: MarkClean clears bits and then
   // reads the seq, so one of us sees the other (see MarkClean). A
   // non-blocking call that gives up has bumped seqs for nothing, which only
@@ -320,8 +333,7 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
 
   std::vector<uint32_t> need;
   for (uint64_t e = e0; e <= e1; ++e) {
-    uint64_t a = std::max(first, ExtentFirstRegion(e));
-    uint64_t b = std::min(last, ExtentLastRegion(e));
+    const auto [a, b] = RegionsInExtent(e, first, last);
     if (!AllSlotsSet(a, b)) need.push_back(static_cast<uint32_t>(e));
   }
   if (need.size() > direct_threshold) {
@@ -331,8 +343,7 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
   while (true) {
     std::vector<uint32_t> pending;
     for (uint32_t e : need) {
-      uint64_t a = std::max(first, ExtentFirstRegion(e));
-      uint64_t b = std::min(last, ExtentLastRegion(e));
+      const auto [a, b] = RegionsInExtent(e, first, last);
       if (!TrySetViaHotExtent(e, a, b)) pending.push_back(e);
     }
     if (pending.empty()) return Status::OK();
@@ -355,16 +366,12 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
 void Scoreboard::Impl::Announce(uint64_t offset, uint64_t length) {
   if (length == 0 || bitmaps.empty() || failed.load(std::memory_order_relaxed)) return;
   if (offset > g.size_bytes || length > g.size_bytes - offset) return;
-  const uint64_t first = offset / g.region_size_bytes;
-  const uint64_t last = (offset + length - 1) / g.region_size_bytes;
-  const uint64_t e0 = first / g.regions_per_extent;
-  const uint64_t e1 = last / g.regions_per_extent;
+  const auto [first, last, e0, e1] = SpanOf(offset, length);
   if (e1 - e0 >= 2) return;
   for (uint64_t e = e0; e <= e1; ++e) {
     if (ExtentWord(e).load() & kHotBit) continue;
-    if (AllSlotsSet(std::max(first, ExtentFirstRegion(e)), std::min(last, ExtentLastRegion(e)))) {
-      continue;
-    }
+    const auto [a, b] = RegionsInExtent(e, first, last);
+    if (AllSlotsSet(a, b)) continue;
     std::lock_guard<std::mutex> lock(announced_mu);
     // Consecutive writes into one extent announce it once.
     if (!announced.empty() && announced.back() == e) continue;

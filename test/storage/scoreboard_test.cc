@@ -25,6 +25,14 @@ constexpr uint64_t kKiB = 1ull << 10;
 constexpr uint64_t kMiB = 1ull << 20;
 constexpr uint64_t kTiB = 1ull << 40;
 
+// A volume whose hot set is tiny: at most 8 intent extents of 1 MiB.
+VolumeMetadataOptions TinyHotSetOptions(VolumeFixture& fx, uint64_t size_bytes) {
+  VolumeMetadataOptions o = fx.Options(size_bytes, 64 * kKiB);
+  o.intent_extent_bytes = 1 * kMiB;
+  o.max_intent_extents = 8;
+  return o;
+}
+
 TEST_CASE("Scoreboard: MarkDirty marks every touched region in every slot", "[scoreboard]") {
   VolumeFixture fx;
   auto meta = fx.OpenOk(fx.Options(64 * kMiB, 64 * kKiB, {{"b", true}, {"c", true}}));
@@ -109,9 +117,7 @@ TEST_CASE("Scoreboard: extents declared ahead never push the hot set past its bo
   // stays within the bound (recovery would take a longer one for torn and
   // lose its extents), and after a crash every written region is dirty.
   VolumeFixture fx;
-  VolumeMetadataOptions o = fx.Options(64 * kMiB, 64 * kKiB);
-  o.intent_extent_bytes = 1 * kMiB;
-  o.max_intent_extents = 8;
+  VolumeMetadataOptions o = TinyHotSetOptions(fx, 64 * kMiB);
   {
     auto meta = fx.OpenOk(o);
     Scoreboard& sb = meta->scoreboard();
@@ -184,9 +190,7 @@ TEST_CASE("Scoreboard: announced extents only fill room left in the hot set",
   // Hot set of 8 extents of 1 MiB, 6 in use: of 5 announced extents, the
   // next commit takes along only as many as fit without an eviction.
   VolumeFixture fx;
-  VolumeMetadataOptions o = fx.Options(64 * kMiB, 64 * kKiB);
-  o.intent_extent_bytes = 1 * kMiB;
-  o.max_intent_extents = 8;
+  VolumeMetadataOptions o = TinyHotSetOptions(fx, 64 * kMiB);
   auto meta = fx.OpenOk(o);
   Scoreboard& sb = meta->scoreboard();
   for (uint64_t extent : {1, 3, 5, 7, 9, 11}) {  // entered mid-extent: no stream
@@ -395,9 +399,7 @@ TEST_CASE("Scoreboard: a failing backing flush blocks persisting clears and is s
 TEST_CASE("Scoreboard: the hot set stays bounded and evicted extents' bits survive a crash",
           "[scoreboard]") {
   VolumeFixture fx;
-  VolumeMetadataOptions o = fx.Options(256 * kMiB, 64 * kKiB);
-  o.intent_extent_bytes = 1 * kMiB;
-  o.max_intent_extents = 8;
+  VolumeMetadataOptions o = TinyHotSetOptions(fx, 256 * kMiB);
   std::set<uint64_t> written;
   {
     auto meta = fx.OpenOk(o);
