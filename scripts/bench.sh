@@ -109,6 +109,7 @@
 #   --size SIZE       backing file size for fallocate (default 4GiB)
 #   --io-threads N    blockrelay nbd.io_threads, both sites (default: the daemon's own)
 #   --poll-us N       blockrelay nbd.poll_us, both sites (default: the daemon's own)
+#   --poll-us-b N     site b's nbd.poll_us only (default: as --poll-us)
 #   --workdir-base D  where to mktemp -d the work dir (default /var/tmp)
 #   --build-dir D     build dir (default build-bench; relative to the repo
 #                     or absolute); the binary is D/blockrelay, or
@@ -215,6 +216,7 @@ TRANSPORT=unix
 SIZE=4GiB
 IO_THREADS=
 POLL_US=
+POLL_US_B=
 WORKDIR_BASE=/var/tmp
 BUILD_DIR=build-bench
 DO_BUILD=1
@@ -240,6 +242,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE=$2; shift 2 ;;
     --io-threads) IO_THREADS=$2; shift 2 ;;
     --poll-us) POLL_US=$2; shift 2 ;;
+    --poll-us-b) POLL_US_B=$2; shift 2 ;;
     --workdir-base) WORKDIR_BASE=$2; shift 2 ;;
     --build-dir) BUILD_DIR=$2; shift 2 ;;
     --no-build) DO_BUILD=0; shift ;;
@@ -267,6 +270,7 @@ done
 [ "$TRANSPORT" = unix ] || [ "$TRANSPORT" = tcp ] || die "--transport: unix or tcp"
 [ -z "$IO_THREADS" ] || [[ $IO_THREADS =~ ^[1-9][0-9]*$ ]] || die "--io-threads: expected a positive integer"
 [ -z "$POLL_US" ] || [[ $POLL_US =~ ^[0-9]+$ ]] || die "--poll-us: expected a whole number of microseconds"
+[ -z "${POLL_US_B:-}" ] || [[ $POLL_US_B =~ ^[0-9]+$ ]] || die "--poll-us-b: expected a whole number of microseconds"
 if [ "$RESYNC" = 2 ]; then ROWS=; SERVERS=; WIRE=none; fi
 IFS=, read -r -a ROW_LIST <<<"$ROWS"
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
@@ -552,7 +556,7 @@ start_blockrelay_link() {
   new_endpoint "$dir"
   local bnbd="\"unix_socket\": \"$bdir/nbd.sock\""
   if [ -n "$IO_THREADS" ]; then bnbd="$bnbd, \"io_threads\": $IO_THREADS"; fi
-  if [ -n "$POLL_US" ]; then bnbd="$bnbd, \"poll_us\": $POLL_US"; fi
+  if [ -n "${POLL_US_B:-$POLL_US}" ]; then bnbd="$bnbd, \"poll_us\": ${POLL_US_B:-$POLL_US}"; fi
   for attempt in 1 2 3; do
     port=$(free_port)
     cat >"$bdir/site.json" <<EOF
@@ -683,6 +687,7 @@ MACHINE=$WORK/machine.txt
   echo "size=$SIZE ($SIZE_BYTES bytes)"
   echo "io_threads=${IO_THREADS:-daemon default}"
   echo "poll_us=${POLL_US:-daemon default}"
+  [ -z "$POLL_US_B" ] || echo "poll_us_b=$POLL_US_B"
   echo "rounds=$ROUNDS"
   echo "runtime=$RUNTIME"
   echo "ramp=$RAMP"
@@ -1099,7 +1104,8 @@ w(f"Setup: transport {machine['transport']}; backing files of {machine['size']} 
   "each server started fresh for every run and stopped by PID after it; "
   f"{machine['rounds']} round(s), {machine['ramp']} s warm-up + {machine['runtime']} s measured per run; "
   "servers interleaved within each row, order rotated per round; `sync` before every run; "
-  f"blockrelay nbd.io_threads: {machine['io_threads']}, nbd.poll_us: {machine.get('poll_us', 'daemon default')}. "
+  f"blockrelay nbd.io_threads: {machine['io_threads']}, nbd.poll_us: {machine.get('poll_us', 'daemon default')}"
+  + (f" (site b: {machine['poll_us_b']})" if 'poll_us_b' in machine else "") + ". "
   "Numbers are medians over the rounds (each column separately). "
   "Latency is fio's total latency (submission + completion) of the row's reads or writes. "
   "spread = (max - min) / median of IOPS over the rounds. "

@@ -198,6 +198,9 @@ struct Receiver::GroupState {
   std::string peer;
   std::string last_error;
   uint64_t groups_received = 0;
+  // Frames whose append waited for the pool (the journal being rotated, or
+  // kMaxPendingBytes waiting to be applied): receiving stopped meanwhile.
+  std::atomic<uint64_t> receive_waits{0};
   uint64_t bytes_received = 0;
   uint64_t replayed_groups = 0;
 };
@@ -1938,6 +1941,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       }
     }
     if (!appended) {
+      ++g->receive_waits;
       s = co_await io_.Run([g, frame_bytes, durable, link_seq, conn_id, durable_out] {
         Status st = AppendFrame(*g, conn_id, link_seq, *frame_bytes);
         if (st.ok() && (durable || g->pending_bytes_hint() >= kMaxPendingBytes)) {
@@ -2057,6 +2061,7 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
         {"groups_received", g->groups_received},
         {"bytes_received", g->bytes_received},
         {"replayed_groups", g->replayed_groups},
+        {"receive_waits", g->receive_waits.load()},
     };
     j["applied_group_seq"] = g->applied_group_seq_seen.load();
     j["consistent"] = g->consistent.load();
@@ -2066,6 +2071,9 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
     {
       std::lock_guard lock(g->append_mu);
       j["journal_bytes"] = g->journal->log_bytes() + g->retired_journal_bytes.load();
+      // Received and journaled, waiting for the next sync and apply: how far
+      // applying lags behind receiving.
+      j["unapplied_bytes"] = g->pending_bytes;
       if (!g->failure.ok()) j["error"] = g->failure.message();
     }
     if (!g->last_error.empty()) j["last_error"] = g->last_error;

@@ -68,6 +68,9 @@ assert_eq "b: upstream is site a" a "$(jq -r '.groups[0].upstream.site' "$sb")"
 assert_eq "b: upstream connected" connected "$(jq -r '.groups[0].upstream.state' "$sb")"
 rcvd=$(jq -r '.groups[0].upstream.bytes_received' "$sb")
 assert_true "b: received what a sent (bytes_received $rcvd >= 16 MiB)" test "$rcvd" -ge $((16 << 20))
+# Caught up means durable there, and a group is durable only once applied.
+assert_eq "b: nothing received is left to apply" 0 "$(jq -r '.groups[0].upstream.unapplied_bytes' "$sb")"
+assert_eq "b: counts receive waits" number "$(jq -r '.groups[0].upstream.receive_waits | type' "$sb")"
 assert_eq "b: one downstream link, to c" c "$(jq -r '[.groups[0].downstream[].site] | join(",")' "$sb")"
 assert_eq "b: link c is async" async "$(jq -r '.groups[0].downstream[0].mode' "$sb")"
 assert_eq "b: link c is replicating" replicating "$(jq -r '.groups[0].downstream[0].state' "$sb")"
