@@ -198,8 +198,9 @@ struct Receiver::GroupState {
   std::string peer;
   std::string last_error;
   uint64_t groups_received = 0;
-  // Frames whose append waited for the pool (the journal being rotated, or
-  // kMaxPendingBytes waiting to be applied): receiving stopped meanwhile.
+  // Frames appended through the pool instead of inline (append_mu busy: a
+  // sync taking its batch, a rotation, a status request; or kMaxPendingBytes
+  // waiting to be applied): receiving stopped until the append was done.
   std::atomic<uint64_t> receive_waits{0};
   uint64_t bytes_received = 0;
   uint64_t replayed_groups = 0;
