@@ -38,7 +38,11 @@
 #      section ("## Latest run") with the machine description and the exact
 #      command line; --write-doc replaces that section in docs/benchmarks.md
 #      and keeps everything above it (the hand-written header) and every later
-#      "## " section (hand-written analysis).
+#      "## " section (hand-written analysis). Variants of blockrelay
+#      (-logging, -async, -sync) are also compared round by round with
+#      blockrelay's run of the same row and round ("per round": median and
+#      range of those paired ratios), which shows how far the noise alone
+#      moves a ratio.
 #
 # Servers (name -> start function; see SERVERS below):
 #   blockrelay           this tree's daemon, one volume, no downstream link
@@ -1065,6 +1069,7 @@ with open(tsv) as f:
             s["last_error"] = link.get("last_error", "")
             if not s["link_ok"]:
                 link_problems.append((row, server, s))
+        s["round"] = rnd
         samples.setdefault((row, server), []).append(s)
 
 def med(key, xs):
@@ -1165,9 +1170,18 @@ if variant_lines:
          "link kept = runs whose link stayed up (see the notes)."
          if ran & LINK_SERVERS else ""))
     w("")
-    w("| row | variant | x blockrelay | lat x blockrelay | goal | met | link kept |")
-    w("| --- | --- | ---: | ---: | --- | --- | --- |")
+    w("Per round = the variant's IOPS / blockrelay's IOPS in the same round (the two ran minutes "
+      "apart at most), median and range over the rounds: the spread of these paired ratios shows "
+      "how much of a difference this machine's noise alone makes.")
+    w("")
+    w("| row | variant | x blockrelay | per round | lat x blockrelay | goal | met | link kept |")
+    w("| --- | --- | ---: | ---: | ---: | --- | --- | --- |")
     for row, server, x, lx in variant_lines:
+        base_by_round = {v["round"]: v["iops"] for v in samples[(row, "blockrelay")] if v["iops"]}
+        paired = sorted(v["iops"] / base_by_round[v["round"]] for v in samples[(row, server)]
+                        if v["iops"] is not None and v["round"] in base_by_round)
+        per_round = (f"{statistics.median(paired):.2f}x ({paired[0]:.2f}-{paired[-1]:.2f})"
+                     if paired else "-")
         kept = "-"
         if server in LINK_SERVERS:
             xs = samples[(row, server)]
@@ -1188,7 +1202,7 @@ if variant_lines:
                 met = "yes" if ok else "**no**"
                 goal_results.append((server, row, gtext, v, ok))
         lxs = f"{lx:.2f}x" if lx is not None else "-"
-        w(f"| {row} | {server} | {x:.2f}x | {lxs} | {gtext} | {met} | {kept} |")
+        w(f"| {row} | {server} | {x:.2f}x | {per_round} | {lxs} | {gtext} | {met} | {kept} |")
     w("")
     for server in sorted({r[0] for r in goal_results}):
         mine = [r for r in goal_results if r[0] == server]
