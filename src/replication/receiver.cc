@@ -198,8 +198,8 @@ struct Receiver::GroupState {
   std::string peer;
   std::string last_error;
   uint64_t groups_received = 0;
-  // Frames appended through the pool instead of inline (append_mu busy: a
-  // sync taking its batch, a rotation, a status request; or kMaxPendingBytes
+  // Frames appended through the pool instead of inline (append_mu held by
+  // a pool thread: a sync taking its batch, a rotation; or kMaxPendingBytes
   // waiting to be applied): receiving stopped until the append was done.
   std::atomic<uint64_t> receive_waits{0};
   uint64_t bytes_received = 0;
