@@ -67,7 +67,10 @@
 #   and wait (`blockrelay wait`) until the link is replicating and caught up
 #   before fio starts. Both processes are stopped by PID after the run. The
 #   link's status (state, connects, bytes sent) is saved after every run, so a
-#   link that fell back to logging during a run shows up in the report.
+#   link that fell back to logging during a run shows up in the report; then
+#   `blockrelay wait` is timed (at most 300 s): how long after fio the link
+#   was caught up, which is what a link that overflowed and waited for the
+#   writers to slow down (docs/replication.md, "Congestion") owes.
 #   Goals, shown next to the ratios against "blockrelay" (no link):
 #   async >= 0.85x IOPS on every row; sync: randwrite-4k-qd1 mean latency
 #   <= 2x, >= 0.7x IOPS on the QD32 rows.
@@ -622,6 +625,21 @@ save_status() {  # save_status FILE
   timeout 15 "$BR_BIN" status --json --config "$BR_CONFIG" >"$1" 2>/dev/null || echo '{}' >"$1"
 }
 
+# Seconds until the link of the current blockrelay-async/-sync run is caught
+# up, into FILE ("timeout" if not within 300 s).
+time_catch_up() {  # time_catch_up FILE
+  [ -n "$BR_CONFIG" ] || return 0
+  local t0 t1
+  t0=$(date +%s.%N)
+  if timeout 330 "$BR_BIN" wait bench --link b --config "$BR_CONFIG" --timeout 300 \
+      >"$1.log" 2>&1; then
+    t1=$(date +%s.%N)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f\n", b - a }' >"$1"
+  else
+    echo timeout >"$1"
+  fi
+}
+
 start_nbdkit_file() {
   new_endpoint "$1"
   if [ "$TRANSPORT" = unix ]; then
@@ -746,6 +764,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
       forget_pid "$fio_pid"
       la=$(loadavg1)
       save_status "$json.status.json"
+      time_catch_up "$json.catchup"
       stop_pid "$SERVER_PID"
       stop_aux
       status=ok
@@ -1067,6 +1086,11 @@ with open(tsv) as f:
             s["connects"] = link.get("connects")
             s["link_state"] = link.get("state", "unknown")
             s["last_error"] = link.get("last_error", "")
+            s["congestion_holds"] = link.get("congestion_holds", 0)
+            try:
+                s["catchup"] = open(path + ".catchup").read().strip()
+            except OSError:
+                s["catchup"] = None
             if not s["link_ok"]:
                 link_problems.append((row, server, s))
         s["round"] = rnd
@@ -1316,13 +1340,33 @@ if link_problems:
     for _, _, v in link_problems:
         if v.get("last_error"):
             errors.setdefault(re.sub(r"[0-9]+", "N", v["last_error"]), v["last_error"])
+    holds = sum(v.get("congestion_holds") or 0 for _, _, v in link_problems)
     w("- The link did not stay up in every run (`link kept` above; one connect and `replicating` "
-      "when fio ended is kept). A dropped link reconnects by itself and resyncs from the scoreboard, "
-      "so such a run measured streaming, logging and resync in turn; it is in the medians (it is "
-      "what these settings give). " + "; ".join(parts) + "."
+      "when fio ended is kept). A dropped link reconnects by itself and resyncs from the scoreboard; "
+      "after a queue overflow it first waits while the writers outrun it (docs/replication.md, "
+      f"\"Congestion\"; {holds} such wait(s) in these runs), so such a run measured streaming, "
+      "logging and resync in turn, and a link still waiting when fio ended resyncs afterwards "
+      "(catch-up times below); it is in the medians (it is what these settings give). "
+      + "; ".join(parts) + "."
       + (" Last errors, e.g.: " + "; ".join(f"`{e}`" for e in errors.values()) + "." if errors else ""))
 elif any(s in LINK_SERVERS for s in servers_order) or wire:
     w("- Every blockrelay-async/-sync run kept its link: one connect, `replicating` when fio ended.")
+catch_parts = []
+for (row, server), xs in samples.items():
+    vals = [v.get("catchup") for v in xs if server in LINK_SERVERS and v.get("catchup")]
+    if not vals:
+        continue
+    nums = sorted(float(v) for v in vals if v != "timeout")
+    timeouts = len(vals) - len(nums)
+    part = f"{row} {server}: "
+    if nums:
+        part += f"{statistics.median(nums):.1f} s ({nums[0]:.1f}-{nums[-1]:.1f})"
+    if timeouts:
+        part += (", " if nums else "") + f"{timeouts} not within 300 s"
+    catch_parts.append(part)
+if catch_parts:
+    w("- Caught up after fio ended (`blockrelay wait` right after the run, seconds, median and "
+      "range): " + "; ".join(catch_parts) + ".")
 if wire_failures:
     w("- Failed wire runs (not in the medians): " + "; ".join(wire_failures) + ".")
 w("")

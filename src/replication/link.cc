@@ -27,6 +27,11 @@ constexpr auto kAsTuple = asio::experimental::as_tuple(asio::use_awaitable);
 constexpr auto kMinBackoff = std::chrono::milliseconds(100);
 constexpr auto kMaxBackoff = std::chrono::seconds(5);
 constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
+// A link whose queue overflowed samples the writers' rate this often, and
+// reconnects after kMaxCongestionHold even if they are still too fast
+// (HoldWhileWritersOutrun).
+constexpr auto kCongestionSample = std::chrono::milliseconds(250);
+constexpr auto kMaxCongestionHold = std::chrono::seconds(30);
 // Resync reads this much at a time (contiguous dirty regions) and keeps at
 // most kResyncWindowEntries chunks and kResyncWindowBytes not yet durable
 // downstream. The downstream acknowledges resync data as durable after
@@ -105,6 +110,10 @@ struct Link::Connection {
   bool peer_wants_full_resync = false;  // from HELLO_REPLY (after a rollback)
   int coroutines = 0;  // reader, writer, resync still running
   asio::steady_timer* done_signal = nullptr;
+  // When the writer last found the queue empty, and bytes_sent_ then: the
+  // link has been backlogged since, so what it sent since is its rate.
+  std::chrono::steady_clock::time_point backlog_since = std::chrono::steady_clock::now();
+  uint64_t backlog_sent_bytes = 0;
 };
 
 Link::Link(ReplicationGroup& group, const config::DownstreamConfig& config)
@@ -248,6 +257,7 @@ asio::awaitable<Status> Link::ForceResync(bool full) {
   if (conn_) {
     Break(*conn_, "resync requested by the operator");
   } else if (retry_timer_ && !paused_) {
+    hold_released_ = true;
     retry_timer_->cancel();
   }
   co_return Status::OK();
@@ -315,6 +325,8 @@ asio::awaitable<void> Link::Run() {
     backoff = kMinBackoff;
     last_error_.clear();
     ++connects_;
+    overflowed_ = false;
+    c->backlog_sent_bytes = bytes_sent_;
     co_await Serve(c);
     if (stopping_) break;
     group_.ArmGenerationBump();
@@ -333,10 +345,67 @@ asio::awaitable<void> Link::Run() {
                      "loss failed: {}", vol->name(), fs.ToString());
       }
     }
+    // With max_lag the operator asked for a bounded lag, writers slowed
+    // to keep it: reconnect at once, as always.
+    if (overflowed_ && !paused_ && !stopping_ && !config_.max_lag_bytes &&
+        !config_.max_lag_ms) {
+      co_await HoldWhileWritersOutrun(overflow_drained_);
+      continue;
+    }
     retry_timer_->expires_after(kMinBackoff);
     co_await retry_timer_->async_wait(kAsTuple);
   }
   running_ = false;
+}
+
+void Link::NoteOverflow(const Connection& c) {
+  overflowed_ = true;
+  const double secs = std::chrono::duration<double>(
+      std::chrono::steady_clock::now() - c.backlog_since).count();
+  overflow_drained_ =
+      secs > 0 ? static_cast<double>(bytes_sent_ - c.backlog_sent_bytes) / secs : 0;
+}
+
+uint64_t Link::GroupBytesWritten() const {
+  uint64_t total = 0;
+  for (const auto& v : group_.volumes()) total += v->counters().bytes_written;
+  return total;
+}
+
+asio::awaitable<void> Link::HoldWhileWritersOutrun(double drained_bytes_per_sec) {
+  // Reconnecting at once would start a resync that competes with the
+  // writers for the same disks and CPUs, and its queue would overflow
+  // again while they write faster than the link drains: the writers pay
+  // for a resync that cannot finish. DRBD's resync controller makes the
+  // same choice (c-min-rate: resync slows to a trickle while applications
+  // write). Half the drained rate leaves the resync room to catch up.
+  const auto now = std::chrono::steady_clock::now();
+  hold_resume_below_ = drained_bytes_per_sec / 2;
+  hold_deadline_ = now + kMaxCongestionHold;
+  hold_writers_rate_ = 0;
+  hold_released_ = false;
+  congestion_hold_ = true;
+  ++congestion_holds_;
+  BR_LOG_INFO("replication", "group {} link to {}: the writers outran the "
+              "link ({:.1f} MB/s drained); resyncing once they write less "
+              "than {:.1f} MB/s, or in {} s", group_.name(), config_.site,
+              drained_bytes_per_sec / 1e6, hold_resume_below_ / 1e6,
+              std::chrono::duration_cast<std::chrono::seconds>(kMaxCongestionHold).count());
+  uint64_t last_bytes = GroupBytesWritten();
+  auto last_time = now;
+  while (!stopping_ && !paused_ && !hold_released_) {
+    retry_timer_->expires_after(kCongestionSample);
+    co_await retry_timer_->async_wait(kAsTuple);
+    const auto t = std::chrono::steady_clock::now();
+    const uint64_t bytes = GroupBytesWritten();
+    const double dt = std::chrono::duration<double>(t - last_time).count();
+    if (dt <= 0) continue;
+    hold_writers_rate_ = static_cast<double>(bytes - last_bytes) / dt;
+    last_bytes = bytes;
+    last_time = t;
+    if (hold_writers_rate_ < hold_resume_below_ || t >= hold_deadline_) break;
+  }
+  congestion_hold_ = false;
 }
 
 asio::awaitable<Status> Link::Connect(Connection& c) {
@@ -605,8 +674,13 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
   std::vector<FramePiece> pieces;
   std::vector<std::shared_ptr<const SealedGroup>> sending;
   while (!c->broken) {
+    if (c->queue.empty()) {
+      c->backlog_since = std::chrono::steady_clock::now();
+      c->backlog_sent_bytes = bytes_sent_;
+    }
     if (!disk_mode()) TakeIncoming(*c);
     if (!disk_mode() && c->queue_bytes > config_.max_queue_bytes) {
+      NoteOverflow(*c);
       Break(*c, fmt::format("{} bytes waiting for acknowledgement exceed "
                             "max_queue ({} bytes)", c->queue_bytes,
                             config_.max_queue_bytes));
@@ -1098,6 +1172,7 @@ nlohmann::json Link::Json() const {
       {"resync_bytes_sent", resync_bytes_sent_},
       {"throughput_bytes_per_sec", static_cast<uint64_t>(throughput_)},
       {"connects", connects_},
+      {"congestion_holds", congestion_holds_},
       {"merged_dirty_regions", merged_dirty_regions_},
       {"paused", paused_},
       {"queue", disk_mode() ? "disk" : "memory"},
@@ -1106,6 +1181,13 @@ nlohmann::json Link::Json() const {
     j["disk_queue_bytes"] = kept_bytes_;
     j["disk_queue_groups"] = kept_.size();
     j["disk_queue_complete"] = disk_complete_ && capturing_;
+  }
+  if (congestion_hold_) {
+    j["congestion_hold"] = {
+        {"writes_bytes_per_sec", static_cast<uint64_t>(hold_writers_rate_)},
+        {"resumes_below_bytes_per_sec", static_cast<uint64_t>(hold_resume_below_)},
+        {"seconds_left",
+         std::max(0.0, std::chrono::duration<double>(hold_deadline_ - now).count())}};
   }
   if (state_ == LinkState::kResyncing) {
     const double secs = std::chrono::duration<double>(now - resync_started_).count();
@@ -1286,11 +1368,13 @@ asio::awaitable<void> Link::DrainToDisk() {
     }
     if (conn_) conn_->WakeAll();
     if (kept_bytes_ > config_.max_queue_bytes) {
+      if (conn_) NoteOverflow(*conn_);
       Overflow(fmt::format("{} bytes waiting exceed max_queue ({} bytes)",
                            kept_bytes_, config_.max_queue_bytes));
       co_return;
     }
     if (disk_->log_bytes() > 2 * config_.max_queue_bytes) {
+      if (conn_) NoteOverflow(*conn_);
       Overflow(fmt::format("the disk queue file holds {} bytes, more than twice "
                            "max_queue, without ever running empty",
                            disk_->log_bytes()));

@@ -138,6 +138,17 @@ class Link {
   struct Connection;
 
   asio::awaitable<void> Run();
+  // After the queue overflowed: stays in logging mode while the group's
+  // writers go on faster than half of `drained_bytes_per_sec` (what the
+  // link sent while its queue was backlogged), for at most kMaxCongestionHold, so that
+  // a link that cannot keep up does not reconnect and resync only to
+  // overflow again (docs/replication.md, "Congestion").
+  asio::awaitable<void> HoldWhileWritersOutrun(double drained_bytes_per_sec);
+  // The queue passed max_queue on `c`: remember what the link drained
+  // while backlogged, for HoldWhileWritersOutrun().
+  void NoteOverflow(const Connection& c);
+  // Bytes written to the group's volumes since start (local and applied).
+  uint64_t GroupBytesWritten() const;
   asio::awaitable<Status> Connect(Connection& c);
   // After an accepted HELLO_REPLY: reads the downstream's DIRTY_RANGES and
   // marks them dirty in this link's slots, durably, before anything is sent.
@@ -182,6 +193,16 @@ class Link {
   LinkState state_ = LinkState::kConnecting;
   bool stopping_ = false;
   bool paused_ = false;
+  // The connection broke because its queue passed max_queue.
+  bool overflowed_ = false;
+  double overflow_drained_ = 0;  // bytes per second (NoteOverflow)
+  // HoldWhileWritersOutrun() is waiting; an operator's resync releases it.
+  bool congestion_hold_ = false;
+  bool hold_released_ = false;
+  uint64_t congestion_holds_ = 0;
+  double hold_resume_below_ = 0;  // bytes per second
+  double hold_writers_rate_ = 0;  // the last sample
+  std::chrono::steady_clock::time_point hold_deadline_;
   // ForceResync(full) marked (or is marking) every region dirty and the
   // connection that resyncs them has not started yet.
   bool full_resync_pending_ = false;

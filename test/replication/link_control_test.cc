@@ -198,19 +198,21 @@ TEST_CASE("Link control: resync --full repairs bytes changed behind "
 
 // Writes `total` bytes to `h` from a thread of its own, one `chunk` at a
 // time, counting what completed.
+// With `wrap`, it writes the first `total` bytes over and over until
+// Join(); the data differs on every pass.
 class BackgroundWriter {
  public:
-  BackgroundWriter(NbdHandle h, uint64_t total, uint64_t chunk)
-      : h_(std::move(h)), total_(total), chunk_(chunk) {}
+  BackgroundWriter(NbdHandle h, uint64_t total, uint64_t chunk, bool wrap = false)
+      : h_(std::move(h)), total_(total), chunk_(chunk), wrap_(wrap) {}
   ~BackgroundWriter() { Join(); }
 
   void Start() {
     thread_ = std::thread([this] {
-      for (uint64_t off = 0; off < total_ && !stop_; off += chunk_) {
-        auto data = testutil::Pattern(chunk_, 7000 + off);
+      for (uint64_t n = 0; (wrap_ || n < total_) && !stop_; n += chunk_) {
+        auto data = testutil::Pattern(chunk_, 7000 + n);
         int rc = testutil::Await(
             h_.get(),
-            nbd_aio_pwrite(h_.get(), data.data(), data.size(), off,
+            nbd_aio_pwrite(h_.get(), data.data(), data.size(), n % total_,
                            NBD_NULL_COMPLETION, 0),
             std::chrono::seconds(60));
         if (rc != 0) {
@@ -233,6 +235,7 @@ class BackgroundWriter {
  private:
   NbdHandle h_;
   const uint64_t total_, chunk_;
+  const bool wrap_;
   std::thread thread_;
   std::atomic<uint64_t> completed_{0};
   std::atomic<int> error_{0};
@@ -313,6 +316,68 @@ TEST_CASE("Link control: with max_lag writers stall while the downstream "
   REQUIRE(writer.error() == 0);
   REQUIRE(writer.completed() == kTotal);
   pair.RequireCliCaughtUp();
+  CheckIdentical(pair);
+}
+
+TEST_CASE("Link control: after its queue overflows, an async link stays in "
+          "logging mode while writers go on faster than it drained, and "
+          "resyncs once they slow down",
+          "[replication]") {
+  constexpr uint64_t kVolume = 8 * kMiB;
+  constexpr uint64_t kChunk = 128 * kKiB;
+  LinkPair pair(kVolume, {{"max_queue", "1MiB"}, {"keepalive", "60s"}});
+  RequireStarted(pair);
+  pair.RequireCliCaughtUp();
+  // The connection lasts a second at least before it overflows, so what it
+  // drained is at most ~1 MB/s: far below the writer's pace.
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+
+  BackgroundWriter writer(testutil::RequireConnect(pair.a(), "data"), kVolume,
+                          kChunk, /*wrap=*/true);
+  struct Cleanup {
+    TestDaemon& b;
+    BackgroundWriter& writer;
+    bool b_stopped = false;
+    ~Cleanup() {
+      if (b_stopped) b.Signal(SIGKILL);
+      writer.Join();
+    }
+  } cleanup{pair.b(), writer};
+
+  cleanup.b_stopped = true;
+  REQUIRE(pair.b().Signal(SIGSTOP));
+  REQUIRE(testutil::WaitUntil([&] { return ProcState(pair.b().pid()) == 'T'; },
+                              std::chrono::seconds(5)));
+  writer.Start();
+  RequireLink(pair, "the queue overflowed and the link holds", [](const json& l) {
+    return StateOf(l) == "logging" && l.contains("congestion_hold");
+  });
+  REQUIRE(pair.b().Signal(SIGCONT));
+  cleanup.b_stopped = false;
+
+  // b answers again, but the writer goes on: no reconnect for 2 s.
+  const uint64_t written_before = writer.completed();
+  const auto until = Clock::now() + std::chrono::seconds(2);
+  while (Clock::now() < until) {
+    json link = PairLink(pair);
+    INFO("link: " << link.dump());
+    REQUIRE(StateOf(link) == "logging");
+    REQUIRE(link.contains("congestion_hold"));
+    REQUIRE(link.value("connects", uint64_t{0}) == 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  INFO("written during the hold: " << writer.completed() - written_before);
+  REQUIRE(writer.error() == 0);
+  REQUIRE(writer.completed() - written_before >= 4 * kMiB);
+
+  writer.Join();
+  pair.RequireCliCaughtUp();
+  json link = PairLink(pair);
+  INFO("link: " << link.dump());
+  CHECK(link.value("connects", uint64_t{0}) == 2);
+  CHECK(link.value("congestion_holds", uint64_t{0}) == 1);
+  CHECK_FALSE(link.contains("congestion_hold"));
+  CHECK_THAT(pair.a().ReadLog(), Contains("the writers outran the link"));
   CheckIdentical(pair);
 }
 
