@@ -99,6 +99,9 @@ struct Receiver::GroupState {
   // durable in the volumes yet; removed once they are (RetireJournal).
   // After a crash its frames are replayed before the journal's.
   std::string retired_journal_path;  // data_dir/journal-<group>.log.old
+  // A retired journal, once dropped, is kept here and recycled by the next
+  // rotation (GroupJournal::Recycle): never replayed.
+  std::string spare_journal_path;    // data_dir/journal-<group>.log.spare
   bool retire_running = false;       // GUARDED_BY(apply_mu)
   // Incremented by every rotation: a retire task only removes the retired
   // journal of its own rotation. GUARDED_BY(apply_mu)
@@ -1006,14 +1009,44 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
 
 Status Receiver::RotateJournal(GroupState& g) {
   const uint64_t bytes = g.journal->log_bytes();
+  // The journal retired last time is reused: new frames then go to pages
+  // the page cache holds already, not to fresh ones (docs/replication.md,
+  // "Journal reuse"). Recycled (a new epoch, durable) while it is still the
+  // spare: under the journal's name, its old frames must never replay.
+  bool recycled = false;
+  if (g.env->FileExists(g.spare_journal_path)) {
+    Status rs = GroupJournal::Recycle(*g.env, g.spare_journal_path, g.applied_group_seq);
+    if (rs.ok()) {
+      recycled = true;
+    } else {
+      BR_LOG_WARN("replication", "group {}: cannot reuse {} ({}); starting a new journal",
+                  g.target.config->name, g.spare_journal_path, rs.ToString());
+      g.env->RemoveFile(g.spare_journal_path).IgnoreError();
+    }
+  }
   if (Status s = g.env->RenameFile(g.journal_path, g.retired_journal_path); !s.ok()) {
     return s.WithContext(fmt::format("rotating journal {}", g.journal_path));
   }
   // A crash from here on finds the retired journal (and maybe no journal):
   // Open() replays the retired one first.
+  if (recycled) {
+    // The retired name is durable before the spare takes the journal's:
+    // the other order could lose the retired journal's groups (applied,
+    // not flushed yet) to the rename over it.
+    Status s = g.env->SyncDir(io::DirName(g.journal_path));
+    if (s.ok()) s = g.env->RenameFile(g.spare_journal_path, g.journal_path);
+    if (!s.ok()) {
+      g.env->RenameFile(g.retired_journal_path, g.journal_path).IgnoreError();
+      return s.WithContext(fmt::format("rotating journal {}", g.journal_path));
+    }
+  }
   GroupJournal::Recovered fresh;
   auto next = GroupJournal::Open(*g.env, g.journal_path, &fresh);
   Status s = next.ok() ? (*next)->RecordApplied(g.applied_group_seq) : next.status();
+  if (s.ok() && !fresh.frames.empty()) {
+    s = Status::Corruption(fmt::format("the new journal {} holds {} frame(s)", g.journal_path,
+                                       fresh.frames.size()));
+  }
   if (!s.ok()) {
     // Keep the file and the open journal in agreement.
     g.env->RenameFile(g.retired_journal_path, g.journal_path).IgnoreError();
@@ -1061,9 +1094,11 @@ Status Receiver::RetireJournal(GroupState& g, uint64_t epoch) {
 
 Status Receiver::DropRetiredJournal(GroupState& g) {
   if (g.env->FileExists(g.retired_journal_path)) {
-    if (Status s = RemoveDurably(*g.env, g.retired_journal_path); !s.ok()) {
-      return s.WithContext("retiring the journal");
-    }
+    // Kept as the spare for the next rotation; durable, so that a crash
+    // does not bring it back as a retired journal to replay.
+    Status s = g.env->RenameFile(g.retired_journal_path, g.spare_journal_path);
+    if (s.ok()) s = g.env->SyncDir(io::DirName(g.retired_journal_path));
+    if (!s.ok()) return s.WithContext("retiring the journal");
   }
   g.retire_running = false;
   g.retired_journal_bytes = 0;
@@ -1405,6 +1440,7 @@ Result<std::unique_ptr<Receiver>> Receiver::Open(
     g->io = &io;
     g->journal_path = path;
     g->retired_journal_path = path + ".old";
+    g->spare_journal_path = path + ".spare";
     // A journal retired before a crash (RotateJournal) holds older groups
     // than the journal: its frames are replayed first.
     GroupJournal::Recovered recovered;

@@ -45,9 +45,15 @@ Bytes MakeFrame(uint64_t seq, size_t data_bytes = 100) {
   return out;
 }
 
+// Each record is the header's epoch and a tag (8 bytes each), then the
+// frame.
+constexpr uint64_t kRecordPrefix = 16;
+
+uint64_t RecordBytes(const Bytes& frame) { return kRecordPrefix + frame.size(); }
+
 uint64_t TotalBytes(const std::vector<Bytes>& frames) {
   uint64_t n = 0;
-  for (const Bytes& f : frames) n += f.size();
+  for (const Bytes& f : frames) n += RecordBytes(f);
   return n;
 }
 
@@ -101,7 +107,8 @@ struct JournalFixture {
   io::MemEnv mem;
 };
 
-// A header slot as the journal writes it, for tests that forge one.
+// A version 1 header slot (no epoch), or one of an unknown version with
+// that layout, for tests that forge one.
 Bytes ForgeSlot(uint16_t version, uint64_t counter, uint64_t applied) {
   Bytes slot(kSlotBytes);
   auto put = [&](size_t off, uint64_t v, size_t n) {
@@ -179,10 +186,11 @@ TEST_CASE("GroupJournal: Reset drops the frames and keeps applied_group_seq acro
     REQUIRE(j->Append(MakeFrame(1)).ok());
     REQUIRE(j->Append(MakeFrame(2)).ok());
     REQUIRE(j->Sync().ok());
+    const uint64_t size = fx.FileSize();
     REQUIRE(j->Reset(2).ok());
     CHECK(j->log_bytes() == 0);
     CHECK(j->applied_group_seq() == 2);
-    CHECK(fx.FileSize() == GroupJournal::kLogStart);
+    CHECK(fx.FileSize() == size);  // kept for reuse
   }
   {
     GroupJournal::Recovered r;
@@ -209,15 +217,22 @@ TEST_CASE("GroupJournal: a frame cut short is a torn tail", "[replication][journ
   fx.WriteFrames(frames);
   uint64_t cut = 0;
   SECTION("inside the payload") { cut = 100; }
-  SECTION("inside the header") { cut = frames[2].size() - 10; }
-  SECTION("all but one byte") { cut = frames[2].size() - 1; }
+  SECTION("inside the frame header") { cut = frames[2].size() - 10; }
+  SECTION("all but one byte of the frame") { cut = frames[2].size() - 1; }
+  // Shorter than a record's prefix: a fragment, not a record of this epoch.
+  uint64_t want_torn = RecordBytes(frames[2]) - cut;
+  SECTION("all but one byte of the record") {
+    cut = RecordBytes(frames[2]) - 1;
+    want_torn = 0;
+  }
   fx.ShrinkSize(cut);
-  const uint64_t good_end = GroupJournal::kLogStart + frames[0].size() + frames[1].size();
+  const uint64_t good_end =
+      GroupJournal::kLogStart + RecordBytes(frames[0]) + RecordBytes(frames[1]);
   {
     GroupJournal::Recovered r;
     auto j = fx.OpenOk(&r);
     CHECK(r.frames == std::vector<Bytes>{frames[0], frames[1]});
-    CHECK(r.torn_tail_bytes == frames[2].size() - cut);
+    CHECK(r.torn_tail_bytes == want_torn);
     CHECK(fx.FileSize() == good_end);  // cut off on open
     CHECK(j->log_bytes() == good_end - GroupJournal::kLogStart);
     // Usable: the next frame goes right after the last good one.
@@ -235,13 +250,14 @@ TEST_CASE("GroupJournal: a damaged byte in the last frame makes it a torn tail",
   JournalFixture fx;
   std::vector<Bytes> frames = {MakeFrame(1), MakeFrame(2), MakeFrame(3)};
   fx.WriteFrames(frames);
-  const uint64_t last = GroupJournal::kLogStart + frames[0].size() + frames[1].size();
-  fx.IncrementByte(last + kFrameHeaderBytes + 40);  // payload
+  const uint64_t last =
+      GroupJournal::kLogStart + RecordBytes(frames[0]) + RecordBytes(frames[1]);
+  fx.IncrementByte(last + kRecordPrefix + kFrameHeaderBytes + 40);  // payload
   {
     GroupJournal::Recovered r;
     auto j = fx.OpenOk(&r);
     CHECK(r.frames == std::vector<Bytes>{frames[0], frames[1]});
-    CHECK(r.torn_tail_bytes == frames[2].size());
+    CHECK(r.torn_tail_bytes == RecordBytes(frames[2]));
     CHECK(fx.FileSize() == last);
     REQUIRE(j->Append(MakeFrame(4)).ok());
     REQUIRE(j->Sync().ok());
@@ -257,15 +273,21 @@ TEST_CASE("GroupJournal: nothing after a torn frame is returned", "[replication]
   JournalFixture fx;
   std::vector<Bytes> frames = {MakeFrame(1), MakeFrame(2), MakeFrame(3)};
   fx.WriteFrames(frames);
-  const uint64_t second = GroupJournal::kLogStart + frames[0].size();
-  SECTION("damaged payload") { fx.IncrementByte(second + kFrameHeaderBytes + 5); }
-  SECTION("damaged magic") { fx.IncrementByte(second); }
-  SECTION("damaged length") { fx.IncrementByte(second + 9); }
+  const uint64_t second = GroupJournal::kLogStart + RecordBytes(frames[0]);
+  const uint64_t frame = second + kRecordPrefix;
+  uint64_t torn = RecordBytes(frames[1]) + RecordBytes(frames[2]);
+  SECTION("damaged payload") { fx.IncrementByte(frame + kFrameHeaderBytes + 5); }
+  SECTION("damaged magic") { fx.IncrementByte(frame); }
+  SECTION("damaged length") { fx.IncrementByte(frame + 9); }
+  SECTION("damaged epoch: read as a record from before, not a torn one") {
+    fx.IncrementByte(second + 2);
+    torn = 0;
+  }
   GroupJournal::Recovered r;
   fx.OpenOk(&r);
   CHECK(r.frames == std::vector<Bytes>{frames[0]});
-  CHECK(r.torn_tail_bytes == frames[1].size() + frames[2].size());
-  CHECK(fx.FileSize() == second);
+  CHECK(r.torn_tail_bytes == torn);
+  CHECK(fx.FileSize() == second);  // cut after the frames to replay
 }
 
 TEST_CASE("GroupJournal: a damaged header slot falls back to the other slot",
@@ -304,7 +326,7 @@ TEST_CASE("GroupJournal: both header slots damaged is Corruption naming the file
     REQUIRE(fx.OpenOk(&r)->Reset(1).ok());  // both slots written
   }
   fx.IncrementByte(3);
-  fx.IncrementByte(kSlotBytes + 30);  // slot 1's checksum
+  fx.IncrementByte(kSlotBytes + 30);  // slot 1's epoch
   Status s = fx.OpenError();
   CHECK(s.IsCorruption());
   CHECK_THAT(s.message(), Catch::Contains(kPath));
@@ -328,11 +350,11 @@ TEST_CASE("GroupJournal: a header slot of another format version is refused",
           "[replication][journal]") {
   JournalFixture fx;
   fx.WriteFrames({});
-  fx.WriteAt(kSlotBytes, ForgeSlot(2, 7, 3));
+  fx.WriteAt(kSlotBytes, ForgeSlot(3, 7, 3));
   Status s = fx.OpenError();
   CHECK(s.IsNotSupported());
   CHECK_THAT(s.message(), Catch::Contains(kPath));
-  CHECK_THAT(s.message(), Catch::Contains("version 2"));
+  CHECK_THAT(s.message(), Catch::Contains("version 3"));
 }
 
 TEST_CASE("GroupJournal: a frame that is not a WRITE_GROUP is Corruption",
@@ -342,13 +364,22 @@ TEST_CASE("GroupJournal: a frame that is not a WRITE_GROUP is Corruption",
   fx.WriteFrames(frames);
   Bytes ping;
   EncodePing(Ping{42}, ping);
-  fx.WriteAt(GroupJournal::kLogStart + frames[0].size(), ping);
+  // A whole record of this epoch whose frame is a PING.
+  const uint64_t second = GroupJournal::kLogStart + RecordBytes(frames[0]);
+  Bytes prefix(kRecordPrefix);
+  REQUIRE(fx.Raw()->PRead(GroupJournal::kLogStart, prefix).ok());  // the epoch
+  uint64_t epoch = 0;
+  std::memcpy(&epoch, prefix.data(), 8);  // little-endian, as on x86-64
+  const uint64_t tag = XXH3_64bits_withSeed(ping.data(), kFrameHeaderBytes, epoch);
+  std::memcpy(prefix.data() + 8, &tag, 8);
+  fx.WriteAt(second, prefix);
+  fx.WriteAt(second + kRecordPrefix, ping);
   Status s = fx.OpenError();
   CHECK(s.IsCorruption());
   CHECK_THAT(s.message(), Catch::Contains(kPath));
   CHECK_THAT(s.message(), Catch::Contains("PING"));
-  CHECK_THAT(s.message(), Catch::Contains(
-                              fmt::format("offset {}", GroupJournal::kLogStart + frames[0].size())));
+  CHECK_THAT(s.message(),
+             Catch::Contains(fmt::format("offset {}", second + kRecordPrefix)));
 }
 
 TEST_CASE("GroupJournal: Append refuses what is not one WRITE_GROUP frame",
@@ -369,7 +400,7 @@ TEST_CASE("GroupJournal: Append refuses what is not one WRITE_GROUP frame",
   }
   CHECK(j->log_bytes() == 0);
   CHECK(j->Append(frame).ok());  // not sticky
-  CHECK(j->log_bytes() == frame.size());
+  CHECK(j->log_bytes() == RecordBytes(frame));
 }
 
 TEST_CASE("GroupJournal: a failed sync is sticky", "[replication][journal]") {
@@ -502,9 +533,9 @@ TEST_CASE("GroupJournal: a crash inside Reset recovers the old state or the new 
   CHECK(saw_new_empty);
 }
 
-// Goal: the other order of events inside Reset, forced with errors: the
-// new header is durable but the cut fails, or the header never becomes
-// durable; after the crash both open cleanly.
+// Goal: a step inside Reset that fails, forced with errors: the new header
+// is not written, or never becomes durable; after the crash the journal
+// opens cleanly with the old state.
 TEST_CASE("GroupJournal: a failed step inside Reset leaves a state that opens",
           "[replication][journal]") {
   const std::vector<Bytes> frames = {MakeFrame(4), MakeFrame(5)};
@@ -519,9 +550,9 @@ TEST_CASE("GroupJournal: a failed step inside Reset leaves a state that opens",
   }
   FaultOp op = FaultOp::kAny;
   uint64_t want_seq = 0;
-  SECTION("header synced, truncate fails") {
-    op = FaultOp::kTruncate;
-    want_seq = 5;
+  SECTION("header write fails") {
+    op = FaultOp::kWrite;
+    want_seq = 3;
   }
   SECTION("header sync fails") {
     op = FaultOp::kSync;
@@ -565,6 +596,189 @@ TEST_CASE("GroupJournal: a crash while creating the journal leaves none or a who
       auto j = fx.OpenOk(env, &r);
       CHECK(r.applied_group_seq == 0);
       CHECK(r.frames.empty());
+    }
+  }
+}
+
+// Goal: the point of epochs. A Reset keeps the file, and frames written
+// before it never come back, even where a new record ends exactly where an
+// old, whole record begins.
+TEST_CASE("GroupJournal: after Reset a whole record from before is not replayed",
+          "[replication][journal]") {
+  JournalFixture fx;
+  {
+    GroupJournal::Recovered r;
+    auto j = fx.OpenOk(&r);
+    for (uint64_t seq = 1; seq <= 3; ++seq) REQUIRE(j->Append(MakeFrame(seq, 500)).ok());
+    REQUIRE(j->Sync().ok());
+    const uint64_t size = fx.FileSize();
+    REQUIRE(j->Reset(3).ok());
+    // Same size as group 1: group 2's old record follows it directly.
+    REQUIRE(j->Append(MakeFrame(4, 500)).ok());
+    REQUIRE(j->Sync().ok());
+    CHECK(fx.FileSize() == size);
+  }
+  GroupJournal::Recovered r;
+  auto j = fx.OpenOk(&r);
+  CHECK(r.applied_group_seq == 3);
+  CHECK(r.frames == std::vector<Bytes>{MakeFrame(4, 500)});
+  CHECK(r.torn_tail_bytes == 0);
+}
+
+// Goal: a record of this epoch past a torn one (written after it, never
+// acknowledged) must not come back behind a frame appended after the
+// reopen: with nothing to replay, Open starts a new epoch.
+TEST_CASE("GroupJournal: a record past a torn first record never follows a later one",
+          "[replication][journal]") {
+  JournalFixture fx;
+  {
+    GroupJournal::Recovered r;
+    auto j = fx.OpenOk(&r);
+    REQUIRE(j->Reset(1).ok());
+    REQUIRE(j->Append(MakeFrame(2, 300)).ok());
+    REQUIRE(j->Append(MakeFrame(3, 300)).ok());
+    REQUIRE(j->Sync().ok());
+  }
+  // The first record tore; the second reached the disk whole.
+  fx.IncrementByte(GroupJournal::kLogStart + kRecordPrefix + kFrameHeaderBytes + 7);
+  const uint64_t size = fx.FileSize();
+  {
+    GroupJournal::Recovered r;
+    auto j = fx.OpenOk(&r);
+    CHECK(r.frames.empty());
+    CHECK(r.torn_tail_bytes == size - GroupJournal::kLogStart);
+    CHECK(fx.FileSize() == size);  // kept: a new epoch disowns it instead
+    // Same size as the torn one: group 3's old record follows it directly.
+    REQUIRE(j->Append(MakeFrame(4, 300)).ok());
+    REQUIRE(j->Sync().ok());
+  }
+  GroupJournal::Recovered r;
+  fx.OpenOk(&r);
+  CHECK(r.applied_group_seq == 1);
+  CHECK(r.frames == std::vector<Bytes>{MakeFrame(4, 300)});
+}
+
+TEST_CASE("GroupJournal: Recycle empties a journal without cutting it",
+          "[replication][journal]") {
+  JournalFixture fx;
+  fx.WriteFrames({MakeFrame(1, 800), MakeFrame(2, 800)});
+  const uint64_t size = fx.FileSize();
+  REQUIRE(GroupJournal::Recycle(fx.mem, kPath, 9).ok());
+  CHECK(fx.FileSize() == size);
+  GroupJournal::Recovered r;
+  auto j = fx.OpenOk(&r);
+  CHECK(r.applied_group_seq == 9);
+  CHECK(r.frames.empty());
+  CHECK(j->log_bytes() == 0);
+}
+
+TEST_CASE("GroupJournal: Recycle of a file without a journal header is Corruption",
+          "[replication][journal]") {
+  JournalFixture fx;
+  auto f = fx.mem.OpenFile(kPath, io::OpenMode::kCreate);
+  REQUIRE(f.ok());
+  REQUIRE((*f)->PWrite(0, Bytes(2048, std::byte{0x33})).ok());
+  Status s = GroupJournal::Recycle(fx.mem, kPath, 1);
+  CHECK(s.IsCorruption());
+  CHECK_THAT(s.message(), Catch::Contains(kPath));
+}
+
+// Goal: a journal an earlier release wrote (version 1: bare frames) is
+// replayed, and becomes version 2 (cut once) at its first Reset.
+TEST_CASE("GroupJournal: a version 1 journal is replayed and becomes version 2 at Reset",
+          "[replication][journal]") {
+  JournalFixture fx;
+  const std::vector<Bytes> frames = {MakeFrame(1), MakeFrame(2)};
+  {
+    auto f = fx.mem.OpenFile(kPath, io::OpenMode::kCreate);
+    REQUIRE(f.ok());
+    REQUIRE((*f)->PWrite(0, ForgeSlot(1, 1, 0)).ok());
+    uint64_t at = GroupJournal::kLogStart;
+    for (const Bytes& frame : frames) {
+      REQUIRE((*f)->PWrite(at, frame).ok());
+      at += frame.size();
+    }
+  }
+  {
+    GroupJournal::Recovered r;
+    auto j = fx.OpenOk(&r);
+    CHECK(r.frames == frames);
+    // Appends stay version 1 until the Reset.
+    REQUIRE(j->Append(MakeFrame(3)).ok());
+    REQUIRE(j->Sync().ok());
+    REQUIRE(j->RecordApplied(1).ok());
+  }
+  {
+    GroupJournal::Recovered r;
+    auto j = fx.OpenOk(&r);
+    CHECK(r.applied_group_seq == 1);
+    CHECK(r.frames == std::vector<Bytes>{MakeFrame(1), MakeFrame(2), MakeFrame(3)});
+    REQUIRE(j->Reset(3).ok());
+    CHECK(fx.FileSize() == GroupJournal::kLogStart);
+    REQUIRE(j->Append(MakeFrame(4)).ok());
+    REQUIRE(j->Sync().ok());
+    CHECK(j->log_bytes() == RecordBytes(MakeFrame(4)));
+  }
+  GroupJournal::Recovered r;
+  fx.OpenOk(&r);
+  CHECK(r.applied_group_seq == 3);
+  CHECK(r.frames == std::vector<Bytes>{MakeFrame(4)});
+}
+
+// Goal: reuse under repeated crashes. Each iteration runs several
+// open / random appends, syncs and resets / power loss cycles on one file,
+// so records of many earlier epochs (and torn ones) lie around in it; after
+// every crash the journal returns a prefix of what was appended since the
+// last Reset, holding at least what was synced, and never a stale record.
+TEST_CASE("GroupJournal: repeated power losses of a reused journal never replay a stale record",
+          "[replication][journal]") {
+  constexpr int kIterations = 200;
+  constexpr int kCrashes = 6;
+  for (int iteration = 0; iteration < kIterations; ++iteration) {
+    const uint64_t seed = 5000 + iteration;
+    INFO("seed " << seed);
+    std::mt19937_64 rng(seed);
+    JournalFixture fx;
+    FaultInjectionEnv env(&fx.mem);
+    std::vector<Bytes> appended;  // since the last Reset: recovered, then new
+    size_t synced = 0;
+    uint64_t applied = 0;
+    uint64_t seq = 0;
+    for (int crash = 0; crash < kCrashes; ++crash) {
+      INFO("crash " << crash);
+      {
+        GroupJournal::Recovered r;
+        auto j = fx.OpenOk(env, &r);
+        REQUIRE(r.applied_group_seq == applied);
+        REQUIRE(r.frames.size() >= synced);
+        REQUIRE(r.frames.size() <= appended.size());
+        for (size_t i = 0; i < r.frames.size(); ++i) REQUIRE(r.frames[i] == appended[i]);
+        appended.resize(r.frames.size());
+        synced = appended.size();  // read back, and the cut is synced
+        const int ops = 1 + static_cast<int>(rng() % 16);
+        for (int i = 0; i < ops; ++i) {
+          const uint64_t pick = rng() % 8;
+          if (pick == 0) {
+            REQUIRE(j->Sync().ok());
+            synced = appended.size();
+          } else if (pick == 1) {
+            REQUIRE(j->Reset(seq).ok());
+            appended.clear();
+            synced = 0;
+            applied = seq;
+          } else {
+            // Few sizes, so that records of different epochs line up.
+            Bytes f = MakeFrame(++seq, 100 * (1 + rng() % 4));
+            REQUIRE(j->Append(f).ok());
+            appended.push_back(std::move(f));
+          }
+        }
+      }
+      switch (rng() % 3) {
+        case 0: env.DropUnsyncedWrites(); break;
+        case 1: env.DropRandomUnsyncedWrites(rng); break;
+        default: env.TearUnsyncedWrites(512, rng); break;
+      }
     }
   }
 }

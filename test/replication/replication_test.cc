@@ -4,6 +4,7 @@
 // reading the status JSON. Waits use the "wait" control request or bounded
 // polling; a test kills only its own daemons.
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <cerrno>
@@ -583,6 +584,58 @@ TEST_CASE("Replication: with on_sync_failure block, a write fails with EIO "
   auto status = testutil::StatusOf(a);
   REQUIRE(status.has_value());
   CHECK(LinkState(a) == "logging");
+}
+
+// Goal: journal reuse (docs/replication.md, "Journal reuse"). The
+// downstream keeps a retired journal as the spare and recycles it at the
+// next rotation; killed right after writing over the same bytes into the
+// recycled file, whose older records of the same size still follow the new
+// ones, it replays only the new ones.
+TEST_CASE("Replication: the downstream reuses its journal file, and a crash "
+          "after the reuse replays no record from before it",
+          "[replication]") {
+  SitePair pair;
+  RequireStarted(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  const std::filesystem::path data_b = pair.b().dir() / "data";
+  const std::filesystem::path journal = data_b / "journal-g.log";
+  const std::filesystem::path spare = data_b / "journal-g.log.spare";
+  auto inode = [](const std::filesystem::path& p) -> ino_t {
+    struct stat st;
+    return ::stat(p.c_str(), &st) == 0 ? st.st_ino : 0;
+  };
+  const ino_t first = inode(journal);
+  REQUIRE(first != 0);
+
+  NbdHandle h = RequireConnect(pair.a(), "data");
+  // Eight 64 KiB writes over the same bytes, one group each (FUA closes
+  // the group), so every record has the same size.
+  auto write_round = [&](uint64_t seed) {
+    for (uint64_t i = 0; i < 8; ++i) {
+      auto data = Pattern(64 * kKiB, seed * 100 + i);
+      REQUIRE(testutil::Pwrite(h.get(), data, (i % 2) * 64 * kKiB, LIBNBD_CMD_FLAG_FUA) == 0);
+    }
+    RequireCaughtUp(pair, kCatchUpTimeout);
+  };
+  write_round(1);
+  // Idle for a second: the journal is retired, and kept as the spare once
+  // the volumes are flushed.
+  REQUIRE(testutil::WaitUntil([&] { return inode(spare) == first; }, std::chrono::seconds(15)));
+  write_round(2);
+  REQUIRE(testutil::WaitUntil([&] { return inode(journal) == first; },
+                              std::chrono::seconds(15)));
+  // The first file is the journal again. Fewer records than it holds from
+  // round 1: the old ones follow the new ones.
+  for (uint64_t i = 0; i < 3; ++i) {
+    auto data = Pattern(64 * kKiB, 300 + i);
+    REQUIRE(testutil::Pwrite(h.get(), data, (i % 2) * 64 * kKiB, LIBNBD_CMD_FLAG_FUA) == 0);
+  }
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  testutil::RequireKilled(pair.b());
+  RequireStarted(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  INFO("site b log:\n" << pair.b().ReadLog());
+  CHECK(pair.CompareVolumes() == "");
 }
 
 }  // namespace
