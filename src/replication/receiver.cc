@@ -96,8 +96,9 @@ struct Receiver::GroupState {
   std::unique_ptr<GroupJournal> journal;
   std::string journal_path;          // data_dir/journal-<group>.log
   // A rotated-out journal: every group in it is applied, not necessarily
-  // durable in the volumes yet; removed once they are (RetireJournal).
-  // After a crash its frames are replayed before the journal's.
+  // durable in the volumes yet; kept as the spare once they are
+  // (RetireJournal). After a crash its frames are replayed before the
+  // journal's.
   std::string retired_journal_path;  // data_dir/journal-<group>.log.old
   // A retired journal, once dropped, is kept here and recycled by the next
   // rotation (GroupJournal::Recycle): never replayed.
@@ -1042,7 +1043,9 @@ Status Receiver::RotateJournal(GroupState& g) {
   }
   GroupJournal::Recovered fresh;
   auto next = GroupJournal::Open(*g.env, g.journal_path, &fresh);
-  Status s = next.ok() ? (*next)->RecordApplied(g.applied_group_seq) : next.status();
+  Status s = next.status();
+  // A recycled journal already records applied_group_seq.
+  if (s.ok() && !recycled) s = (*next)->RecordApplied(g.applied_group_seq);
   if (s.ok() && !fresh.frames.empty()) {
     s = Status::Corruption(fmt::format("the new journal {} holds {} frame(s)", g.journal_path,
                                        fresh.frames.size()));

@@ -1,8 +1,10 @@
 // The receiver's journal rotation (src/replication/receiver.cc,
 // RotateJournal/RetireJournal): a full journal is moved aside to
 // journal-<group>.log.old while the volumes are flushed, so appends never
-// wait for that flush. After a crash the retired journal's groups are
-// replayed before the journal's, whatever point the rotation had reached.
+// wait for that flush, and then kept as journal-<group>.log.spare for the
+// next rotation to recycle. After a crash the retired journal's groups are
+// replayed before the journal's, whatever point the rotation had reached;
+// a spare's are never replayed.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -70,6 +72,7 @@ struct Site {
   }
   std::string JournalPath() const { return (dir / "journal-g.log").string(); }
   std::string RetiredPath() const { return JournalPath() + ".old"; }
+  std::string SparePath() const { return JournalPath() + ".spare"; }
   Result<std::unique_ptr<Receiver>> Open() {
     ReceiverTarget t;
     t.config = &config;
@@ -96,9 +99,27 @@ TEST_CASE("Receiver: a retired journal is replayed before the journal at start-u
   CHECK(ByteAt(*site.volume, 0) == 0xAA);
   CHECK(ByteAt(*site.volume, 4096) == 0xBB);
   CHECK((*r)->UpstreamJson("g")["applied_group_seq"] == 11);
-  // Both are applied and the volume flushed: nothing is left to replay.
+  // Both are applied and the volume flushed: nothing is left to replay;
+  // the retired file is kept for reuse.
   CHECK_FALSE(io::Env::Default()->FileExists(site.RetiredPath()));
+  CHECK(io::Env::Default()->FileExists(site.SparePath()));
   CHECK((*r)->UpstreamJson("g")["journal_bytes"] == 0);
+}
+
+// Goal: a spare holds groups that were applied and flushed long ago; under
+// newer writes, replaying them would bring old bytes back.
+TEST_CASE("Receiver: a spare journal is never replayed at start-up",
+          "[replication][journal]") {
+  Site site;
+  WriteJournal(site.SparePath(), {WriteFrame(5, 0, 0xEE)});
+  WriteJournal(site.JournalPath(), {WriteFrame(6, 4096, 0xBB)});
+  auto r = site.Open();
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  CHECK(ByteAt(*site.volume, 0) == 0x00);
+  CHECK(ByteAt(*site.volume, 4096) == 0xBB);
+  CHECK((*r)->UpstreamJson("g")["applied_group_seq"] == 6);
+  CHECK(io::Env::Default()->FileExists(site.SparePath()));
 }
 
 TEST_CASE("Receiver: a crash between moving the journal aside and creating the "
