@@ -66,7 +66,10 @@ class GroupJournal {
     // Whole frames (header + payload) appended after the last Reset(), in
     // order, each already checked with DecodeFrameHeader/DecodeFrame.
     std::vector<Bytes> frames;
-    // Bytes after the last good frame that were dropped as a torn tail.
+    // When the log ended in a torn record (one of this epoch, or in a
+    // version 1 journal anything, that does not read back whole): the
+    // bytes from there to the end of the file, never replayed. 0 when it
+    // ended at the end of the file or at a record of another epoch.
     uint64_t torn_tail_bytes = 0;
   };
 
@@ -74,9 +77,12 @@ class GroupJournal {
   // what must be replayed. Refuses (Corruption, naming the file) when
   // neither header slot is valid in an existing file, or when a frame in
   // the log is not a WRITE_GROUP, and NotSupported for a header of another
-  // format version. A torn tail is not an error: it is cut off (the file
-  // truncated after the last good frame, and synced) and counted in
-  // torn_tail_bytes. REQUIRES: recovered != nullptr; it is overwritten.
+  // format version. A torn tail is not an error: it is counted in
+  // torn_tail_bytes and never replayed. When the log ends before the end
+  // of the file, the file is cut after the frames returned (synced), or,
+  // when there are none in a version 2 journal, a new epoch is written
+  // instead (see the file layout above). REQUIRES: recovered != nullptr;
+  // it is overwritten.
   static Result<std::unique_ptr<GroupJournal>> Open(io::Env& env,
                                                     const std::string& path,
                                                     Recovered* recovered);
