@@ -419,6 +419,41 @@ TEST_CASE("GroupJournal: a failed sync is sticky", "[replication][journal]") {
   CHECK(j->Reset(1).message() == s.message());
 }
 
+// What a randomized test expects of the journal, and the random operations
+// that change it.
+struct JournalModel {
+  std::vector<Bytes> appended;  // since the last Reset
+  size_t synced = 0;            // appended[0, synced) are durable
+  uint64_t applied = 0;         // applied_group_seq of the last Reset
+  uint64_t seq = 0;             // the last group appended
+
+  // 1 to max_ops random appends (of frame_bytes(rng) bytes each), syncs and
+  // resets on `j`.
+  template <typename FrameBytes>
+  void RandomOps(GroupJournal& j, std::mt19937_64& rng, int max_ops, FrameBytes frame_bytes) {
+    const int ops = 1 + static_cast<int>(rng() % max_ops);
+    for (int i = 0; i < ops; ++i) {
+      switch (rng() % 8) {
+        case 0:
+          REQUIRE(j.Sync().ok());
+          synced = appended.size();
+          break;
+        case 1:
+          REQUIRE(j.Reset(seq).ok());
+          appended.clear();
+          synced = 0;
+          applied = seq;
+          break;
+        default: {
+          Bytes f = MakeFrame(++seq, frame_bytes(rng));
+          REQUIRE(j.Append(f).ok());
+          appended.push_back(std::move(f));
+        }
+      }
+    }
+  }
+};
+
 // Goal: the contract the receiver's acks rely on. Random appends, syncs and
 // resets, then a power loss of each kind; the reopened journal holds every
 // frame appended before the last Sync() and is a prefix of what was appended.
@@ -431,33 +466,11 @@ TEST_CASE("GroupJournal: power loss keeps every synced frame and returns a clean
     std::mt19937_64 rng(seed);
     JournalFixture fx;
     FaultInjectionEnv env(&fx.mem);
-    std::vector<Bytes> appended;  // since the last Reset
-    size_t synced = 0;            // appended[0, synced) are durable
-    uint64_t applied = 0;
-    uint64_t seq = 0;
+    JournalModel m;
     {
       GroupJournal::Recovered r;
       auto j = fx.OpenOk(env, &r);
-      int ops = 1 + static_cast<int>(rng() % 20);
-      for (int i = 0; i < ops; ++i) {
-        switch (rng() % 8) {
-          case 0:
-            REQUIRE(j->Sync().ok());
-            synced = appended.size();
-            break;
-          case 1:
-            REQUIRE(j->Reset(seq).ok());
-            appended.clear();
-            synced = 0;
-            applied = seq;
-            break;
-          default: {
-            Bytes f = MakeFrame(++seq, rng() % 2000);
-            REQUIRE(j->Append(f).ok());
-            appended.push_back(std::move(f));
-          }
-        }
-      }
+      m.RandomOps(*j, rng, 20, [](std::mt19937_64& g) { return g() % 2000; });
     }
     int mode = static_cast<int>(rng() % 3);
     INFO("crash mode " << mode);
@@ -467,13 +480,13 @@ TEST_CASE("GroupJournal: power loss keeps every synced frame and returns a clean
 
     GroupJournal::Recovered r;
     auto j = fx.OpenOk(env, &r);
-    CHECK(r.applied_group_seq == applied);
-    REQUIRE(r.frames.size() >= synced);
-    REQUIRE(r.frames.size() <= appended.size());
-    for (size_t i = 0; i < r.frames.size(); ++i) REQUIRE(r.frames[i] == appended[i]);
+    CHECK(r.applied_group_seq == m.applied);
+    REQUIRE(r.frames.size() >= m.synced);
+    REQUIRE(r.frames.size() <= m.appended.size());
+    for (size_t i = 0; i < r.frames.size(); ++i) REQUIRE(r.frames[i] == m.appended[i]);
     CHECK(j->log_bytes() == TotalBytes(r.frames));
     // Still usable after the cut.
-    Bytes next = MakeFrame(++seq, 50);
+    Bytes next = MakeFrame(++m.seq, 50);
     REQUIRE(j->Append(next).ok());
     REQUIRE(j->Sync().ok());
     j.reset();
@@ -740,39 +753,20 @@ TEST_CASE("GroupJournal: repeated power losses of a reused journal never replay 
     std::mt19937_64 rng(seed);
     JournalFixture fx;
     FaultInjectionEnv env(&fx.mem);
-    std::vector<Bytes> appended;  // since the last Reset: recovered, then new
-    size_t synced = 0;
-    uint64_t applied = 0;
-    uint64_t seq = 0;
+    JournalModel m;  // appended: recovered, then new
     for (int crash = 0; crash < kCrashes; ++crash) {
       INFO("crash " << crash);
       {
         GroupJournal::Recovered r;
         auto j = fx.OpenOk(env, &r);
-        REQUIRE(r.applied_group_seq == applied);
-        REQUIRE(r.frames.size() >= synced);
-        REQUIRE(r.frames.size() <= appended.size());
-        for (size_t i = 0; i < r.frames.size(); ++i) REQUIRE(r.frames[i] == appended[i]);
-        appended.resize(r.frames.size());
-        synced = appended.size();  // read back, and the cut is synced
-        const int ops = 1 + static_cast<int>(rng() % 16);
-        for (int i = 0; i < ops; ++i) {
-          const uint64_t pick = rng() % 8;
-          if (pick == 0) {
-            REQUIRE(j->Sync().ok());
-            synced = appended.size();
-          } else if (pick == 1) {
-            REQUIRE(j->Reset(seq).ok());
-            appended.clear();
-            synced = 0;
-            applied = seq;
-          } else {
-            // Few sizes, so that records of different epochs line up.
-            Bytes f = MakeFrame(++seq, 100 * (1 + rng() % 4));
-            REQUIRE(j->Append(f).ok());
-            appended.push_back(std::move(f));
-          }
-        }
+        REQUIRE(r.applied_group_seq == m.applied);
+        REQUIRE(r.frames.size() >= m.synced);
+        REQUIRE(r.frames.size() <= m.appended.size());
+        for (size_t i = 0; i < r.frames.size(); ++i) REQUIRE(r.frames[i] == m.appended[i]);
+        m.appended.resize(r.frames.size());
+        m.synced = m.appended.size();  // read back, and the cut is synced
+        // Few sizes, so that records of different epochs line up.
+        m.RandomOps(*j, rng, 16, [](std::mt19937_64& g) { return 100 * (1 + g() % 4); });
       }
       switch (rng() % 3) {
         case 0: env.DropUnsyncedWrites(); break;

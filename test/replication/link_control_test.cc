@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -352,15 +353,27 @@ void OverflowWhileBStopped(LinkPair& pair, BackgroundWriter& writer) {
   guard.armed = false;
 }
 
+// A pair whose async link (max_queue 1 MiB) overflowed while b was stopped
+// and now holds, b running again, and a writer that goes on writing over
+// the volume until Join().
+struct HeldLink {
+  HeldLink() : pair(kOverflowVolume, {{"max_queue", "1MiB"}, {"keepalive", "60s"}}) {
+    StartSmallQueuePair(pair);
+    writer.emplace(testutil::RequireConnect(pair.a(), "data"), kOverflowVolume, 128 * kKiB,
+                   /*wrap=*/true);
+    OverflowWhileBStopped(pair, *writer);
+  }
+  LinkPair pair;
+  std::optional<BackgroundWriter> writer;
+};
+
 TEST_CASE("Link control: after its queue overflows, an async link stays in "
           "logging mode while writers go on faster than it drained, and "
           "resyncs once they slow down",
           "[replication]") {
-  LinkPair pair(kOverflowVolume, {{"max_queue", "1MiB"}, {"keepalive", "60s"}});
-  StartSmallQueuePair(pair);
-  BackgroundWriter writer(testutil::RequireConnect(pair.a(), "data"), kOverflowVolume,
-                          128 * kKiB, /*wrap=*/true);
-  OverflowWhileBStopped(pair, writer);
+  HeldLink held;
+  LinkPair& pair = held.pair;
+  BackgroundWriter& writer = *held.writer;
 
   // b answers again, but the writer goes on: no reconnect for 2 s.
   const uint64_t written_before = writer.completed();
@@ -391,11 +404,9 @@ TEST_CASE("Link control: after its queue overflows, an async link stays in "
 TEST_CASE("Link control: the operator's resync ends a congestion hold while "
           "the writers go on",
           "[replication]") {
-  LinkPair pair(kOverflowVolume, {{"max_queue", "1MiB"}, {"keepalive", "60s"}});
-  StartSmallQueuePair(pair);
-  BackgroundWriter writer(testutil::RequireConnect(pair.a(), "data"), kOverflowVolume,
-                          128 * kKiB, /*wrap=*/true);
-  OverflowWhileBStopped(pair, writer);
+  HeldLink held;
+  LinkPair& pair = held.pair;
+  BackgroundWriter& writer = *held.writer;
 
   RequireExit(pair.Cli({"resync", "g", "--link", "b"}), 0);
   // (It may overflow and hold again later: b is slower than the writer.)
