@@ -25,10 +25,19 @@ namespace blockrelay::replication {
 namespace {
 constexpr auto kAsTuple = asio::experimental::as_tuple(asio::use_awaitable);
 constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
-// How often waiting groups are synced and applied, and how many bytes may
-// wait before that happens at once.
+// How often the ticker looks for work (resync data to flush, groups to
+// sync and apply), and how many bytes may wait before they are synced and
+// applied at once.
 constexpr auto kSyncInterval = std::chrono::milliseconds(5);
 constexpr uint64_t kSyncBatchBytes = 4ull << 20;
+// Groups nobody waits for (no FLUSH/FUA behind them that a sync link's
+// writer awaits: an async link never asks for one) wait this long before
+// the ticker syncs the journal for them: every journal sync is a file
+// system commit and a disk cache flush, on a disk that in a test or a
+// small site the upstream's own flushes share, and a writer flushing
+// every few writes made it one sync per group. This only delays their
+// durable acknowledgement (what clears the upstream's scoreboard bits).
+constexpr auto kJournalSyncDelay = std::chrono::milliseconds(50);
 // Resync data is applied in batches of this many frame bytes (one undo
 // sync each), and made durable (volumes flushed, acknowledged as durable)
 // every kResyncFlushBytes: a flush after allocating writes costs a file
@@ -124,6 +133,8 @@ struct Receiver::GroupState {
     Bytes frame;
   };
   std::vector<Pending> pending;   // GUARDED_BY(append_mu)
+  // When the first of `pending` was appended. GUARDED_BY(append_mu)
+  std::chrono::steady_clock::time_point pending_since;
   uint64_t pending_bytes = 0;     // GUARDED_BY(append_mu)
   uint64_t applied_group_seq = 0; // GUARDED_BY(apply_mu)
   std::atomic<uint64_t> applied_group_seq_seen{0};  // for status and HELLO
@@ -206,6 +217,9 @@ struct Receiver::GroupState {
   // a pool thread: a sync taking its batch, a rotation; or kMaxPendingBytes
   // waiting to be applied): receiving stopped until the append was done.
   std::atomic<uint64_t> receive_waits{0};
+  // Journal syncs for received groups (each a file system commit and a
+  // disk cache flush): for status.
+  std::atomic<uint64_t> journal_syncs{0};
   uint64_t bytes_received = 0;
   uint64_t replayed_groups = 0;
 };
@@ -910,13 +924,15 @@ Status Receiver::AppendFrame(GroupState& g, uint64_t conn_id,
     g.failed = true;
     return s;
   }
+  if (g.pending.empty()) g.pending_since = std::chrono::steady_clock::now();
   g.pending_bytes += frame.size();
   g.pending.push_back({conn_id, link_seq, std::move(frame)});
   return Status::OK();
 }
 
 Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
-                              uint64_t* durable_link_seq, ResyncFlush resync_flush) {
+                              uint64_t* durable_link_seq, ResyncFlush resync_flush,
+                              PendingGroups pending_groups) {
   std::lock_guard apply_lock(g.apply_mu);
   if (g.failed) return g.failure_status();
   // Both queues at one instant: a resync frame is queued only while nothing
@@ -931,8 +947,13 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
     std::lock_guard resync_lock(g.resync_mu);
     resync.swap(g.resync_queue);
     g.resync_queue_bytes = 0;
-    batch.swap(g.pending);
-    g.pending_bytes = 0;
+    // Every queued resync frame arrived before every pending group, so
+    // leaving the groups for a later call keeps the order.
+    if (pending_groups == PendingGroups::kAll || g.pending_bytes >= kSyncBatchBytes ||
+        std::chrono::steady_clock::now() - g.pending_since >= kJournalSyncDelay) {
+      batch.swap(g.pending);
+      g.pending_bytes = 0;
+    }
   }
   if (Status s = ApplyQueuedResync(g, std::move(resync)); !s.ok()) {
     g.Fail(s);
@@ -944,6 +965,7 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
       g.Fail(s);
       return s;
     }
+    ++g.journal_syncs;
     for (const auto& p : batch) {
       if (Status s = ApplyFrame(g, p.frame); !s.ok()) {
         // The group stays in the journal: a restart applies it again once
@@ -2038,12 +2060,14 @@ asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
     // Durable groups that arrive while this runs share the next one (a
     // group commit of the journal syncs); the receive loop goes on.
     const ResyncFlush mode = c->sync_barrier ? ResyncFlush::kAlways : ResyncFlush::kWhenDue;
+    const PendingGroups groups =
+        c->sync_barrier ? PendingGroups::kAll : PendingGroups::kWhenDue;
     c->sync_now = c->sync_barrier = false;
     uint64_t durable_seq = 0;
     uint64_t* durable_out = &durable_seq;
     const uint64_t conn_id = c->id;
-    Status s = co_await io_.Run([g, conn_id, durable_out, mode] {
-      return SyncAndApply(*g, conn_id, durable_out, mode);
+    Status s = co_await io_.Run([g, conn_id, durable_out, mode, groups] {
+      return SyncAndApply(*g, conn_id, durable_out, mode, groups);
     });
     if (!s.ok()) {
       BR_LOG_ERROR("replication", "group {}: {}", g->target.config->name, s.ToString());
@@ -2102,6 +2126,7 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
         {"bytes_received", g->bytes_received},
         {"replayed_groups", g->replayed_groups},
         {"receive_waits", g->receive_waits.load()},
+        {"journal_syncs", g->journal_syncs.load()},
     };
     j["applied_group_seq"] = g->applied_group_seq_seen.load();
     j["consistent"] = g->consistent.load();

@@ -178,10 +178,15 @@ class Receiver {
   // far (a barrier: every earlier frame durable); kWhenDue only once
   // kResyncFlushBytes of it wait or the resync paused, so that a full sync
   // is not flushed every tick.
+  // kAll syncs and applies every group appended; kWhenDue (the ticker,
+  // when no durable group asked for a sync) leaves them waiting until the
+  // oldest is kJournalSyncDelay old or kSyncBatchBytes of them wait.
   enum class ResyncFlush { kAlways, kWhenDue };
+  enum class PendingGroups { kAll, kWhenDue };
   static Status SyncAndApply(GroupState& g, uint64_t conn_id,
                              uint64_t* durable_link_seq,
-                             ResyncFlush resync_flush = ResyncFlush::kAlways);
+                             ResyncFlush resync_flush = ResyncFlush::kAlways,
+                             PendingGroups pending_groups = PendingGroups::kAll);
   // The journal holds only applied groups: moves it aside (retired) and
   // opens an empty one, so appends go on while the volumes are flushed.
   // REQUIRES: g.apply_mu and g.append_mu held, nothing pending, no retire

@@ -305,6 +305,70 @@ TEST_CASE("Replication: on a sync link, writes in flight together share "
   }
 }
 
+// Journal syncs site b made for received groups (its upstream status).
+uint64_t JournalSyncs(const TestDaemon& b) {
+  auto up = testutil::UpstreamStatus(b, "g");
+  REQUIRE(up.has_value());
+  REQUIRE(up->contains("journal_syncs"));
+  return up->value("journal_syncs", uint64_t{0});
+}
+
+// Writes kFlushedWrites 4 KiB blocks on `pair`'s primary, each followed by
+// a FLUSH, and returns how long that took.
+constexpr int kFlushedWrites = 60;
+Clock::duration WriteEachFlushed(SitePair& pair) {
+  NbdHandle h = RequireConnect(pair.a(), "data");
+  const auto start = Clock::now();
+  for (int i = 0; i < kFlushedWrites; ++i) {
+    auto data = Pattern(4 * kKiB, 8100 + i);
+    REQUIRE(testutil::Pwrite(h.get(), data, static_cast<uint64_t>(i) * 64 * kKiB) == 0);
+    REQUIRE(testutil::Flush(h.get()) == 0);
+  }
+  return Clock::now() - start;
+}
+
+// Goal: a writer that flushes every few writes does not make an async
+// downstream sync its journal once per flush (each sync is a file system
+// commit and a disk cache flush, and nothing waits for it): b syncs at most
+// once per 50 ms (receiver.cc, kJournalSyncDelay) while the groups come in,
+// and still catches up with every byte.
+TEST_CASE("Replication: an async downstream syncs its journal for many "
+          "flushed groups at once",
+          "[replication]") {
+  SitePair pair;
+  RequireStarted(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  const uint64_t syncs_before = JournalSyncs(pair.b());
+  const auto elapsed = WriteEachFlushed(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
+  const auto elapsed_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count();
+  INFO(kFlushedWrites << " flushed writes in " << elapsed_ms << " ms, journal syncs on b: "
+                      << syncs);
+  CHECK(syncs > 0);
+  // One per 50 ms while they came, and the last batch's after them.
+  CHECK(syncs <= static_cast<uint64_t>(elapsed_ms / 50) + 2);
+  testutil::CheckIdentical(pair);
+}
+
+// ... whereas a sync link's FLUSH returns only once b's journal is synced,
+// so every one of them costs b a sync.
+TEST_CASE("Replication: a sync downstream syncs its journal for every flush "
+          "the writer waits for",
+          "[replication]") {
+  testutil::PairOptions options;
+  options.mode = "sync";
+  SitePair pair(options);
+  RequireStarted(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  const uint64_t syncs_before = JournalSyncs(pair.b());
+  WriteEachFlushed(pair);
+  const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
+  INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
+  CHECK(syncs >= static_cast<uint64_t>(kFlushedWrites));
+}
+
 // Goal: a downstream added to a volume that already holds data gets a slot
 // with every region dirty (initial_sync "full") and receives the data by
 // resync, then streams.
