@@ -431,6 +431,7 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
   hello.site = group_.local_site();
   hello.group = group_.name();
   hello.region_size_bytes = group_.config().region_size_bytes;
+  hello.async_link = !is_sync();
   for (const auto& v : group_.volumes()) {
     hello.volumes.push_back({v->name(), v->size_bytes()});
   }
@@ -712,7 +713,8 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
         WriteGroup frame = e.group->ToFrame(e.link_seq);
         // Nothing waits for an async downstream's durability: without the
         // flag it syncs its journal for several groups at once (receiver.cc,
-        // kJournalSyncDelay) instead of once per FLUSH of the writer.
+        // kJournalSyncDelay; the HELLO said the link is async) instead of
+        // once per FLUSH of the writer.
         if (!is_sync()) frame.flags &= ~kGroupDurable;
         EncodeWriteGroupGather(frame, out, pieces);
         wire_bytes += (out.size() - before) + e.group->data.size();

@@ -30,8 +30,8 @@
 //
 // Header flags: WRITE_GROUP carries the group flags (only bits in
 // kGroupFlagsKnown; a resync marker, BEGIN or END, has kGroupResync, no
-// ops and group_seq 0); HELLO_REPLY may carry kReplyFullResync; every
-// other type must send 0. The payload is exactly
+// ops and group_seq 0); HELLO may carry kHelloAsyncLink; HELLO_REPLY may
+// carry kReplyFullResync; every other type must send 0. The payload is exactly
 // what the grammar describes: trailing bytes are an error.
 //
 // Decoders never read past the payload and check every count against the
@@ -524,6 +524,11 @@ Result<Frame> DecodeFrameImpl(const FrameHeader& header,
       return Status::Corruption(fmt::format("{}: unknown flags {:#x}", name,
                                             header.flags & ~kGroupFlagsKnown));
     }
+  } else if (header.type == FrameType::kHello) {
+    if ((header.flags & ~kHelloFlagsKnown) != 0) {
+      return Status::Corruption(fmt::format("{}: unknown flags {:#x}", name,
+                                            header.flags & ~kHelloFlagsKnown));
+    }
   } else if (header.type == FrameType::kHelloReply) {
     if ((header.flags & ~kReplyFlagsKnown) != 0) {
       return Status::Corruption(fmt::format("{}: unknown flags {:#x}", name,
@@ -538,7 +543,10 @@ Result<Frame> DecodeFrameImpl(const FrameHeader& header,
   Reader r(payload, header.type);
   switch (header.type) {
     case FrameType::kHello:
-      return DecodeAs<Hello>(r, DecodeHelloPayload);
+      return DecodeAs<Hello>(r, [&](Reader& reader, Hello& hello) {
+        hello.async_link = header.flags & kHelloAsyncLink;
+        return DecodeHelloPayload(reader, hello);
+      });
     case FrameType::kHelloReply:
       return DecodeAs<HelloReply>(r, [&](Reader& reader, HelloReply& reply) {
         reply.full_resync = header.flags & kReplyFullResync;
@@ -641,7 +649,7 @@ void EncodeHello(const Hello& hello, Bytes& out) {
     ThrowInvalid(kType, fmt::format("{} volumes exceed the limit of {}",
                                     hello.volumes.size(), kMaxVolumesPerGroup));
   }
-  AppendFrame(kType, 0, out, [&](Bytes& out) {
+  AppendFrame(kType, hello.async_link ? kHelloAsyncLink : 0, out, [&](Bytes& out) {
     AppendString(kType, "site", hello.site, out);
     AppendString(kType, "group", hello.group, out);
     AppendBe64(out, hello.region_size_bytes);

@@ -338,6 +338,9 @@ TEST_CASE("Replication: an async downstream syncs its journal for many "
   SitePair pair;
   RequireStarted(pair);
   RequireCaughtUp(pair, kCatchUpTimeout);
+  auto upstream = testutil::UpstreamStatus(pair.b(), "g");
+  REQUIRE(upstream.has_value());
+  CHECK(upstream->value("link_mode", "") == "async");
   const uint64_t syncs_before = JournalSyncs(pair.b());
   const auto elapsed = WriteEachFlushed(pair);
   RequireCaughtUp(pair, kCatchUpTimeout);
@@ -362,6 +365,9 @@ TEST_CASE("Replication: a sync downstream syncs its journal for every flush "
   SitePair pair(options);
   RequireStarted(pair);
   RequireCaughtUp(pair, kCatchUpTimeout);
+  auto upstream = testutil::UpstreamStatus(pair.b(), "g");
+  REQUIRE(upstream.has_value());
+  CHECK(upstream->value("link_mode", "") == "sync");
   const uint64_t syncs_before = JournalSyncs(pair.b());
   WriteEachFlushed(pair);
   const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
