@@ -313,6 +313,18 @@ uint64_t JournalSyncs(const TestDaemon& b) {
   return up->value("journal_syncs", uint64_t{0});
 }
 
+// Starts `pair`, waits until its link is caught up, checks that b's
+// upstream reports the link's mode (from the HELLO) and returns b's journal
+// syncs so far.
+uint64_t StartCaughtUp(SitePair& pair, const std::string& mode) {
+  RequireStarted(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  auto upstream = testutil::UpstreamStatus(pair.b(), "g");
+  REQUIRE(upstream.has_value());
+  CHECK(upstream->value("link_mode", "") == mode);
+  return JournalSyncs(pair.b());
+}
+
 // Writes kFlushedWrites 4 KiB blocks on `pair`'s primary, each followed by
 // a FLUSH.
 constexpr int kFlushedWrites = 60;
@@ -334,12 +346,7 @@ TEST_CASE("Replication: an async downstream syncs its journal for many "
           "flushed groups at once",
           "[replication]") {
   SitePair pair;
-  RequireStarted(pair);
-  RequireCaughtUp(pair, kCatchUpTimeout);
-  auto upstream = testutil::UpstreamStatus(pair.b(), "g");
-  REQUIRE(upstream.has_value());
-  CHECK(upstream->value("link_mode", "") == "async");
-  const uint64_t syncs_before = JournalSyncs(pair.b());
+  const uint64_t syncs_before = StartCaughtUp(pair, "async");
   // Every sync for these groups falls between the first write and the
   // link's catch-up (b acknowledges a group as durable only once synced).
   const auto start = Clock::now();
@@ -365,12 +372,7 @@ TEST_CASE("Replication: a sync downstream syncs its journal for every flush "
   testutil::PairOptions options;
   options.mode = "sync";
   SitePair pair(options);
-  RequireStarted(pair);
-  RequireCaughtUp(pair, kCatchUpTimeout);
-  auto upstream = testutil::UpstreamStatus(pair.b(), "g");
-  REQUIRE(upstream.has_value());
-  CHECK(upstream->value("link_mode", "") == "sync");
-  const uint64_t syncs_before = JournalSyncs(pair.b());
+  const uint64_t syncs_before = StartCaughtUp(pair, "sync");
   WriteEachFlushed(pair);
   const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
   INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
