@@ -431,7 +431,7 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
   hello.site = group_.local_site();
   hello.group = group_.name();
   hello.region_size_bytes = group_.config().region_size_bytes;
-  hello.async_link = !is_sync();
+  hello.lazy_durability = !DurabilityAwaited();
   for (const auto& v : group_.volumes()) {
     hello.volumes.push_back({v->name(), v->size_bytes()});
   }
@@ -711,11 +711,11 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
         // The frame points at the group's data instead of copying it; the
         // group stays referenced in `sending` until the write is done.
         WriteGroup frame = e.group->ToFrame(e.link_seq);
-        // Nothing waits for an async downstream's durability: without the
-        // flag it syncs its journal for several groups at once (receiver.cc,
-        // kJournalSyncDelay; the HELLO said the link is async) instead of
-        // once per FLUSH of the writer.
-        if (!is_sync()) frame.flags &= ~kGroupDurable;
+        // Nothing waits for this downstream's durability: without the flag
+        // it syncs its journal for several groups at once (receiver.cc,
+        // kJournalSyncDelay; the HELLO said so) instead of once per FLUSH
+        // of the writer.
+        if (!DurabilityAwaited()) frame.flags &= ~kGroupDurable;
         EncodeWriteGroupGather(frame, out, pieces);
         wire_bytes += (out.size() - before) + e.group->data.size();
         sending.push_back(e.group);

@@ -98,6 +98,12 @@ class Link {
   const std::string& site() const { return config_.site; }
   const config::DownstreamConfig& config() const { return config_; }
   bool is_sync() const { return config_.mode == config::LinkMode::kSync; }
+  // Whether writers wait for the downstream's durable acknowledgements: a
+  // sync link's FLUSH and FUA, an async link's max_lag (measured up to
+  // them). Otherwise the downstream may sync its journal lazily.
+  bool DurabilityAwaited() const {
+    return is_sync() || config_.max_lag_bytes || config_.max_lag_ms;
+  }
   LinkState state() const { return state_; }
   bool streaming() const { return streaming_; }
   uint64_t stream_start_seq() const { return stream_start_seq_; }

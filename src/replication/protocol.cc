@@ -30,7 +30,7 @@
 //
 // Header flags: WRITE_GROUP carries the group flags (only bits in
 // kGroupFlagsKnown; a resync marker, BEGIN or END, has kGroupResync, no
-// ops and group_seq 0); HELLO may carry kHelloAsyncLink; HELLO_REPLY may
+// ops and group_seq 0); HELLO may carry kHelloLazyDurability; HELLO_REPLY may
 // carry kReplyFullResync; every other type must send 0. The payload is exactly
 // what the grammar describes: trailing bytes are an error.
 //
@@ -544,7 +544,7 @@ Result<Frame> DecodeFrameImpl(const FrameHeader& header,
   switch (header.type) {
     case FrameType::kHello:
       return DecodeAs<Hello>(r, [&](Reader& reader, Hello& hello) {
-        hello.async_link = header.flags & kHelloAsyncLink;
+        hello.lazy_durability = header.flags & kHelloLazyDurability;
         return DecodeHelloPayload(reader, hello);
       });
     case FrameType::kHelloReply:
@@ -649,7 +649,7 @@ void EncodeHello(const Hello& hello, Bytes& out) {
     ThrowInvalid(kType, fmt::format("{} volumes exceed the limit of {}",
                                     hello.volumes.size(), kMaxVolumesPerGroup));
   }
-  AppendFrame(kType, hello.async_link ? kHelloAsyncLink : 0, out, [&](Bytes& out) {
+  AppendFrame(kType, hello.lazy_durability ? kHelloLazyDurability : 0, out, [&](Bytes& out) {
     AppendString(kType, "site", hello.site, out);
     AppendString(kType, "group", hello.group, out);
     AppendBe64(out, hello.region_size_bytes);

@@ -70,15 +70,16 @@ struct Hello {
   uint64_t region_size_bytes = 0;
   std::vector<VolumeInfo> volumes;  // in config order; ops refer to the index
   std::string generation;  // upstream's current generation id (issue 5)
-  // Header flag kHelloAsyncLink: the link is async, so no writer waits for
-  // the downstream's durability; it may sync its journal lazily.
-  bool async_link = false;
+  // Header flag kHelloLazyDurability: an async link without max_lag, so no
+  // writer waits for the downstream's durability; it may sync its journal
+  // lazily.
+  bool lazy_durability = false;
   bool operator==(const Hello&) const = default;
 };
 
 // HELLO header flags.
-inline constexpr uint32_t kHelloAsyncLink = 1u << 0;
-inline constexpr uint32_t kHelloFlagsKnown = kHelloAsyncLink;
+inline constexpr uint32_t kHelloLazyDurability = 1u << 0;
+inline constexpr uint32_t kHelloFlagsKnown = kHelloLazyDurability;
 
 enum class HelloResult : uint32_t {
   kAccepted = 0,

@@ -30,14 +30,15 @@ constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
 // applied at once.
 constexpr auto kSyncInterval = std::chrono::milliseconds(5);
 constexpr uint64_t kSyncBatchBytes = 4ull << 20;
-// An async link's groups (its HELLO says so; it never marks a group
-// durable, since no writer waits for this site) wait this long before the
+// The groups of an async link without max_lag (its HELLO says so; it never
+// marks a group durable, since no writer waits for this site's
+// durability) wait this long before the
 // ticker syncs the journal for them: every journal sync is a file system
 // commit and a disk cache flush, on a disk that on a small site the
 // upstream's own flushes may share, and a writer flushing every few writes
 // made it one sync per group. This only delays their durable
 // acknowledgement (what clears the upstream's scoreboard bits) and their
-// apply. A sync link's groups keep the kSyncInterval tick.
+// apply. Other links' groups keep the kSyncInterval tick.
 constexpr auto kJournalSyncDelay = std::chrono::milliseconds(50);
 // Resync data is applied in batches of this many frame bytes (one undo
 // sync each), and made durable (volumes flushed, acknowledged as durable)
@@ -212,7 +213,9 @@ struct Receiver::GroupState {
   std::weak_ptr<Conn> active;
   std::string state = "waiting";  // waiting, connected, refused, error
   std::string peer;
-  std::string link_mode;  // of the last connection's HELLO: async or sync
+  // Of the last connection's HELLO: "lazy" (an async link without
+  // max_lag) or "prompt".
+  std::string durability;
   std::string last_error;
   uint64_t groups_received = 0;
   // Frames appended through the pool instead of inline (append_mu held by
@@ -251,9 +254,10 @@ struct Receiver::Conn {
   std::vector<VerifyResult> verify_results;
   std::string error;  // sent as ERROR before closing
   std::string upstream_site;
-  // The upstream's link is async (HELLO): no writer waits for this site's
-  // durability, so groups wait up to kJournalSyncDelay for a journal sync.
-  bool async_link = false;
+  // The HELLO said no writer waits for this site's durability (an async
+  // link without max_lag): groups wait up to kJournalSyncDelay for a
+  // journal sync.
+  bool lazy_durability = false;
   // Set at accept; taken on the first frame (Reconcile).
   bool reconciled = false;
   std::optional<GenerationSet> adopt;
@@ -1789,7 +1793,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     co_return;
   }
   c->upstream_site = hello->site;
-  c->async_link = hello->async_link;
+  c->lazy_durability = hello->lazy_durability;
   c->adopt = adopt;
   ++g->serving;  // no suspension since the check above
   // One upstream connection per group: a newer one replaces an older one
@@ -1802,7 +1806,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   g->active = c;
   g->state = "connected";
   g->peer = c->peer;
-  g->link_mode = hello->async_link ? "async" : "sync";
+  g->durability = hello->lazy_durability ? "lazy" : "prompt";
   g->last_error.clear();
   c->group = g;
   BR_LOG_INFO("replication", "group {}: upstream site {} connected from {}",
@@ -2067,9 +2071,10 @@ asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
     // Durable groups that arrive while this runs share the next one (a
     // group commit of the journal syncs); the receive loop goes on.
     const ResyncFlush mode = c->sync_barrier ? ResyncFlush::kAlways : ResyncFlush::kWhenDue;
-    // A sync link's groups keep the tick: its writers wait on this site,
-    // and larger batches make their bursts of applying longer.
-    const PendingGroups groups = c->async_link && !c->sync_barrier
+    // Other links' groups keep the tick: their writers wait on this site
+    // (a sync link's replies, an async link's max_lag), and larger batches
+    // make the bursts of applying longer.
+    const PendingGroups groups = c->lazy_durability && !c->sync_barrier
                                      ? PendingGroups::kWhenDue
                                      : PendingGroups::kAll;
     c->sync_now = c->sync_barrier = false;
@@ -2138,7 +2143,7 @@ nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
         {"receive_waits", g->receive_waits.load()},
         {"journal_syncs", g->journal_syncs.load()},
     };
-    if (!g->link_mode.empty()) j["link_mode"] = g->link_mode;
+    if (!g->durability.empty()) j["durability"] = g->durability;
     j["applied_group_seq"] = g->applied_group_seq_seen.load();
     j["consistent"] = g->consistent.load();
     j["undo_bytes"] = g->undo_bytes.load();

@@ -178,8 +178,8 @@ class Receiver {
   // far (a barrier: every earlier frame durable); kWhenDue only once
   // kResyncFlushBytes of it wait or the resync paused, so that a full sync
   // is not flushed every tick.
-  // kAll syncs and applies every group appended; kWhenDue (the ticker of
-  // an async link's connection) leaves them waiting until the oldest is
+  // kAll syncs and applies every group appended; kWhenDue (the ticker of a
+  // connection with lazy durability) leaves them waiting until the oldest is
   // kJournalSyncDelay old or kSyncBatchBytes of them wait.
   enum class ResyncFlush { kAlways, kWhenDue };
   enum class PendingGroups { kAll, kWhenDue };

@@ -241,13 +241,14 @@ TEST_CASE("ReplicationProtocol: HELLO_REPLY carries full_resync as header "
   CHECK(static_cast<uint32_t>(ReadU64(Encode(EncodeHelloReply, reply), 8)) == 0);
 }
 
-TEST_CASE("ReplicationProtocol: HELLO carries async_link as header flag 1",
+TEST_CASE("ReplicationProtocol: HELLO carries lazy_durability as header "
+          "flag 1",
           "[replication][protocol]") {
-  Hello hello{"a", "g", 65536, {{"data", 1 << 20}}, "gen-1", /*async_link=*/true};
+  Hello hello{"a", "g", 65536, {{"data", 1 << 20}}, "gen-1", /*lazy_durability=*/true};
   Bytes frame = Encode(EncodeHello, hello);
-  CHECK(static_cast<uint32_t>(ReadU64(frame, 8)) == kHelloAsyncLink);
+  CHECK(static_cast<uint32_t>(ReadU64(frame, 8)) == kHelloLazyDurability);
   CHECK(DecodeAs<Hello>(frame) == hello);
-  hello.async_link = false;
+  hello.lazy_durability = false;
   frame = Encode(EncodeHello, hello);
   CHECK(static_cast<uint32_t>(ReadU64(frame, 8)) == 0);
   CHECK(DecodeAs<Hello>(frame) == hello);
@@ -782,7 +783,7 @@ TEST_CASE("ReplicationProtocol: flags on a frame type other than WRITE_GROUP "
     if (TypeNameOf(frame) == "WRITE_GROUP") continue;
     INFO(TypeNameOf(frame));
     // HELLO_REPLY defines bit 0 (kReplyFullResync) and HELLO bit 0
-    // (kHelloAsyncLink), and nothing else.
+    // (kHelloLazyDurability), and nothing else.
     const bool reply =
         TypeNameOf(frame) == "HELLO_REPLY" || TypeNameOf(frame) == "HELLO";
     HeaderFields h{.type = static_cast<uint16_t>(ReadU64(frame, 0)),

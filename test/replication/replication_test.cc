@@ -314,14 +314,14 @@ uint64_t JournalSyncs(const TestDaemon& b) {
 }
 
 // Starts `pair`, waits until its link is caught up, checks that b's
-// upstream reports the link's mode (from the HELLO) and returns b's journal
-// syncs so far.
-uint64_t StartCaughtUp(SitePair& pair, const std::string& mode) {
+// upstream reports `durability` (from the HELLO: "lazy" or "prompt") and
+// returns b's journal syncs so far.
+uint64_t StartCaughtUp(SitePair& pair, const std::string& durability) {
   RequireStarted(pair);
   RequireCaughtUp(pair, kCatchUpTimeout);
   auto upstream = testutil::UpstreamStatus(pair.b(), "g");
   REQUIRE(upstream.has_value());
-  CHECK(upstream->value("link_mode", "") == mode);
+  CHECK(upstream->value("durability", "") == durability);
   return JournalSyncs(pair.b());
 }
 
@@ -346,7 +346,7 @@ TEST_CASE("Replication: an async downstream syncs its journal for many "
           "flushed groups at once",
           "[replication]") {
   SitePair pair;
-  const uint64_t syncs_before = StartCaughtUp(pair, "async");
+  const uint64_t syncs_before = StartCaughtUp(pair, "lazy");
   // Every sync for these groups falls between the first write and the
   // link's catch-up (b acknowledges a group as durable only once synced).
   const auto start = Clock::now();
@@ -372,11 +372,29 @@ TEST_CASE("Replication: a sync downstream syncs its journal for every flush "
   testutil::PairOptions options;
   options.mode = "sync";
   SitePair pair(options);
-  const uint64_t syncs_before = StartCaughtUp(pair, "sync");
+  const uint64_t syncs_before = StartCaughtUp(pair, "prompt");
   WriteEachFlushed(pair);
   const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
   INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
   CHECK(syncs >= static_cast<uint64_t>(kFlushedWrites));
+}
+
+// ... and so does an async link's with max_lag, whose writers wait for the
+// downstream's durable acknowledgements too (the lag is measured up to
+// them): a lazy sync would hold them up to 50 ms each time.
+TEST_CASE("Replication: an async downstream with max_lag syncs its journal "
+          "for every flush",
+          "[replication]") {
+  testutil::PairOptions options;
+  options.link = {{"max_lag", "1s"}};
+  SitePair pair(options);
+  const uint64_t syncs_before = StartCaughtUp(pair, "prompt");
+  WriteEachFlushed(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
+  INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
+  // Flushed groups that reach b while it syncs share the next sync.
+  CHECK(syncs > static_cast<uint64_t>(kFlushedWrites) / 4);
 }
 
 // Goal: a downstream added to a volume that already holds data gets a slot
