@@ -710,13 +710,7 @@ asio::awaitable<void> Link::WriteLoop(std::shared_ptr<Connection> c) {
       } else {
         // The frame points at the group's data instead of copying it; the
         // group stays referenced in `sending` until the write is done.
-        WriteGroup frame = e.group->ToFrame(e.link_seq);
-        // Nothing waits for this downstream's durability: without the flag
-        // it syncs its journal for several groups at once (receiver.cc,
-        // kJournalSyncDelay; the HELLO said so) instead of once per FLUSH
-        // of the writer.
-        if (!DurabilityAwaited()) frame.flags &= ~kGroupDurable;
-        EncodeWriteGroupGather(frame, out, pieces);
+        EncodeWriteGroupGather(e.group->ToFrame(e.link_seq), out, pieces);
         wire_bytes += (out.size() - before) + e.group->data.size();
         sending.push_back(e.group);
       }

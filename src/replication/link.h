@@ -100,7 +100,8 @@ class Link {
   bool is_sync() const { return config_.mode == config::LinkMode::kSync; }
   // Whether writers wait for the downstream's durable acknowledgements: a
   // sync link's FLUSH and FUA, an async link's max_lag (measured up to
-  // them). Otherwise the downstream may sync its journal lazily.
+  // them). Otherwise the HELLO lets the downstream sync its journal
+  // lazily (receiver.cc, kJournalSyncDelay).
   bool DurabilityAwaited() const {
     return is_sync() || config_.max_lag_bytes || config_.max_lag_ms;
   }

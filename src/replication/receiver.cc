@@ -30,15 +30,14 @@ constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
 // applied at once.
 constexpr auto kSyncInterval = std::chrono::milliseconds(5);
 constexpr uint64_t kSyncBatchBytes = 4ull << 20;
-// The groups of an async link without max_lag (its HELLO says so; it never
-// marks a group durable, since no writer waits for this site's
-// durability) wait this long before the
-// ticker syncs the journal for them: every journal sync is a file system
-// commit and a disk cache flush, on a disk that on a small site the
-// upstream's own flushes may share, and a writer flushing every few writes
-// made it one sync per group. This only delays their durable
-// acknowledgement (what clears the upstream's scoreboard bits) and their
-// apply. Other links' groups keep the kSyncInterval tick.
+// The groups of an async link without max_lag (its HELLO says so: no
+// writer waits for this site's durability, so a group closed by FLUSH/FUA
+// is not synced at once either) wait this long before the ticker syncs the journal for them: every
+// journal sync is a file system commit and a disk cache flush, on a disk
+// that on a small site the upstream's own flushes may share, and a writer
+// flushing every few writes made it one sync per group. This only delays
+// their durable acknowledgement (what clears the upstream's scoreboard
+// bits) and their apply. Other links' groups keep the kSyncInterval tick.
 constexpr auto kJournalSyncDelay = std::chrono::milliseconds(50);
 // Resync data is applied in batches of this many frame bytes (one undo
 // sync each), and made durable (volumes flushed, acknowledged as durable)
@@ -1940,7 +1939,9 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     c->last_link_seq = wg->link_seq;
     ++g->groups_received;
     for (const auto& op : wg->ops) g->bytes_received += op.data.size();
-    const bool durable = wg->flags & kGroupDurable;
+    // A group closed by FLUSH/FUA is synced at once, unless the HELLO said
+    // nobody waits for this site's durability (kJournalSyncDelay).
+    const bool durable = (wg->flags & kGroupDurable) && !c->lazy_durability;
     const uint64_t link_seq = wg->link_seq;
     const uint64_t conn_id = c->id;
     if (wg->flags & (kGroupResyncBegin | kGroupResyncEnd)) {
