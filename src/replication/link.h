@@ -101,7 +101,7 @@ class Link {
   // Whether writers wait for the downstream's durable acknowledgements: a
   // sync link's FLUSH and FUA, an async link's max_lag (measured up to
   // them). Otherwise the HELLO lets the downstream sync its journal
-  // lazily (receiver.cc, kJournalSyncDelay).
+  // lazily (receiver.cc, kLazySyncDelay).
   bool DurabilityAwaited() const {
     return is_sync() || config_.max_lag_bytes || config_.max_lag_ms;
   }

@@ -180,7 +180,8 @@ class Receiver {
   // is not flushed every tick.
   // kAll syncs and applies every group appended; kWhenDue (the ticker of a
   // connection with lazy durability) leaves them waiting until the oldest is
-  // kJournalSyncDelay old or kSyncBatchBytes of them wait.
+  // kLazySyncDelay old, kLazySyncBatchBytes of them wait, or none came
+  // for kLazySyncQuiet.
   enum class ResyncFlush { kAlways, kWhenDue };
   enum class PendingGroups { kAll, kWhenDue };
   static Status SyncAndApply(GroupState& g, uint64_t conn_id,
