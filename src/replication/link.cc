@@ -431,7 +431,7 @@ asio::awaitable<Status> Link::Connect(Connection& c) {
   hello.site = group_.local_site();
   hello.group = group_.name();
   hello.region_size_bytes = group_.config().region_size_bytes;
-  hello.lazy_durability = !DurabilityAwaited();
+  hello.lazy_durability = LazyDurability();
   for (const auto& v : group_.volumes()) {
     hello.volumes.push_back({v->name(), v->size_bytes()});
   }

@@ -98,12 +98,15 @@ class Link {
   const std::string& site() const { return config_.site; }
   const config::DownstreamConfig& config() const { return config_; }
   bool is_sync() const { return config_.mode == config::LinkMode::kSync; }
-  // Whether writers wait for the downstream's durable acknowledgements: a
-  // sync link's FLUSH and FUA, an async link's max_lag (measured up to
-  // them). Otherwise the HELLO lets the downstream sync its journal
-  // lazily (receiver.cc, kLazySyncDelay).
-  bool DurabilityAwaited() const {
-    return is_sync() || config_.max_lag_bytes || config_.max_lag_ms;
+  // Whether the downstream may sync its journal lazily, about once a
+  // second (receiver.cc, kLazySyncDelay; the HELLO says so): only when
+  // nothing here waits for its durable acknowledgements. A sync link's
+  // FLUSH and FUA do; so do an async link's max_lag (measured up to them)
+  // and a disk queue, which keeps each group whole in memory until then
+  // (kept_, bounded by max_queue: a second of writes would overflow it).
+  bool LazyDurability() const {
+    return !is_sync() && !config_.max_lag_bytes && !config_.max_lag_ms &&
+           config_.queue != config::QueueKind::kDisk;
   }
   LinkState state() const { return state_; }
   bool streaming() const { return streaming_; }

@@ -70,9 +70,9 @@ struct Hello {
   uint64_t region_size_bytes = 0;
   std::vector<VolumeInfo> volumes;  // in config order; ops refer to the index
   std::string generation;  // upstream's current generation id (issue 5)
-  // Header flag kHelloLazyDurability: an async link without max_lag, so no
-  // writer waits for the downstream's durability; it may sync its journal
-  // lazily.
+  // Header flag kHelloLazyDurability: an async link without max_lag and
+  // with a memory queue, so nothing upstream waits for the downstream's
+  // durability; it may sync its journal lazily.
   bool lazy_durability = false;
   bool operator==(const Hello&) const = default;
 };

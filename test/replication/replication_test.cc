@@ -430,6 +430,24 @@ TEST_CASE("Replication: an async downstream with max_lag syncs its journal "
   CHECK(syncs > static_cast<uint64_t>(kFlushedWrites) / 4);
 }
 
+// ... and so does an async link's with a disk queue, which keeps each group
+// whole in memory until the downstream's durable acknowledgement (bounded
+// by max_queue): a sync about once a second would let a second of writes
+// pile up there and overflow it.
+TEST_CASE("Replication: an async downstream fed from a disk queue syncs its "
+          "journal for every flush",
+          "[replication]") {
+  testutil::PairOptions options;
+  options.link = {{"queue", "disk"}};
+  SitePair pair(options);
+  const uint64_t syncs_before = StartCaughtUp(pair, "prompt");
+  WriteEachFlushed(pair);
+  RequireCaughtUp(pair, kCatchUpTimeout);
+  const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
+  INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
+  CHECK(syncs > static_cast<uint64_t>(kFlushedWrites) / 4);
+}
+
 // Goal: a downstream added to a volume that already holds data gets a slot
 // with every region dirty (initial_sync "full") and receives the data by
 // resync, then streams.
