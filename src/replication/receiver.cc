@@ -30,9 +30,10 @@ constexpr auto kHandshakeTimeout = std::chrono::seconds(10);
 // applied at once.
 constexpr auto kSyncInterval = std::chrono::milliseconds(5);
 constexpr uint64_t kSyncBatchBytes = 4ull << 20;
-// The groups of an async link without max_lag (its HELLO says so: no
-// writer waits for this site's durability, so a group closed by FLUSH/FUA
-// is not synced at once either) are synced in large batches: when the
+// The groups of a connection whose HELLO asks for lazy durability (an
+// async link without max_lag, with a memory queue: nothing upstream waits
+// for this site's durability, so a group closed by FLUSH/FUA is not synced
+// at once either) are synced in large batches: when the
 // oldest has waited kLazySyncDelay, when kLazySyncBatchBytes wait, or when
 // no frame has come for kLazySyncQuiet (the upstream went idle: it counts
 // the link caught up only at the durable acknowledgement). Every journal
@@ -265,9 +266,9 @@ struct Receiver::Conn {
   std::vector<VerifyResult> verify_results;
   std::string error;  // sent as ERROR before closing
   std::string upstream_site;
-  // The HELLO said no writer waits for this site's durability (an async
-  // link without max_lag): its groups are synced in batches
-  // (kLazySyncDelay).
+  // The HELLO said nothing upstream waits for this site's durability (an
+  // async link without max_lag, with a memory queue): its groups are
+  // synced in batches (kLazySyncDelay).
   bool lazy_durability = false;
   // Set at accept; taken on the first frame (Reconcile).
   bool reconciled = false;

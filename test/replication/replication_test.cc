@@ -412,19 +412,26 @@ TEST_CASE("Replication: a sync downstream syncs its journal for every flush "
   CHECK(syncs >= static_cast<uint64_t>(kFlushedWrites));
 }
 
-// ... and so does an async link's with max_lag, whose writers wait for the
-// downstream's durable acknowledgements too (the lag is measured up to
-// them): a lazy sync would hold them up to 50 ms each time.
-TEST_CASE("Replication: an async downstream with max_lag syncs its journal "
-          "for every flush",
-          "[replication]") {
+// Journal syncs b made for kFlushedWrites flushed writes through an async
+// link with the `link` settings, whose HELLO must ask for prompt
+// durability.
+uint64_t PromptSyncsForFlushedWrites(const json& link) {
   testutil::PairOptions options;
-  options.link = {{"max_lag", "1s"}};
+  options.link = link;
   SitePair pair(options);
   const uint64_t syncs_before = StartCaughtUp(pair, "prompt");
   WriteEachFlushed(pair);
   RequireCaughtUp(pair, kCatchUpTimeout);
-  const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
+  return JournalSyncs(pair.b()) - syncs_before;
+}
+
+// ... and so does an async link's with max_lag, whose writers wait for the
+// downstream's durable acknowledgements too (the lag is measured up to
+// them): a lazy sync would hold them up to a second each time.
+TEST_CASE("Replication: an async downstream with max_lag syncs its journal "
+          "for every flush",
+          "[replication]") {
+  const uint64_t syncs = PromptSyncsForFlushedWrites({{"max_lag", "1s"}});
   INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
   // Flushed groups that reach b while it syncs share the next sync.
   CHECK(syncs > static_cast<uint64_t>(kFlushedWrites) / 4);
@@ -437,13 +444,7 @@ TEST_CASE("Replication: an async downstream with max_lag syncs its journal "
 TEST_CASE("Replication: an async downstream fed from a disk queue syncs its "
           "journal for every flush",
           "[replication]") {
-  testutil::PairOptions options;
-  options.link = {{"queue", "disk"}};
-  SitePair pair(options);
-  const uint64_t syncs_before = StartCaughtUp(pair, "prompt");
-  WriteEachFlushed(pair);
-  RequireCaughtUp(pair, kCatchUpTimeout);
-  const uint64_t syncs = JournalSyncs(pair.b()) - syncs_before;
+  const uint64_t syncs = PromptSyncsForFlushedWrites({{"queue", "disk"}});
   INFO("journal syncs on b for " << kFlushedWrites << " flushed writes: " << syncs);
   CHECK(syncs > static_cast<uint64_t>(kFlushedWrites) / 4);
 }
