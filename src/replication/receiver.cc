@@ -226,7 +226,7 @@ struct Receiver::GroupState {
   std::string state = "waiting";  // waiting, connected, refused, error
   std::string peer;
   // Of the last connection's HELLO: "lazy" (an async link without
-  // max_lag) or "prompt".
+  // max_lag, with a memory queue) or "prompt".
   std::string durability;
   std::string last_error;
   uint64_t groups_received = 0;
