@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -47,6 +48,30 @@ class PosixRandomRWFile final : public RandomRWFile {
         if (errno == EINTR) continue;
         return PosixError(fmt::format("pwrite {} at {}", path_, offset + done),
                           errno);
+      }
+      done += static_cast<size_t>(n);
+    }
+    return Status::OK();
+  }
+
+  Status PWrite2(uint64_t offset, std::span<const std::byte> first,
+                 std::span<const std::byte> second) override {
+    const size_t total = first.size() + second.size();
+    size_t done = 0;
+    while (done < total) {
+      // Rebuilt after a short write: it may end inside either piece.
+      iovec iov[2];
+      int count = 0;
+      if (done < first.size()) {
+        iov[count++] = {const_cast<std::byte*>(first.data()) + done, first.size() - done};
+      }
+      const size_t into_second = done > first.size() ? done - first.size() : 0;
+      iov[count++] = {const_cast<std::byte*>(second.data()) + into_second,
+                      second.size() - into_second};
+      ssize_t n = ::pwritev(fd_, iov, count, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return PosixError(fmt::format("pwrite {} at {}", path_, offset + done), errno);
       }
       done += static_cast<size_t>(n);
     }

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include <asio/experimental/as_tuple.hpp>
+#include <asio/post.hpp>
 #include <asio/read.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
@@ -50,6 +51,13 @@ asio::awaitable<Result<ReceivedFrame>> ReadFrame(Stream& stream,
 }
 
 asio::awaitable<Status> FrameReader::Fill() {
+  if (begin_ == end_) {
+    // Everything read so far is handled. What handling it queued on this
+    // thread (an acknowledgement to send, a reply to a client) goes first:
+    // the read below usually finds nothing yet and would delay it by a
+    // system call.
+    co_await asio::post(stream_.get_executor(), asio::use_awaitable);
+  }
   if (begin_ > 0) {
     std::memmove(buffer_.data(), buffer_.data() + begin_, end_ - begin_);
     end_ -= begin_;

@@ -345,19 +345,19 @@ Status GroupJournal::Append(std::span<const std::byte> frame) {
         "announcing a {}-byte payload",
         path(), frame.size(), FrameTypeName(h->type), h->length));
   }
-  uint64_t at = end_;
+  Status s;
+  uint64_t size = frame.size();
   if (epoch_ != 0) {
     std::array<std::byte, kRecordPrefixBytes> record{};
     PutLe(record, 0, epoch_, 8);
     PutLe(record, 8, RecordTag(frame, epoch_), 8);
-    if (Status s = file_->PWrite(at, record); !s.ok()) {
-      return Fail(s, fmt::format("append at offset {}", end_));
-    }
-    at += kRecordPrefixBytes;
+    s = file_->PWrite2(end_, record, frame);
+    size += kRecordPrefixBytes;
+  } else {
+    s = file_->PWrite(end_, frame);
   }
-  Status s = file_->PWrite(at, frame);
   if (!s.ok()) return Fail(s, fmt::format("append at offset {}", end_));
-  end_ = at + frame.size();
+  end_ += size;
   return Status::OK();
 }
 

@@ -46,6 +46,20 @@ void CheckReadWriteAndShortRead(Env* env, const std::string& dir) {
   CHECK_THAT(s.message(), Catch::Contains("short read"));
 }
 
+void CheckTwoPieceWrite(Env* env, const std::string& dir) {
+  auto file = env->OpenFile(dir + "/p", OpenMode::kCreate);
+  REQUIRE(file.ok());
+  REQUIRE((*file)->PWrite(0, Bytes("0123456789")).ok());
+  REQUIRE((*file)->PWrite2(2, Bytes("ab"), Bytes("cdefghijkl")).ok());
+  REQUIRE((*file)->PWrite2(14, Bytes(""), Bytes("XY")).ok());
+  std::vector<std::byte> buf(16);
+  REQUIRE(ReadFully(**file, 0, buf).ok());
+  CHECK(Text(buf) == "01abcdefghijklXY");
+  auto ro = env->OpenFile(dir + "/p", OpenMode::kReadOnly);
+  REQUIRE(ro.ok());
+  CHECK(!(*ro)->PWrite2(0, Bytes("a"), Bytes("b")).ok());
+}
+
 void CheckTruncate(Env* env, const std::string& dir) {
   auto file = env->OpenFile(dir + "/t", OpenMode::kCreate);
   REQUIRE(file.ok());
@@ -122,6 +136,15 @@ TEST_CASE("MemEnv: writes read back, and a read past the end is short", "[storag
   MemEnv env;
   REQUIRE(env.CreateDirs("/d").ok());
   CheckReadWriteAndShortRead(&env, "/d");
+}
+TEST_CASE("PosixEnv: a two-piece write lands both pieces back to back", "[storage][io]") {
+  testutil::TempDir dir;
+  CheckTwoPieceWrite(Env::Default(), dir.path().string());
+}
+TEST_CASE("MemEnv: a two-piece write lands both pieces back to back", "[storage][io]") {
+  MemEnv env;
+  REQUIRE(env.CreateDirs("/d").ok());
+  CheckTwoPieceWrite(&env, "/d");
 }
 TEST_CASE("PosixEnv: Truncate shrinks and grows with zeroes", "[storage][io]") {
   testutil::TempDir dir;
