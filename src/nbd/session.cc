@@ -262,12 +262,15 @@ asio::awaitable<void> Session::ReadRequests() {
     // meanwhile leave before this coroutine can wait on the socket.
     if (!TakeBuffered(header_bytes)) {
       FlushCorked();
-      // A write just captured for replication woke its link, whose send
-      // is queued on this thread: let it go out before the read below,
-      // whose first recv usually finds nothing at queue depth 1 and would
-      // otherwise sit between the write and its frame (and, with a sync
-      // link, in every write's latency).
-      if (volume_->replication()) co_await asio::post(socket_.get_executor(), asio::use_awaitable);
+      // A write just captured for a sync link woke the link, whose send is
+      // queued on this thread: let it go out before the read below, whose
+      // first recv usually finds nothing at queue depth 1 and would
+      // otherwise sit between the write and its frame, in the latency of
+      // every write whose reply waits for the downstream.
+      if (const core::ReplicationSink* sink = volume_->replication();
+          sink && sink->RepliesWait()) {
+        co_await asio::post(socket_.get_executor(), asio::use_awaitable);
+      }
       if (!co_await ReadExactly(header_bytes)) {
         if (!stopping_ && !broken_.load()) {
           BR_LOG_INFO("nbd", "client {} ({}) closed the connection without "
