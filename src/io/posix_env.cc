@@ -71,7 +71,12 @@ class PosixRandomRWFile final : public RandomRWFile {
       ssize_t n = ::pwritev(fd_, iov, count, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return PosixError(fmt::format("pwrite {} at {}", path_, offset + done), errno);
+        return PosixError(fmt::format("pwritev {} at {}", path_, offset + done), errno);
+      }
+      if (n == 0) {
+        // Not seen on a regular file; looping on it would hang the caller.
+        return Status::IOError(fmt::format("pwritev {} at {}: wrote nothing", path_,
+                                           offset + done));
       }
       done += static_cast<size_t>(n);
     }
