@@ -40,47 +40,12 @@ class PosixRandomRWFile final : public RandomRWFile {
   }
 
   Status PWrite(uint64_t offset, std::span<const std::byte> data) override {
-    size_t done = 0;
-    while (done < data.size()) {
-      ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
-                           static_cast<off_t>(offset + done));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return PosixError(fmt::format("pwrite {} at {}", path_, offset + done),
-                          errno);
-      }
-      done += static_cast<size_t>(n);
-    }
-    return Status::OK();
+    return WriteAll("pwrite", offset, {}, data);
   }
 
   Status PWrite2(uint64_t offset, std::span<const std::byte> first,
                  std::span<const std::byte> second) override {
-    const size_t total = first.size() + second.size();
-    size_t done = 0;
-    while (done < total) {
-      // Rebuilt after a short write: it may end inside either piece.
-      iovec iov[2];
-      int count = 0;
-      if (done < first.size()) {
-        iov[count++] = {const_cast<std::byte*>(first.data()) + done, first.size() - done};
-      }
-      const size_t into_second = done > first.size() ? done - first.size() : 0;
-      iov[count++] = {const_cast<std::byte*>(second.data()) + into_second,
-                      second.size() - into_second};
-      ssize_t n = ::pwritev(fd_, iov, count, static_cast<off_t>(offset + done));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return PosixError(fmt::format("pwritev {} at {}", path_, offset + done), errno);
-      }
-      if (n == 0) {
-        // Not seen on a regular file; looping on it would hang the caller.
-        return Status::IOError(fmt::format("pwritev {} at {}: wrote nothing", path_,
-                                           offset + done));
-      }
-      done += static_cast<size_t>(n);
-    }
-    return Status::OK();
+    return WriteAll("pwritev", offset, first, second);
   }
 
   Status Sync() override {
@@ -109,6 +74,37 @@ class PosixRandomRWFile final : public RandomRWFile {
   const std::string& path() const override { return path_; }
 
  private:
+  // Writes `first` then `second` from `offset` on, retrying short writes
+  // and EINTR; `call` names the system call in errors.
+  Status WriteAll(const char* call, uint64_t offset, std::span<const std::byte> first,
+                  std::span<const std::byte> second) {
+    const size_t total = first.size() + second.size();
+    size_t done = 0;
+    while (done < total) {
+      // Rebuilt after a short write: it may end inside either piece.
+      iovec iov[2];
+      int count = 0;
+      if (done < first.size()) {
+        iov[count++] = {const_cast<std::byte*>(first.data()) + done, first.size() - done};
+      }
+      const size_t into_second = done > first.size() ? done - first.size() : 0;
+      iov[count++] = {const_cast<std::byte*>(second.data()) + into_second,
+                      second.size() - into_second};
+      ssize_t n = ::pwritev(fd_, iov, count, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return PosixError(fmt::format("{} {} at {}", call, path_, offset + done), errno);
+      }
+      if (n == 0) {
+        // Not seen on a regular file; looping on it would hang the caller.
+        return Status::IOError(
+            fmt::format("{} {} at {}: wrote nothing", call, path_, offset + done));
+      }
+      done += static_cast<size_t>(n);
+    }
+    return Status::OK();
+  }
+
   const std::string path_;
   const int fd_;
 };
