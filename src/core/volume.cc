@@ -267,6 +267,17 @@ void Volume::Announce(uint64_t offset, uint64_t length) {
   if (tracks_writes_) metadata_->scoreboard().Announce(offset, length);
 }
 
+bool Volume::IntentReadaheadDue() {
+  return tracks_writes_ && metadata_->scoreboard().ReadaheadDue();
+}
+
+Status Volume::CommitIntentReadahead() {
+  if (!tracks_writes_) return Status::OK();
+  Status s = metadata_->scoreboard().CommitReadahead();
+  if (!s.ok()) ++errors_;
+  return s;
+}
+
 bool Volume::ReadIfCached(uint64_t offset, std::span<std::byte> out) {
   if (!store_->ReadIfCached(offset, out)) return false;
   ++reads_;

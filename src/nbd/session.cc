@@ -406,9 +406,26 @@ bool Session::TryExecuteInline(const Request& r,
   return false;
 }
 
+void Session::StartIntentReadaheadIfDue() {
+  if (!volume_->IntentReadaheadDue()) return;
+  in_flight_.fetch_add(1);
+  io_.Post([self = shared_from_this()] {
+    // A failure is sticky: the next write that needs the scoreboard fails
+    // with it and names it.
+    Status s = self->volume_->CommitIntentReadahead();
+    if (!s.ok()) {
+      BR_LOG_ERROR("nbd", "client {} ({}): declaring intent extents ahead of a "
+                   "sequential writer failed: {}", self->id_, self->peer_,
+                   s.ToString());
+    }
+    self->Finished(0);
+  });
+}
+
 void Session::Complete(const Request& r, Status s,
                        core::ReplicationSink::Ticket ticket, bool durable,
                        size_t accounted) {
+  StartIntentReadaheadIfDue();
   core::ReplicationSink* sink = volume_->replication();
   if (s.ok() && ticket != 0 && sink && sink->RepliesWait()) {
     // The reply waits until the sync downstreams have the write (durably,

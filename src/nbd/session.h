@@ -136,6 +136,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void SendOk(const Request& r);
   void SendReadData(const Request& r, DataBuffer data);
   void Finished(size_t payload_bytes);
+  // A writer streams through the volume: the next intent extents are
+  // declared on a pool thread before it needs them (Volume::
+  // IntentReadaheadDue). Counted in flight, so the session (and the
+  // volume's Close at shutdown) waits for it.
+  void StartIntentReadaheadIfDue();
   // Wakes the network-thread coroutine if it waits for capacity or drain.
   void WakeReader();
   // Sends queued messages without blocking; returns false when the socket

@@ -795,6 +795,7 @@ nlohmann::json Site::StatusJson() const {
         vol["intent_extents_in_use"] = stats.intent_extents_in_use;
         vol["metadata"] = {{"syncs", stats.metadata_syncs},
                            {"intent_commits", stats.intent_commits},
+                           {"readahead_commits", stats.readahead_commits},
                            {"evicted_extents", stats.evicted_extents},
                            {"direct_marks", stats.direct_marks}};
       }

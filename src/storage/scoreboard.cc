@@ -47,6 +47,7 @@ constexpr uint64_t kMaxPagesPerWrite = 256;
 // eighth of the hot set.
 constexpr size_t kSequentialExtentsAhead = 7;
 constexpr int kSequentialAheadDoublings = 3;
+constexpr uint64_t kNoExtent = ~uint64_t{0};
 
 struct alignas(64) PinCounter {
   std::atomic<int64_t> n{0};
@@ -93,6 +94,7 @@ struct Scoreboard::Impl {
                                   bool may_block);
   uint64_t MarkClean(uint32_t slot, uint64_t offset, uint64_t length, WriteSeq as_of);
   Status FlushBitmaps();
+  Status CommitReadahead();
   Status Close();
   SlotStats StatsFor(size_t pos) const;
   uint64_t MemoryUsageBytes() const;
@@ -170,6 +172,11 @@ struct Scoreboard::Impl {
   std::atomic<uint64_t> commits{0};
   std::atomic<uint64_t> evictions{0};
   std::atomic<uint64_t> direct_marks{0};
+  std::atomic<uint64_t> readahead_commits{0};
+  // The extent half way into the run last declared ahead of a sequential
+  // writer (kNoExtent: none); the first write into it sets readahead_due.
+  std::atomic<uint64_t> readahead_marker{kNoExtent};
+  std::atomic<bool> readahead_due{false};
 
   mutable std::mutex failure_mu;
   Status failure;  // GUARDED_BY(failure_mu)
@@ -344,7 +351,15 @@ std::optional<Status> Scoreboard::Impl::MarkDirty(uint64_t offset, uint64_t leng
     std::vector<uint32_t> pending;
     for (uint32_t e : need) {
       const auto [a, b] = RegionsInExtent(e, first, last);
-      if (!TrySetViaHotExtent(e, a, b)) pending.push_back(e);
+      if (!TrySetViaHotExtent(e, a, b)) {
+        pending.push_back(e);
+        continue;
+      }
+      uint64_t marker = e;
+      if (readahead_marker.load(std::memory_order_relaxed) == e &&
+          readahead_marker.compare_exchange_strong(marker, kNoExtent)) {
+        readahead_due.store(true);
+      }
     }
     if (pending.empty()) return Status::OK();
     // Bits set above through hot extents are durable, so giving up here
@@ -463,6 +478,8 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
     }
     stream_end = e - 1;
   }
+  // Armed again below once this record is durable.
+  readahead_marker.store(kNoExtent);
   const uint32_t highest_asked = *std::max_element(need.begin(), need.end());
   // Writes on their way to MarkDirty announced the extents they will need
   // (Announce): take along those that fit without an eviction. Only one
@@ -521,7 +538,28 @@ Status Scoreboard::Impl::CommitExtentsLocked(const std::vector<uint32_t>& extent
   }
   last_committed_extent = static_cast<uint32_t>(last);
   hot_count.store(hot.size());
+  if (stream_end && ahead >= 2 && *stream_end + 1 < g.extent_count) {
+    // Half way into the run ahead, the next run is declared in the
+    // background (CommitReadahead), so the writer does not reach an
+    // extent that is not hot yet and wait for the sync.
+    readahead_marker.store(*stream_end - ahead / 2);
+  }
   return Status::OK();
+}
+
+Status Scoreboard::Impl::CommitReadahead() {
+  if (failed.load()) return FailureStatus();
+  std::lock_guard<std::mutex> io_lock(io_mu);
+  if (closed.load() || !last_committed_extent) return Status::OK();
+  const uint64_t next = uint64_t{*last_committed_extent} + 1;
+  if (next >= g.extent_count) return Status::OK();
+  // As if the writer had entered `next` already: that continues the
+  // stream, so the record covers `next` and the run after it.
+  const auto e = static_cast<uint32_t>(next);
+  const uint64_t before = commits.load();
+  Status s = CommitExtentsLocked({e}, {e});
+  if (commits.load() != before) readahead_commits.fetch_add(1);
+  return s;
 }
 
 Status Scoreboard::Impl::EvictLocked(const std::vector<uint32_t>& victims) {
@@ -906,6 +944,13 @@ std::optional<uint64_t> Scoreboard::NextDirtyRegion(uint32_t slot, uint64_t from
   return impl_->bitmaps[static_cast<size_t>(impl_->slot_pos[slot])]->NextSet(from_region);
 }
 
+bool Scoreboard::ReadaheadDue() {
+  return impl_->readahead_due.load(std::memory_order_relaxed) &&
+         impl_->readahead_due.exchange(false);
+}
+
+Status Scoreboard::CommitReadahead() { return impl_->CommitReadahead(); }
+
 Status Scoreboard::FlushBitmaps() { return impl_->FlushBitmaps(); }
 Status Scoreboard::Close() { return impl_->Close(); }
 
@@ -920,6 +965,7 @@ ScoreboardStats Scoreboard::Stats() const {
   stats.max_intent_extents = impl_->g.max_intent_extents;
   stats.metadata_syncs = impl_->syncs.load();
   stats.intent_commits = impl_->commits.load();
+  stats.readahead_commits = impl_->readahead_commits.load();
   stats.evicted_extents = impl_->evictions.load();
   stats.direct_marks = impl_->direct_marks.load();
   stats.memory_bytes = impl_->MemoryUsageBytes();

@@ -1,5 +1,6 @@
 // Site: behaviour of the running daemon that belongs to no single module:
-// the periodic scoreboard flush and its per-group interval.
+// the periodic scoreboard flush and its per-group interval, and the intent
+// readahead of a sequential writer.
 
 #include <chrono>
 #include <filesystem>
@@ -110,6 +111,51 @@ TEST_CASE("Site: with bitmap_flush_interval 1h a dirty bit waits for shutdown",
   CHECK_FALSE(Region0DirtyOnDisk(meta, *offset));  // durable via the intent log only
   REQUIRE(daemon.Stop() == 0);
   CHECK(Region0DirtyOnDisk(meta, *offset));  // a clean shutdown writes it
+}
+
+TEST_CASE("Site: a sequential writer's intent extents are declared ahead of it in the "
+          "background", "[site][daemon]") {
+  // 1 MiB writes at QD8 through 256 MiB (64 intent extents) with a link in
+  // logging mode: after the first commits spot the stream, the NBD session
+  // runs the scoreboard's readahead on a pool thread, and the whole volume
+  // is dirty for the link.
+  constexpr uint64_t kVolume = 256ull << 20;
+  constexpr uint64_t kWrite = 1ull << 20;
+  testutil::TempDir dir("blockrelay-readahead");
+  auto config = testutil::SingleSiteConfig(dir.path(), "a", kVolume, /*tcp=*/false);
+  config["groups"][0]["downstream"] = nlohmann::json::array(
+      {{{"site", "b"}, {"address", "127.0.0.1:9"}, {"mode", "async"}, {"initial_sync", "none"}}});
+  testutil::TestDaemon daemon(dir.path(), config);
+  REQUIRE(daemon.Start().ok());
+  {
+    testutil::NbdOptions options;
+    options.export_name = "data";
+    std::string error;
+    testutil::NbdHandle h = testutil::ConnectUnix(*daemon.nbd_unix_socket(), options, &error);
+    INFO(error);
+    REQUIRE(h != nullptr);
+    const std::vector<std::byte> data = testutil::Pattern(kWrite, 3);
+    std::vector<int64_t> cookies;
+    for (uint64_t off = 0; off < kVolume; off += kWrite) {
+      if (cookies.size() == 8) {
+        REQUIRE(testutil::Await(h.get(), cookies.front()) == 0);
+        cookies.erase(cookies.begin());
+      }
+      const int64_t cookie = nbd_aio_pwrite(h.get(), data.data(), data.size(), off,
+                                            NBD_NULL_COMPLETION, 0);
+      INFO(nbd_get_error());
+      REQUIRE(cookie > 0);
+      cookies.push_back(cookie);
+    }
+    for (int64_t c : cookies) REQUIRE(testutil::Await(h.get(), c) == 0);
+  }
+  auto status = daemon.Control({{"command", "status"}});
+  REQUIRE(status.ok());
+  const nlohmann::json& vol = (*status)["groups"][0]["volumes"][0];
+  INFO(vol.dump());
+  CHECK(vol["metadata"]["readahead_commits"].get<uint64_t>() > 0);
+  CHECK(vol["links"][0]["dirty_bytes"].get<uint64_t>() == kVolume);
+  CHECK(daemon.Stop() == 0);
 }
 
 }  // namespace

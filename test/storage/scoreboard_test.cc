@@ -110,6 +110,106 @@ TEST_CASE("Scoreboard: a long sequential stream declares further ahead as it goe
   CHECK(dirty <= (128 + 56) * 4 * kMiB);
 }
 
+// Streams 1 MiB writes through [0, end) as the NBD session does: the
+// no-wait path first, MarkDirty when it declines, and CommitReadahead when
+// it is due. Returns how many writes had to wait for a metadata commit.
+uint64_t StreamWithReadahead(Scoreboard& sb, uint64_t end, uint64_t* dues) {
+  uint64_t waited = 0;
+  for (uint64_t off = 0; off < end; off += kMiB) {
+    auto marked = sb.TryMarkDirty(off, kMiB);
+    if (!marked) {
+      ++waited;
+      REQUIRE(sb.MarkDirty(off, kMiB).ok());
+    } else {
+      REQUIRE(marked->ok());
+    }
+    if (sb.ReadaheadDue()) {
+      ++*dues;
+      REQUIRE(sb.CommitReadahead().ok());
+    }
+  }
+  return waited;
+}
+
+TEST_CASE("Scoreboard: a sequential writer whose readahead runs when due waits only until "
+          "the stream is seen", "[scoreboard]") {
+  // Extents 0, 1 and 2 are committed as the writer enters them (the third
+  // commit spots the stream and declares ahead); from then on the run
+  // after the current one is declared while the writer is half way
+  // through the current one, and no write waits for a sync.
+  VolumeFixture fx;
+  auto meta = fx.OpenOk(fx.Options(1024 * kMiB));
+  Scoreboard& sb = meta->scoreboard();
+  const uint64_t commits_before = sb.Stats().intent_commits;
+  uint64_t dues = 0;
+  const uint64_t waited = StreamWithReadahead(sb, 1024 * kMiB, &dues);
+  CHECK(waited == 3);
+  CHECK(dues > 0);
+  CHECK(sb.Stats().readahead_commits == dues);
+  CHECK(sb.Stats().intent_commits - commits_before == 3 + dues);
+  CHECK(sb.StatsForSlot(0).dirty_bytes == 1024 * kMiB);
+}
+
+TEST_CASE("Scoreboard: readahead is never due for random writes", "[scoreboard]") {
+  VolumeFixture fx;
+  auto meta = fx.OpenOk(fx.Options(1024 * kMiB));
+  Scoreboard& sb = meta->scoreboard();
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 2000; ++i) {
+    REQUIRE(sb.MarkDirty((rng() % (1024 * kMiB / 4096)) * 4096, 4096).ok());
+    CHECK_FALSE(sb.ReadaheadDue());
+  }
+  CHECK(sb.Stats().readahead_commits == 0);
+}
+
+TEST_CASE("Scoreboard: CommitReadahead without a stream, or after Close, writes nothing",
+          "[scoreboard]") {
+  VolumeFixture fx;
+  auto meta = fx.OpenOk(fx.Options(64 * kMiB));
+  Scoreboard& sb = meta->scoreboard();
+  uint64_t syncs = fx.env.sync_count();
+  CHECK(sb.CommitReadahead().ok());  // nothing committed yet: no stream
+  CHECK(fx.env.sync_count() == syncs);
+  CHECK(sb.Stats().intent_extents_in_use == 0);
+  REQUIRE(sb.MarkDirty(0, 4096).ok());
+  REQUIRE(sb.Close().ok());
+  syncs = fx.env.sync_count();
+  CHECK(sb.CommitReadahead().ok());
+  CHECK(fx.env.sync_count() == syncs);
+}
+
+TEST_CASE("Scoreboard: a readahead commit that fails is sticky", "[scoreboard]") {
+  VolumeFixture fx;
+  auto meta = fx.OpenOk(fx.Options(1024 * kMiB));
+  Scoreboard& sb = meta->scoreboard();
+  uint64_t off = 0;
+  for (; !sb.ReadaheadDue(); off += kMiB) {
+    REQUIRE(off < 1024 * kMiB);
+    REQUIRE(sb.MarkDirty(off, kMiB).ok());
+  }
+  fx.env.FailNth(FaultOp::kSync, 1, EIO);
+  CHECK(sb.CommitReadahead().IsIOError());
+  CHECK(sb.MarkDirty(off, kMiB).IsIOError());
+  CHECK(sb.health().IsIOError());
+}
+
+TEST_CASE("Scoreboard: after a crash, extents declared by readahead are dirty, and no more "
+          "than a run and a half beyond what was written", "[scoreboard]") {
+  VolumeFixture fx;
+  VolumeMetadataOptions o = fx.Options(2048 * kMiB);
+  {
+    auto meta = fx.OpenOk(o);
+    uint64_t dues = 0;
+    StreamWithReadahead(meta->scoreboard(), 512 * kMiB, &dues);
+    REQUIRE(dues > 0);
+  }
+  fx.env.DropUnsyncedWrites();
+  auto meta = fx.OpenOk(o);
+  const uint64_t dirty = meta->scoreboard().StatsForSlot(0).dirty_bytes;
+  CHECK(dirty >= 512 * kMiB);
+  CHECK(dirty <= (128 + 56 + 28) * 4 * kMiB);
+}
+
 TEST_CASE("Scoreboard: extents declared ahead never push the hot set past its bound",
           "[scoreboard]") {
   // A tiny hot set (8 extents of 1 MiB) and writers streaming through a

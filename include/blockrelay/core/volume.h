@@ -172,6 +172,13 @@ class Volume {
   // thread: its intent extents may go with the next metadata commit
   // (storage::Scoreboard::Announce). Never blocks.
   void Announce(uint64_t offset, uint64_t length);
+  // True, once, when a writer streaming through the volume is half way into
+  // the intent extents declared ahead of it: the caller then runs
+  // CommitIntentReadahead() on a pool thread, so that the writer does not
+  // wait for the next metadata sync (storage::Scoreboard::ReadaheadDue).
+  // Never blocks.
+  bool IntentReadaheadDue();
+  Status CommitIntentReadahead();
   // Reads only from the page cache; false: nothing read, use Read().
   bool ReadIfCached(uint64_t offset, std::span<std::byte> out);
   Status Cache(uint64_t offset, uint64_t length);

@@ -85,6 +85,7 @@ struct ScoreboardStats {
   uint32_t max_intent_extents = 0;
   uint64_t metadata_syncs = 0;  // fdatasyncs of the metadata file since open
   uint64_t intent_commits = 0;  // intent log records written since open
+  uint64_t readahead_commits = 0;  // of which by CommitReadahead
   uint64_t evicted_extents = 0;
   uint64_t direct_marks = 0;  // MarkDirty calls that wrote bitmap pages
   uint64_t memory_bytes = 0;  // MemoryUsageBytes()
@@ -134,6 +135,18 @@ class Scoreboard {
   // announced but never written is merely resynced after a crash. Never
   // blocks on I/O; takes a short lock only for an extent that is not hot.
   void Announce(uint64_t offset, uint64_t length);
+
+  // Intent readahead, for a writer streaming through the volume: once it
+  // has written half way into the intent extents declared ahead of it (see
+  // CommitExtentsLocked), ReadaheadDue() returns true, once; the caller then
+  // runs CommitReadahead() on a storage thread, which declares the next run
+  // of extents while the writer still writes into the current one, so that
+  // it never waits for that metadata sync (the kernel's asynchronous
+  // readahead, PG_readahead, does the same for readers). ReadaheadDue never
+  // blocks; CommitReadahead blocks like MarkDirty's slow path, does nothing
+  // after Close() or when no stream is running, and fails (sticky) like it.
+  bool ReadaheadDue();
+  Status CommitReadahead();
 
   // The WriteSeq of the latest MarkDirty that has started.
   WriteSeq CurrentWriteSeq() const;
