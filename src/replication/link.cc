@@ -238,10 +238,10 @@ asio::awaitable<Status> Link::ForceResync(bool full) {
     // Until the next connection starts its resync, nothing may clear what
     // is being marked: the sweep and widened acknowledgements assume the
     // slot was in sync apart from its bits.
-    full_resync_pending_ = true;
-    ++marking_all_dirty_;
+    operator_resync_pending_ = true;
+    ++operator_marking_;
     Status s = co_await MarkAllDirty();
-    --marking_all_dirty_;
+    --operator_marking_;
     if (!s.ok()) co_return s;
     // A full resync sends every region: no digest compare first.
     if (compare_pending_) {
@@ -575,7 +575,7 @@ asio::awaitable<void> Link::Serve(std::shared_ptr<Connection> c) {
   resync = resync || compare_pending_;
   // This connection's resync covers a finished full marking; one still
   // running is followed by a reconnect (ForceResync breaks it).
-  if (marking_all_dirty_ == 0) full_resync_pending_ = false;
+  if (operator_marking_ == 0) operator_resync_pending_ = false;
   streaming_ = true;
   acked_received_group_seq_ = acked_durable_group_seq_ = stream_start_seq_ - 1;
   if (is_sync()) group_.SyncAcknowledged();
@@ -820,7 +820,7 @@ void Link::HandleAck(Connection& c, const GroupAck& ack) {
       }
     }
   }
-  const bool widen = state_ == LinkState::kReplicating && !full_resync_pending_;
+  const bool widen = state_ == LinkState::kReplicating && !operator_resync_pending_;
   while (!c.queue.empty() && c.queue.front().link_seq <= ack.durable_seq) {
     Entry& e = c.queue.front();
     Clean(*e.group, widen && !(e.group->flags & kGroupResync));
@@ -1082,7 +1082,7 @@ void Link::Sweep() {
     rate_sample_time_ = now;
   }
   if (state_ != LinkState::kReplicating || !conn_ || !conn_->queue.empty() ||
-      full_resync_pending_) {
+      operator_resync_pending_) {
     return;
   }
   {
@@ -1559,6 +1559,12 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
     verify_.error = "the connection to the downstream was lost during the verify";
   }
   if (verify_.error.empty() && verify_.fix && !verify_.mismatches.empty()) {
+    // While the marks are made (a bitmap sync each, on the pool) the link
+    // still replicates: without this, the sweep cleared a mismatch marked
+    // dirty before ForceResync broke the connection, and the next one
+    // found nothing to resync (seen once in CI's verify_test).
+    operator_resync_pending_ = true;
+    ++operator_marking_;
     for (const auto& [v, region] : verify_.mismatches) {
       storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
       if (!sb || slots_[v] < 0) continue;
@@ -1571,6 +1577,7 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
       }
       ++verify_.fixed_regions;
     }
+    --operator_marking_;
     if (verify_.error.empty()) {
       Status s = co_await ForceResync(false);
       if (!s.ok()) verify_.error = s.message();

@@ -213,10 +213,13 @@ class Link {
   double hold_resume_below_ = 0;  // bytes per second
   double hold_writers_rate_ = 0;  // the last sample
   std::chrono::steady_clock::time_point hold_deadline_;
-  // ForceResync(full) marked (or is marking) every region dirty and the
-  // connection that resyncs them has not started yet.
-  bool full_resync_pending_ = false;
-  int marking_all_dirty_ = 0;
+  // An operator marked (or is marking) regions dirty, every one for
+  // ForceResync(full) or verify --fix's mismatches, and the connection that
+  // resyncs them has not started yet: nothing may clear them meanwhile (the
+  // sweep and widened acknowledgements assume the slot is in sync apart
+  // from bits set by writes, and would clear a region with no newer write).
+  bool operator_resync_pending_ = false;
+  int operator_marking_ = 0;
   bool streaming_ = false;
   uint64_t stream_start_seq_ = 0;
   uint64_t acked_received_group_seq_ = 0;
