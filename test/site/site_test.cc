@@ -59,25 +59,37 @@ bool Region0DirtyOnDisk(const fs::path& meta, uint64_t offset) {
 }
 
 // A site whose group "g" has one unreachable downstream "b" (so its slot is
-// in logging mode and nothing but the periodic flush and shutdown writes
-// its bitmap pages), clean at creation, flushing every `interval`.
-nlohmann::json FlushTestConfig(const fs::path& dir, const std::string& interval) {
-  auto config = testutil::SingleSiteConfig(dir, "a", 16ull << 20, /*tcp=*/false);
+// in logging mode), clean at creation: every write dirties the scoreboard.
+nlohmann::json LoggingLinkConfig(const fs::path& dir, uint64_t volume_bytes) {
+  auto config = testutil::SingleSiteConfig(dir, "a", volume_bytes, /*tcp=*/false);
   config["groups"][0]["downstream"] = nlohmann::json::array(
       {{{"site", "b"}, {"address", "127.0.0.1:9"}, {"mode", "async"}, {"initial_sync", "none"}}});
+  return config;
+}
+
+// The same, flushing every `interval` (nothing but the periodic flush and
+// shutdown writes its bitmap pages).
+nlohmann::json FlushTestConfig(const fs::path& dir, const std::string& interval) {
+  auto config = LoggingLinkConfig(dir, 16ull << 20);
   config["groups"][0]["bitmap_flush_interval"] = interval;
   return config;
 }
 
-// Writes 4 KiB at offset 0 of export "data": region 0 becomes dirty, in
-// memory and through a hot intent extent, not yet in the bitmap page.
-void WriteRegion0(const testutil::TestDaemon& daemon) {
+// A libnbd connection to export "data".
+testutil::NbdHandle ConnectData(const testutil::TestDaemon& daemon) {
   testutil::NbdOptions options;
   options.export_name = "data";
   std::string error;
   testutil::NbdHandle h = testutil::ConnectUnix(*daemon.nbd_unix_socket(), options, &error);
   INFO(error);
   REQUIRE(h != nullptr);
+  return h;
+}
+
+// Writes 4 KiB at offset 0 of export "data": region 0 becomes dirty, in
+// memory and through a hot intent extent, not yet in the bitmap page.
+void WriteRegion0(const testutil::TestDaemon& daemon) {
+  testutil::NbdHandle h = ConnectData(daemon);
   REQUIRE(testutil::Pwrite(h.get(), testutil::Pattern(4096, 1), 0) == 0);
 }
 
@@ -122,18 +134,10 @@ TEST_CASE("Site: a sequential writer's intent extents are declared ahead of it i
   constexpr uint64_t kVolume = 256ull << 20;
   constexpr uint64_t kWrite = 1ull << 20;
   testutil::TempDir dir("blockrelay-readahead");
-  auto config = testutil::SingleSiteConfig(dir.path(), "a", kVolume, /*tcp=*/false);
-  config["groups"][0]["downstream"] = nlohmann::json::array(
-      {{{"site", "b"}, {"address", "127.0.0.1:9"}, {"mode", "async"}, {"initial_sync", "none"}}});
-  testutil::TestDaemon daemon(dir.path(), config);
+  testutil::TestDaemon daemon(dir.path(), LoggingLinkConfig(dir.path(), kVolume));
   REQUIRE(daemon.Start().ok());
   {
-    testutil::NbdOptions options;
-    options.export_name = "data";
-    std::string error;
-    testutil::NbdHandle h = testutil::ConnectUnix(*daemon.nbd_unix_socket(), options, &error);
-    INFO(error);
-    REQUIRE(h != nullptr);
+    testutil::NbdHandle h = ConnectData(daemon);
     const std::vector<std::byte> data = testutil::Pattern(kWrite, 3);
     std::vector<int64_t> cookies;
     for (uint64_t off = 0; off < kVolume; off += kWrite) {
