@@ -238,10 +238,11 @@ asio::awaitable<Status> Link::ForceResync(bool full) {
     // Until the next connection starts its resync, nothing may clear what
     // is being marked: the sweep and widened acknowledgements assume the
     // slot was in sync apart from its bits.
-    operator_resync_pending_ = true;
-    ++operator_marking_;
-    Status s = co_await MarkAllDirty();
-    --operator_marking_;
+    Status s;
+    {
+      OperatorMarking marking(*this);
+      s = co_await MarkAllDirty();
+    }
     if (!s.ok()) co_return s;
     // A full resync sends every region: no digest compare first.
     if (compare_pending_) {
@@ -1563,21 +1564,22 @@ asio::awaitable<void> Link::VerifyLoop(std::shared_ptr<Connection> c) {
     // still replicates: without this, the sweep cleared a mismatch marked
     // dirty before ForceResync broke the connection, and the next one
     // found nothing to resync (seen once in CI's verify_test).
-    operator_resync_pending_ = true;
-    ++operator_marking_;
-    for (const auto& [v, region] : verify_.mismatches) {
-      storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
-      if (!sb || slots_[v] < 0) continue;
-      const uint32_t slot = static_cast<uint32_t>(slots_[v]);
-      const uint64_t r = region;
-      Status s = co_await group_.io().Run([sb, slot, r] { return sb->MarkRegionsDirty(slot, r, r); });
-      if (!s.ok()) {
-        verify_.error = "marking mismatching regions dirty failed: " + s.message();
-        break;
+    {
+      OperatorMarking marking(*this);
+      for (const auto& [v, region] : verify_.mismatches) {
+        storage::Scoreboard* sb = group_.volumes()[v]->mutable_scoreboard();
+        if (!sb || slots_[v] < 0) continue;
+        const uint32_t slot = static_cast<uint32_t>(slots_[v]);
+        const uint64_t r = region;
+        Status s =
+            co_await group_.io().Run([sb, slot, r] { return sb->MarkRegionsDirty(slot, r, r); });
+        if (!s.ok()) {
+          verify_.error = "marking mismatching regions dirty failed: " + s.message();
+          break;
+        }
+        ++verify_.fixed_regions;
       }
-      ++verify_.fixed_regions;
     }
-    --operator_marking_;
     if (verify_.error.empty()) {
       Status s = co_await ForceResync(false);
       if (!s.ok()) verify_.error = s.message();

@@ -220,6 +220,21 @@ class Link {
   // from bits set by writes, and would clear a region with no newer write).
   bool operator_resync_pending_ = false;
   int operator_marking_ = 0;
+  // Held (across co_await) while an operator's marks are made: sets
+  // operator_resync_pending_ and counts in operator_marking_ until it goes.
+  class OperatorMarking {
+   public:
+    explicit OperatorMarking(Link& link) : link_(link) {
+      link_.operator_resync_pending_ = true;
+      ++link_.operator_marking_;
+    }
+    ~OperatorMarking() { --link_.operator_marking_; }
+    OperatorMarking(const OperatorMarking&) = delete;
+    OperatorMarking& operator=(const OperatorMarking&) = delete;
+
+   private:
+    Link& link_;
+  };
   bool streaming_ = false;
   uint64_t stream_start_seq_ = 0;
   uint64_t acked_received_group_seq_ = 0;
