@@ -157,7 +157,8 @@ struct Receiver::GroupState {
     return pending_bytes;
   }
   std::chrono::steady_clock::time_point last_apply;  // GUARDED_BY(apply_mu)
-  // An append, sync or apply failed; refuse until restart.
+  // An append, sync or apply failed: refuse the upstream until the group
+  // is reopened (ReopenFailedGroup) or the site restarts.
   std::atomic<bool> failed{false};
   Status failure;  // GUARDED_BY(append_mu)
   void Fail(const Status& s) {
@@ -222,6 +223,7 @@ struct Receiver::GroupState {
   // Network thread.
   int serving = 0;  // accepted connections still running
   bool rolling_back = false;
+  bool reopening = false;  // ReopenFailedGroup runs for this (failed) state
   std::weak_ptr<Conn> active;
   std::string state = "waiting";  // waiting, connected, refused, error
   std::string peer;
@@ -912,6 +914,10 @@ asio::awaitable<Result<Receiver::RollbackOutcome>> Receiver::Rollback(
   if (g->rolling_back) {
     co_return Status::Busy(fmt::format("group {}: a rollback is already running", group));
   }
+  if (g->reopening) {
+    co_return Status::Busy(fmt::format("group {}: being reopened after a failure; "
+                                       "try again", group));
+  }
   g->rolling_back = true;
   RollbackOutcome outcome;
   RollbackOutcome* op = &outcome;
@@ -992,8 +998,9 @@ Status Receiver::SyncAndApply(GroupState& g, uint64_t conn_id,
     ++g.journal_syncs;
     for (const auto& p : batch) {
       if (Status s = ApplyFrame(g, p.frame); !s.ok()) {
-        // The group stays in the journal: a restart applies it again once
-        // the volume accepts writes.
+        // The group stays in the journal: reopening the failed group
+        // (ReopenFailedGroup) or a restart applies it again once the volume
+        // accepts writes.
         g.Fail(s);
         return s;
       }
@@ -1477,98 +1484,158 @@ Status Receiver::VerifyRegions(GroupState& g, uint64_t conn_id,
   return Status::OK();
 }
 
+Result<std::unique_ptr<Receiver::GroupState>> Receiver::OpenGroup(
+    const ReceiverTarget& t, const std::string& data_dir, core::IoExecutor& io) {
+  auto g = std::make_unique<GroupState>();
+  g->target = t;
+  const std::string path = data_dir + "/journal-" + t.config->name + ".log";
+  g->env = io::Env::Default();
+  g->io = &io;
+  g->journal_path = path;
+  g->retired_journal_path = path + ".old";
+  g->spare_journal_path = path + ".spare";
+  // A journal retired before a crash (RotateJournal) holds older groups
+  // than the journal: its frames are replayed first.
+  GroupJournal::Recovered recovered;
+  uint64_t retired_torn_bytes = 0;
+  const bool had_retired = g->env->FileExists(g->retired_journal_path);
+  if (had_retired) {
+    auto retired = GroupJournal::Open(*g->env, g->retired_journal_path, &recovered);
+    if (!retired.ok()) {
+      return retired.status().WithContext(fmt::format("group {}", t.config->name));
+    }
+    retired_torn_bytes = recovered.torn_tail_bytes;
+  }
+  GroupJournal::Recovered current;
+  auto journal = GroupJournal::Open(*g->env, path, &current);
+  if (!journal.ok()) {
+    return journal.status().WithContext(fmt::format("group {}", t.config->name));
+  }
+  g->journal = std::move(journal).value();
+  recovered.applied_group_seq =
+      std::max(recovered.applied_group_seq, current.applied_group_seq);
+  recovered.torn_tail_bytes = current.torn_tail_bytes + retired_torn_bytes;
+  for (auto& f : current.frames) recovered.frames.push_back(std::move(f));
+  g->undo_path = data_dir + "/undo-" + t.config->name + ".log";
+  g->full_resync_path = data_dir + "/full-resync-" + t.config->name;
+  g->full_resync_needed = g->env->FileExists(g->full_resync_path);
+  if (g->env->FileExists(g->undo_path)) {
+    // A resync was under way when this site stopped: still inconsistent.
+    UndoRecord::Recovered undo_recovered;
+    auto undo = UndoRecord::Open(*g->env, g->undo_path, &undo_recovered);
+    if (!undo.ok()) {
+      return undo.status().WithContext(fmt::format("group {}", t.config->name));
+    }
+    g->undo = std::move(undo).value();
+    g->consistent = false;
+    g->undo_bytes = g->undo->size_bytes();
+    BR_LOG_WARN("replication", "group {}: a resync did not finish; the "
+                "volumes are inconsistent until it does, or until `blockrelay "
+                "rollback {}` returns them to group {} (undo record {}, {} "
+                "bytes{})", t.config->name, t.config->name,
+                g->undo->base_group_seq(), g->undo_path, g->undo->size_bytes(),
+                undo_recovered.torn_tail_bytes
+                    ? fmt::format(", {} torn bytes cut off", undo_recovered.torn_tail_bytes)
+                    : "");
+  }
+  g->applied_group_seq = recovered.applied_group_seq;
+  g->applied_group_seq_seen = recovered.applied_group_seq;
+  if (recovered.torn_tail_bytes > 0) {
+    BR_LOG_WARN("replication", "group {}: journal {} ended in a torn record "
+                "({} bytes dropped; it was never acknowledged as durable)",
+                t.config->name, path, recovered.torn_tail_bytes);
+  }
+  // Replay: apply again, in order, every group journaled since the last
+  // reset. Applying a group twice leaves the same bytes.
+  for (const auto& frame : recovered.frames) {
+    if (Status s = ApplyFrame(*g, frame); !s.ok()) {
+      return s.WithContext(fmt::format("group {}: replaying journal {}",
+                                       t.config->name, path));
+    }
+  }
+  if (!recovered.frames.empty() || had_retired) {
+    for (const auto& v : t.volumes) {
+      if (Status s = v->Flush(); !s.ok()) return s;
+    }
+    // The retired journal goes first: left behind a reset journal, its
+    // older groups would be replayed over newer ones after a crash.
+    if (Status s = DropRetiredJournal(*g); !s.ok()) return s;
+    if (Status s = g->journal->Reset(g->applied_group_seq); !s.ok()) return s;
+  }
+  if (!recovered.frames.empty()) {
+    BR_LOG_INFO("replication", "group {}: replayed {} write group(s) from "
+                "journal {}{}; volumes now at group {}", t.config->name,
+                recovered.frames.size(), had_retired ? g->retired_journal_path + " and " : "",
+                path, g->applied_group_seq);
+  }
+  g->replayed_groups = recovered.frames.size();
+  if (t.role && t.secondary) g->forget_site = t.role->Get().reconciled_with;
+  if (!t.secondary) g->state = "primary";
+  g->last_apply = std::chrono::steady_clock::now();
+  return g;
+}
+
+asio::awaitable<Receiver::GroupState*> Receiver::ReopenFailedGroup(size_t index) {
+  GroupState* old = groups_[index].get();
+  // Only once nothing of the failed state runs: its connection, a retire,
+  // a resync drain or a rollback would still use its files (its ticker's
+  // last sync and apply: below).
+  if (stopping_ || old->reopening || old->rolling_back || old->serving > 0 ||
+      old->retires_in_flight.load() > 0 || old->resync_drains_in_flight.load() > 0) {
+    co_return nullptr;
+  }
+  const std::string name = old->target.config->name;
+  BR_LOG_INFO("replication", "group {}: opening it again (journal, undo record, "
+              "replay) after: {}", name, old->failure_status().ToString());
+  old->reopening = true;
+  std::unique_ptr<GroupState> fresh;
+  std::unique_ptr<GroupState>* fp = &fresh;
+  const ReceiverTarget target = old->target;
+  const ReceiverTarget* tp = &target;
+  const std::string* dp = &data_dir_;
+  core::IoExecutor* iop = &io_;
+  Status s = co_await io_.Run([old, fp, tp, dp, iop] {
+    // A sync and apply of the failed connection's ticker may still run:
+    // it holds apply_mu. Every later one finds the state failed and does
+    // nothing.
+    { std::lock_guard wait_for_running(old->apply_mu); }
+    auto g = OpenGroup(*tp, *dp, *iop);
+    if (!g.ok()) return g.status();
+    *fp = std::move(g).value();
+    return Status::OK();
+  });
+  old->reopening = false;
+  if (!s.ok()) {
+    BR_LOG_ERROR("replication", "group {}: still cannot apply writes: {}", name,
+                 s.ToString());
+    std::lock_guard lock(old->append_mu);
+    old->failure = s;
+    co_return nullptr;
+  }
+  // What changed while it was opened (network thread, as SetRole).
+  fresh->target = old->target;
+  if (!fresh->target.secondary) {
+    fresh->forget_site.clear();
+    fresh->state = "primary";
+  }
+  fresh->groups_received = old->groups_received;
+  fresh->bytes_received = old->bytes_received;
+  replaced_groups_.push_back(std::move(groups_[index]));
+  groups_[index] = std::move(fresh);
+  BR_LOG_INFO("replication", "group {}: opened again; taking writes from the "
+              "upstream", name);
+  co_return groups_[index].get();
+}
+
 Result<std::unique_ptr<Receiver>> Receiver::Open(
     asio::io_context& ctx, core::IoExecutor& io, std::string local_site,
     const std::string& data_dir, std::vector<ReceiverTarget> targets) {
   std::unique_ptr<Receiver> r(new Receiver(ctx, io, std::move(local_site)));
+  r->data_dir_ = data_dir;
   for (auto& t : targets) {
-    auto g = std::make_unique<GroupState>();
-    g->target = t;
-    const std::string path = data_dir + "/journal-" + t.config->name + ".log";
-    g->env = io::Env::Default();
-    g->io = &io;
-    g->journal_path = path;
-    g->retired_journal_path = path + ".old";
-    g->spare_journal_path = path + ".spare";
-    // A journal retired before a crash (RotateJournal) holds older groups
-    // than the journal: its frames are replayed first.
-    GroupJournal::Recovered recovered;
-    uint64_t retired_torn_bytes = 0;
-    const bool had_retired = g->env->FileExists(g->retired_journal_path);
-    if (had_retired) {
-      auto retired = GroupJournal::Open(*g->env, g->retired_journal_path, &recovered);
-      if (!retired.ok()) {
-        return retired.status().WithContext(fmt::format("group {}", t.config->name));
-      }
-      retired_torn_bytes = recovered.torn_tail_bytes;
-    }
-    GroupJournal::Recovered current;
-    auto journal = GroupJournal::Open(*g->env, path, &current);
-    if (!journal.ok()) {
-      return journal.status().WithContext(fmt::format("group {}", t.config->name));
-    }
-    g->journal = std::move(journal).value();
-    recovered.applied_group_seq =
-        std::max(recovered.applied_group_seq, current.applied_group_seq);
-    recovered.torn_tail_bytes = current.torn_tail_bytes + retired_torn_bytes;
-    for (auto& f : current.frames) recovered.frames.push_back(std::move(f));
-    g->undo_path = data_dir + "/undo-" + t.config->name + ".log";
-    g->full_resync_path = data_dir + "/full-resync-" + t.config->name;
-    g->full_resync_needed = g->env->FileExists(g->full_resync_path);
-    if (g->env->FileExists(g->undo_path)) {
-      // A resync was under way when this site stopped: still inconsistent.
-      UndoRecord::Recovered undo_recovered;
-      auto undo = UndoRecord::Open(*g->env, g->undo_path, &undo_recovered);
-      if (!undo.ok()) {
-        return undo.status().WithContext(fmt::format("group {}", t.config->name));
-      }
-      g->undo = std::move(undo).value();
-      g->consistent = false;
-      g->undo_bytes = g->undo->size_bytes();
-      BR_LOG_WARN("replication", "group {}: a resync did not finish; the "
-                  "volumes are inconsistent until it does, or until `blockrelay "
-                  "rollback {}` returns them to group {} (undo record {}, {} "
-                  "bytes{})", t.config->name, t.config->name,
-                  g->undo->base_group_seq(), g->undo_path, g->undo->size_bytes(),
-                  undo_recovered.torn_tail_bytes
-                      ? fmt::format(", {} torn bytes cut off", undo_recovered.torn_tail_bytes)
-                      : "");
-    }
-    g->applied_group_seq = recovered.applied_group_seq;
-    g->applied_group_seq_seen = recovered.applied_group_seq;
-    if (recovered.torn_tail_bytes > 0) {
-      BR_LOG_WARN("replication", "group {}: journal {} ended in a torn record "
-                  "({} bytes dropped; it was never acknowledged as durable)",
-                  t.config->name, path, recovered.torn_tail_bytes);
-    }
-    // Replay: apply again, in order, every group journaled since the last
-    // reset. Applying a group twice leaves the same bytes.
-    for (const auto& frame : recovered.frames) {
-      if (Status s = ApplyFrame(*g, frame); !s.ok()) {
-        return s.WithContext(fmt::format("group {}: replaying journal {}",
-                                         t.config->name, path));
-      }
-    }
-    if (!recovered.frames.empty() || had_retired) {
-      for (const auto& v : t.volumes) {
-        if (Status s = v->Flush(); !s.ok()) return s;
-      }
-      // The retired journal goes first: left behind a reset journal, its
-      // older groups would be replayed over newer ones after a crash.
-      if (Status s = DropRetiredJournal(*g); !s.ok()) return s;
-      if (Status s = g->journal->Reset(g->applied_group_seq); !s.ok()) return s;
-    }
-    if (!recovered.frames.empty()) {
-      BR_LOG_INFO("replication", "group {}: replayed {} write group(s) from "
-                  "journal {}{}; volumes now at group {}", t.config->name,
-                  recovered.frames.size(), had_retired ? g->retired_journal_path + " and " : "",
-                  path, g->applied_group_seq);
-    }
-    g->replayed_groups = recovered.frames.size();
-    if (t.role && t.secondary) g->forget_site = t.role->Get().reconciled_with;
-    if (!t.secondary) g->state = "primary";
-    g->last_apply = std::chrono::steady_clock::now();
-    r->groups_.push_back(std::move(g));
+    auto g = OpenGroup(t, data_dir, io);
+    if (!g.ok()) return g.status();
+    r->groups_.push_back(std::move(g).value());
   }
   r->targets_ = std::move(targets);
   return r;
@@ -1695,6 +1762,9 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   GroupState* g = nullptr;
   if (check.result == HelloResult::kAccepted) {
     g = groups_[check.target].get();
+    if (g->failed) {
+      if (GroupState* reopened = co_await ReopenFailedGroup(check.target)) g = reopened;
+    }
     if (g->failed) {
       reply.result = HelloResult::kBusy;
       reply.message = fmt::format("site {} cannot apply writes to group {}: {}",

@@ -162,6 +162,20 @@ class Receiver {
   struct Conn;
   struct QueuedResync;
   Receiver(asio::io_context& ctx, core::IoExecutor& io, std::string local_site);
+  // Opens the group's journal in `data_dir`, replays what it holds into the
+  // volumes and returns the group's state (blocking; at start-up, and on a
+  // pool thread when a failed group is reopened).
+  static Result<std::unique_ptr<GroupState>> OpenGroup(const ReceiverTarget& t,
+                                                       const std::string& data_dir,
+                                                       core::IoExecutor& io);
+  // A group whose journal or volumes failed (an I/O error, a full disk)
+  // refuses its upstream. At the upstream's next HELLO, once nothing of
+  // the failed state runs, this opens the group again as at start-up
+  // (replaying its journal): if that works the cause was fixed (space
+  // freed, a disk back) and the new state replaces the failed one; if not,
+  // the group stays failed with the new error. Network thread; `index`
+  // into groups_. Returns the group to serve, or null.
+  asio::awaitable<GroupState*> ReopenFailedGroup(size_t index);
   asio::awaitable<void> Accept();
   asio::awaitable<void> Serve(asio::ip::tcp::socket socket);
   asio::awaitable<void> SyncTicker(std::shared_ptr<Conn> c);
@@ -284,7 +298,11 @@ class Receiver {
   asio::io_context& ctx_;
   core::IoExecutor& io_;
   const std::string local_site_;
+  std::string data_dir_;
   std::vector<std::unique_ptr<GroupState>> groups_;
+  // Failed group states replaced by ReopenFailedGroup: kept until the
+  // receiver goes, since a task of theirs may still hold a pointer.
+  std::vector<std::unique_ptr<GroupState>> replaced_groups_;
   std::vector<ReceiverTarget> targets_;
   std::optional<asio::ip::tcp::acceptor> acceptor_;
   std::vector<std::weak_ptr<Conn>> conns_;
