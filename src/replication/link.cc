@@ -387,11 +387,20 @@ asio::awaitable<void> Link::HoldWhileWritersOutrun(double drained_bytes_per_sec)
   hold_released_ = false;
   congestion_hold_ = true;
   ++congestion_holds_;
-  BR_LOG_INFO("replication", "group {} link to {}: the writers outran the "
-              "link ({:.1f} MB/s drained); resyncing once they write less "
-              "than {:.1f} MB/s, or in {} s", group_.name(), config_.site,
-              drained_bytes_per_sec / 1e6, hold_resume_below_ / 1e6,
-              std::chrono::duration_cast<std::chrono::seconds>(kMaxCongestionHold).count());
+  const auto max_hold_s =
+      std::chrono::duration_cast<std::chrono::seconds>(kMaxCongestionHold).count();
+  if (hold_resume_below_ > 0) {
+    BR_LOG_INFO("replication", "group {} link to {}: the writers outran the "
+                "link ({:.1f} MB/s drained); resyncing once they write less "
+                "than {:.1f} MB/s, or in {} s", group_.name(), config_.site,
+                drained_bytes_per_sec / 1e6, hold_resume_below_ / 1e6, max_hold_s);
+  } else {
+    // Overflowed before anything drained (a resync's first burst): no
+    // rate to compare with.
+    BR_LOG_INFO("replication", "group {} link to {}: the writers outran the "
+                "link before it drained anything; resyncing once they stop "
+                "writing, or in {} s", group_.name(), config_.site, max_hold_s);
+  }
   uint64_t last_bytes = GroupBytesWritten();
   auto last_time = now;
   while (!stopping_ && !paused_ && !hold_released_) {
@@ -404,7 +413,12 @@ asio::awaitable<void> Link::HoldWhileWritersOutrun(double drained_bytes_per_sec)
     hold_writers_rate_ = static_cast<double>(bytes - last_bytes) / dt;
     last_bytes = bytes;
     last_time = t;
-    if (hold_writers_rate_ < hold_resume_below_ || t >= hold_deadline_) break;
+    // Writers that stopped end the wait too: with nothing drained the
+    // threshold is 0, which no rate is below.
+    if (hold_writers_rate_ < hold_resume_below_ || hold_writers_rate_ == 0 ||
+        t >= hold_deadline_) {
+      break;
+    }
   }
   congestion_hold_ = false;
 }
