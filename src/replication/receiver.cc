@@ -224,6 +224,10 @@ struct Receiver::GroupState {
   int serving = 0;  // accepted connections still running
   bool rolling_back = false;
   bool reopening = false;  // ReopenFailedGroup runs for this (failed) state
+  // Coroutines that hold a pointer to this state across a suspension
+  // (Serve, SyncTicker, Rollback, DropUpstream): a state replaced by
+  // ReopenFailedGroup is freed only once none does.
+  int holders = 0;
   std::weak_ptr<Conn> active;
   std::string state = "waiting";  // waiting, connected, refused, error
   std::string peer;
@@ -241,6 +245,25 @@ struct Receiver::GroupState {
   std::atomic<uint64_t> journal_syncs{0};
   uint64_t bytes_received = 0;
   uint64_t replayed_groups = 0;
+};
+
+// Counts a coroutine's pointer to a GroupState in its `holders` (network
+// thread); Reset() when the coroutine takes another state.
+class Receiver::StateHold {
+ public:
+  StateHold() = default;
+  explicit StateHold(GroupState* g) { Reset(g); }
+  StateHold(const StateHold&) = delete;
+  StateHold& operator=(const StateHold&) = delete;
+  ~StateHold() { Reset(nullptr); }
+  void Reset(GroupState* g) {
+    if (g_) --g_->holders;
+    g_ = g;
+    if (g_) ++g_->holders;
+  }
+
+ private:
+  GroupState* g_ = nullptr;
 };
 
 struct Receiver::Conn {
@@ -394,9 +417,11 @@ Receiver::Receiver(asio::io_context& ctx, core::IoExecutor& io,
 Receiver::~Receiver() {
   // A retire posted to the pool uses its GroupState (Stop() waits for it;
   // this covers a receiver destroyed without Stop()).
-  for (auto& g : groups_) {
-    while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (auto* states : {&groups_, &replaced_groups_}) {
+    for (auto& g : *states) {
+      while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
     }
   }
 }
@@ -918,6 +943,7 @@ asio::awaitable<Result<Receiver::RollbackOutcome>> Receiver::Rollback(
     co_return Status::Busy(fmt::format("group {}: being reopened after a failure; "
                                        "try again", group));
   }
+  StateHold hold(g);
   g->rolling_back = true;
   RollbackOutcome outcome;
   RollbackOutcome* op = &outcome;
@@ -1584,6 +1610,12 @@ asio::awaitable<Receiver::GroupState*> Receiver::ReopenFailedGroup(size_t index)
       old->retires_in_flight.load() > 0 || old->resync_drains_in_flight.load() > 0) {
     co_return nullptr;
   }
+  // Only a full disk, which the operator fixes by making room. After an
+  // I/O error (EIO) the page cache may hold what never reached the disk
+  // while a later fsync reports success: reading the files back would
+  // trust it. That waits for the operator and a restart, as DRBD's
+  // detached disk waits for `attach`.
+  if (!old->failure_status().IsNoSpace()) co_return nullptr;
   const std::string name = old->target.config->name;
   BR_LOG_INFO("replication", "group {}: opening it again (journal, undo record, "
               "replay) after: {}", name, old->failure_status().ToString());
@@ -1620,10 +1652,30 @@ asio::awaitable<Receiver::GroupState*> Receiver::ReopenFailedGroup(size_t index)
   }
   fresh->groups_received = old->groups_received;
   fresh->bytes_received = old->bytes_received;
+  fresh->journal_syncs = old->journal_syncs.load();
+  fresh->receive_waits = old->receive_waits.load();
   replaced_groups_.push_back(std::move(groups_[index]));
   groups_[index] = std::move(fresh);
   BR_LOG_INFO("replication", "group {}: opened again; taking writes from the "
               "upstream", name);
+  // The replaced state's files and buffers go now (every path that could
+  // still reach them finds it failed first); the state itself once no
+  // coroutine or pool task holds it.
+  GroupState* gone = replaced_groups_.back().get();
+  co_await io_.Run([gone] {
+    std::lock_guard apply_lock(gone->apply_mu);
+    std::lock_guard append_lock(gone->append_mu);
+    std::lock_guard resync_lock(gone->resync_mu);
+    gone->journal.reset();
+    gone->undo.reset();
+    std::vector<GroupState::Pending>().swap(gone->pending);
+    std::vector<QueuedResync>().swap(gone->resync_queue);
+    return Status::OK();
+  });
+  std::erase_if(replaced_groups_, [](const std::unique_ptr<GroupState>& r) {
+    return r->holders == 0 && !r->reopening && !r->rolling_back &&
+           r->retires_in_flight.load() == 0 && r->resync_drains_in_flight.load() == 0;
+  });
   co_return groups_[index].get();
 }
 
@@ -1695,11 +1747,14 @@ asio::awaitable<void> Receiver::Stop() {
                    "shutdown failed: {}", gs->target.config->name, s.ToString());
     }
   }
-  // A journal being retired, or resync data being applied, on a pool thread.
-  for (auto& g : groups_) {
-    while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
-      t.expires_after(std::chrono::milliseconds(5));
-      co_await t.async_wait(kAsTuple);
+  // A journal being retired, or resync data being applied, on a pool
+  // thread (of a replaced state too).
+  for (auto* states : {&groups_, &replaced_groups_}) {
+    for (auto& g : *states) {
+      while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
+        t.expires_after(std::chrono::milliseconds(5));
+        co_await t.async_wait(kAsTuple);
+      }
     }
   }
 }
@@ -1760,10 +1815,15 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   reply.result = check.result;
   reply.message = check.message.substr(0, kMaxStringBytes);
   GroupState* g = nullptr;
+  StateHold hold;
   if (check.result == HelloResult::kAccepted) {
     g = groups_[check.target].get();
+    hold.Reset(g);
     if (g->failed) {
-      if (GroupState* reopened = co_await ReopenFailedGroup(check.target)) g = reopened;
+      if (GroupState* reopened = co_await ReopenFailedGroup(check.target)) {
+        g = reopened;
+        hold.Reset(g);
+      }
     }
     if (g->failed) {
       reply.result = HelloResult::kBusy;
@@ -1871,8 +1931,11 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       co_return;
     }
   }
-  if (!g->target.secondary || stopping_) {
-    // Promoted during the handshake: this upstream may write nothing.
+  if (!g->target.secondary || stopping_ || g->failed ||
+      g != groups_[check.target].get()) {
+    // Promoted during the handshake, or the group failed (or was opened
+    // again by another connection) meanwhile: this upstream may write
+    // nothing here; it reconnects.
     c->Close();
     --active_coroutines_;
     co_return;
@@ -2151,6 +2214,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
 asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
   ++active_coroutines_;
   GroupState* g = c->group;
+  StateHold hold(g);
   while (!c->closed) {
     if (!c->sync_now) {
       c->ticker.expires_after(kSyncInterval);
@@ -2297,6 +2361,7 @@ void Receiver::SetRole(const std::string& group, bool secondary,
 asio::awaitable<Status> Receiver::DropUpstream(const std::string& group) {
   GroupState* g = FindGroup(group);
   if (!g) co_return Status::OK();
+  StateHold hold(g);
   if (auto c = g->active.lock()) c->Close();
   asio::steady_timer t(ctx_);
   while (g->serving > 0) {

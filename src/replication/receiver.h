@@ -161,6 +161,7 @@ class Receiver {
   struct GroupState;
   struct Conn;
   struct QueuedResync;
+  class StateHold;
   Receiver(asio::io_context& ctx, core::IoExecutor& io, std::string local_site);
   // Opens the group's journal in `data_dir`, replays what it holds into the
   // volumes and returns the group's state (blocking; at start-up, and on a
@@ -168,12 +169,12 @@ class Receiver {
   static Result<std::unique_ptr<GroupState>> OpenGroup(const ReceiverTarget& t,
                                                        const std::string& data_dir,
                                                        core::IoExecutor& io);
-  // A group whose journal or volumes failed (an I/O error, a full disk)
-  // refuses its upstream. At the upstream's next HELLO, once nothing of
-  // the failed state runs, this opens the group again as at start-up
-  // (replaying its journal): if that works the cause was fixed (space
-  // freed, a disk back) and the new state replaces the failed one; if not,
-  // the group stays failed with the new error. Network thread; `index`
+  // A group whose journal, undo record or volumes failed refuses its
+  // upstream. When the failure was a full disk, at the upstream's next
+  // HELLO, once nothing of the failed state runs, this opens the group
+  // again as at start-up (replaying its journal): if that works the new
+  // state replaces the failed one; if not, the group stays failed with the
+  // new error. Other errors wait for a restart. Network thread; `index`
   // into groups_. Returns the group to serve, or null.
   asio::awaitable<GroupState*> ReopenFailedGroup(size_t index);
   asio::awaitable<void> Accept();
@@ -300,8 +301,8 @@ class Receiver {
   const std::string local_site_;
   std::string data_dir_;
   std::vector<std::unique_ptr<GroupState>> groups_;
-  // Failed group states replaced by ReopenFailedGroup: kept until the
-  // receiver goes, since a task of theirs may still hold a pointer.
+  // Failed group states replaced by ReopenFailedGroup, their files closed:
+  // kept while a coroutine or pool task may still hold a pointer.
   std::vector<std::unique_ptr<GroupState>> replaced_groups_;
   std::vector<ReceiverTarget> targets_;
   std::optional<asio::ip::tcp::acceptor> acceptor_;
