@@ -112,6 +112,12 @@ class [[nodiscard]] Status {
 // kPermissionDenied), the message is "context: strerror(errno)".
 Status PosixError(std::string_view context, int errno_value);
 
+// Status from a failed fsync or fdatasync: kIOError whatever errno says,
+// with the same message. Even after ENOSPC the pages it was to write may be
+// lost and marked clean, so a caller must not treat it as a full disk that
+// making room fixes (kNoSpace is retried that way).
+Status PosixSyncError(std::string_view context, int errno_value);
+
 template <typename T>
 class [[nodiscard]] Result {
  public:

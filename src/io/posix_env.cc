@@ -50,7 +50,7 @@ class PosixRandomRWFile final : public RandomRWFile {
 
   Status Sync() override {
     if (::fdatasync(fd_) != 0) {
-      return PosixError(fmt::format("fdatasync {}", path_), errno);
+      return PosixSyncError(fmt::format("fdatasync {}", path_), errno);
     }
     return Status::OK();
   }
@@ -194,7 +194,7 @@ class PosixEnv final : public Env {
     int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) return PosixError(fmt::format("open directory {}", dir), errno);
     Status s;
-    if (::fsync(fd) != 0) s = PosixError(fmt::format("fsync {}", dir), errno);
+    if (::fsync(fd) != 0) s = PosixSyncError(fmt::format("fsync {}", dir), errno);
     ::close(fd);
     return s;
   }

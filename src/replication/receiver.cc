@@ -228,6 +228,7 @@ struct Receiver::GroupState {
   // (Serve, SyncTicker, Rollback, DropUpstream): a state replaced by
   // ReopenFailedGroup is freed only once none does.
   int holders = 0;
+  bool replaced = false;  // moved to replaced_groups_ (network thread)
   std::weak_ptr<Conn> active;
   std::string state = "waiting";  // waiting, connected, refused, error
   std::string peer;
@@ -248,23 +249,46 @@ struct Receiver::GroupState {
 };
 
 // Counts a coroutine's pointer to a GroupState in its `holders` (network
-// thread); Reset() when the coroutine takes another state.
+// thread); Reset() when the coroutine takes another state. The last hold
+// of a replaced state frees it. Only in coroutines counted in
+// active_coroutines_, so that Stop() waits for them and no hold outlives
+// the receiver.
 class Receiver::StateHold {
  public:
-  StateHold() = default;
-  explicit StateHold(GroupState* g) { Reset(g); }
+  explicit StateHold(Receiver* r, GroupState* g = nullptr) : r_(r) { Reset(g); }
   StateHold(const StateHold&) = delete;
   StateHold& operator=(const StateHold&) = delete;
   ~StateHold() { Reset(nullptr); }
   void Reset(GroupState* g) {
-    if (g_) --g_->holders;
+    GroupState* old = g_;
     g_ = g;
     if (g_) ++g_->holders;
+    if (old && --old->holders == 0 && old->replaced) r_->PruneReplacedGroups();
   }
 
  private:
+  Receiver* r_;
   GroupState* g_ = nullptr;
 };
+
+// Counts a coroutine in active_coroutines_ for its whole life.
+class Receiver::Running {
+ public:
+  explicit Running(int& n) : n_(n) { ++n_; }
+  Running(const Running&) = delete;
+  Running& operator=(const Running&) = delete;
+  ~Running() { --n_; }
+
+ private:
+  int& n_;
+};
+
+void Receiver::PruneReplacedGroups() {
+  std::erase_if(replaced_groups_, [](const std::unique_ptr<GroupState>& r) {
+    return r->holders == 0 && !r->reopening && !r->rolling_back &&
+           r->retires_in_flight.load() == 0 && r->resync_drains_in_flight.load() == 0;
+  });
+}
 
 struct Receiver::Conn {
   explicit Conn(asio::ip::tcp::socket s)
@@ -943,7 +967,8 @@ asio::awaitable<Result<Receiver::RollbackOutcome>> Receiver::Rollback(
     co_return Status::Busy(fmt::format("group {}: being reopened after a failure; "
                                        "try again", group));
   }
-  StateHold hold(g);
+  Running running(active_coroutines_);
+  StateHold hold(this, g);
   g->rolling_back = true;
   RollbackOutcome outcome;
   RollbackOutcome* op = &outcome;
@@ -1654,6 +1679,7 @@ asio::awaitable<Receiver::GroupState*> Receiver::ReopenFailedGroup(size_t index)
   fresh->bytes_received = old->bytes_received;
   fresh->journal_syncs = old->journal_syncs.load();
   fresh->receive_waits = old->receive_waits.load();
+  old->replaced = true;
   replaced_groups_.push_back(std::move(groups_[index]));
   groups_[index] = std::move(fresh);
   BR_LOG_INFO("replication", "group {}: opened again; taking writes from the "
@@ -1672,10 +1698,7 @@ asio::awaitable<Receiver::GroupState*> Receiver::ReopenFailedGroup(size_t index)
     std::vector<QueuedResync>().swap(gone->resync_queue);
     return Status::OK();
   });
-  std::erase_if(replaced_groups_, [](const std::unique_ptr<GroupState>& r) {
-    return r->holders == 0 && !r->reopening && !r->rolling_back &&
-           r->retires_in_flight.load() == 0 && r->resync_drains_in_flight.load() == 0;
-  });
+  PruneReplacedGroups();
   co_return groups_[index].get();
 }
 
@@ -1815,7 +1838,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   reply.result = check.result;
   reply.message = check.message.substr(0, kMaxStringBytes);
   GroupState* g = nullptr;
-  StateHold hold;
+  StateHold hold(this);
   if (check.result == HelloResult::kAccepted) {
     g = groups_[check.target].get();
     hold.Reset(g);
@@ -2214,7 +2237,7 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
 asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
   ++active_coroutines_;
   GroupState* g = c->group;
-  StateHold hold(g);
+  StateHold hold(this, g);
   while (!c->closed) {
     if (!c->sync_now) {
       c->ticker.expires_after(kSyncInterval);
@@ -2361,7 +2384,8 @@ void Receiver::SetRole(const std::string& group, bool secondary,
 asio::awaitable<Status> Receiver::DropUpstream(const std::string& group) {
   GroupState* g = FindGroup(group);
   if (!g) co_return Status::OK();
-  StateHold hold(g);
+  Running running(active_coroutines_);
+  StateHold hold(this, g);
   if (auto c = g->active.lock()) c->Close();
   asio::steady_timer t(ctx_);
   while (g->serving > 0) {

@@ -162,6 +162,9 @@ class Receiver {
   struct Conn;
   struct QueuedResync;
   class StateHold;
+  class Running;
+  // Frees the replaced group states nothing holds any more.
+  void PruneReplacedGroups();
   Receiver(asio::io_context& ctx, core::IoExecutor& io, std::string local_site);
   // Opens the group's journal in `data_dir`, replays what it holds into the
   // volumes and returns the group's state (blocking; at start-up, and on a

@@ -112,7 +112,7 @@ class FileBlockStore final : public BlockStore {
 
   Status Flush() override {
     if (::fdatasync(fd_) != 0) {
-      return PosixError(fmt::format("fdatasync {}", path_), errno);
+      return PosixSyncError(fmt::format("fdatasync {}", path_), errno);
     }
     return Status::OK();
   }

@@ -71,4 +71,9 @@ Status PosixError(std::string_view context, int errno_value) {
   return Status::FromCode(code, std::move(msg), errno_value);
 }
 
+Status PosixSyncError(std::string_view context, int errno_value) {
+  return Status::IOError(std::string(context) + ": " + std::strerror(errno_value),
+                         errno_value);
+}
+
 }  // namespace blockrelay
