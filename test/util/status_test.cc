@@ -5,6 +5,7 @@
 #include "blockrelay/status.h"
 
 using blockrelay::PosixError;
+using blockrelay::PosixSyncError;
 using blockrelay::Result;
 using blockrelay::Status;
 
@@ -13,6 +14,17 @@ TEST_CASE("Status: PosixError maps ENOSPC to NoSpace and keeps errno", "[status]
   CHECK(s.IsNoSpace());
   CHECK(s.errno_value() == ENOSPC);
   CHECK(s.ToString() == "No space: pwrite /x at 4096: No space left on device");
+}
+
+TEST_CASE("Status: a failed sync is an I/O error even when errno says ENOSPC",
+          "[status]") {
+  // The pages a failed fsync was to write may be lost: not a full disk that
+  // making room fixes (the receiver retries only kNoSpace).
+  Status s = PosixSyncError("fdatasync /x", ENOSPC);
+  CHECK(s.IsIOError());
+  CHECK_FALSE(s.IsNoSpace());
+  CHECK(s.errno_value() == ENOSPC);
+  CHECK(s.message() == "fdatasync /x: No space left on device");
 }
 
 TEST_CASE("Status: WithContext prefixes the message", "[status]") {
