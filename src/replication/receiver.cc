@@ -206,6 +206,10 @@ struct Receiver::GroupState {
   uint64_t resync_queue_bytes = 0;         // GUARDED_BY(resync_mu)
   std::atomic<bool> resync_drain_posted{false};
   std::atomic<int> resync_drains_in_flight{0};
+  // A retire or a resync drain runs on the pool with this state.
+  bool PoolTasksRunning() const {
+    return retires_in_flight.load() > 0 || resync_drains_in_flight.load() > 0;
+  }
   // Resync data made durable by a flush that no connection's call asked
   // for (a background drain): reported by the next SyncAndApply.
   uint64_t resync_flushed_conn_id = 0;       // GUARDED_BY(apply_mu)
@@ -285,8 +289,7 @@ class Receiver::Running {
 
 void Receiver::PruneReplacedGroups() {
   std::erase_if(replaced_groups_, [](const std::unique_ptr<GroupState>& r) {
-    return r->holders == 0 && !r->reopening && !r->rolling_back &&
-           r->retires_in_flight.load() == 0 && r->resync_drains_in_flight.load() == 0;
+    return r->holders == 0 && !r->reopening && !r->rolling_back && !r->PoolTasksRunning();
   });
 }
 
@@ -443,7 +446,7 @@ Receiver::~Receiver() {
   // this covers a receiver destroyed without Stop()).
   for (auto* states : {&groups_, &replaced_groups_}) {
     for (auto& g : *states) {
-      while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
+      while (g->PoolTasksRunning()) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
     }
@@ -1632,7 +1635,7 @@ asio::awaitable<Receiver::GroupState*> Receiver::ReopenFailedGroup(size_t index)
   // a resync drain or a rollback would still use its files (its ticker's
   // last sync and apply: below).
   if (stopping_ || old->reopening || old->rolling_back || old->serving > 0 ||
-      old->retires_in_flight.load() > 0 || old->resync_drains_in_flight.load() > 0) {
+      old->PoolTasksRunning()) {
     co_return nullptr;
   }
   // Only a full disk, which the operator fixes by making room. After an
@@ -1774,7 +1777,7 @@ asio::awaitable<void> Receiver::Stop() {
   // thread (of a replaced state too).
   for (auto* states : {&groups_, &replaced_groups_}) {
     for (auto& g : *states) {
-      while (g->retires_in_flight.load() > 0 || g->resync_drains_in_flight.load() > 0) {
+      while (g->PoolTasksRunning()) {
         t.expires_after(std::chrono::milliseconds(5));
         co_await t.async_wait(kAsTuple);
       }
@@ -1783,7 +1786,7 @@ asio::awaitable<void> Receiver::Stop() {
 }
 
 asio::awaitable<void> Receiver::Accept() {
-  ++active_coroutines_;
+  Running running(active_coroutines_);
   while (!stopping_) {
     auto [ec, socket] = co_await acceptor_->async_accept(kAsTuple);
     if (ec) {
@@ -1793,11 +1796,10 @@ asio::awaitable<void> Receiver::Accept() {
     }
     asio::co_spawn(ctx_, Serve(std::move(socket)), asio::detached);
   }
-  --active_coroutines_;
 }
 
 asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
-  ++active_coroutines_;
+  Running running(active_coroutines_);
   auto c = std::make_shared<Conn>(std::move(socket));
   c->id = next_conn_id_++;
   c->peer = PeerName(c->stream);
@@ -1829,7 +1831,6 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   }
   if (!hello) {
     c->Close();
-    --active_coroutines_;
     co_return;
   }
   HelloCheck check = CheckHello(*hello, local_site_, targets_);
@@ -1916,12 +1917,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
       }
     }
     c->Close();
-    --active_coroutines_;
     co_return;
   }
   if (!ws.ok()) {
     c->Close();
-    --active_coroutines_;
     co_return;
   }
   // Our dirty set for this upstream (what we hold that it may lack), so
@@ -1950,7 +1949,6 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     EncodeDirtyRanges(ranges, dirty);
     if (Status s = co_await WriteFrameBytes(c->stream, dirty, c->peer); !s.ok()) {
       c->Close();
-      --active_coroutines_;
       co_return;
     }
   }
@@ -1960,7 +1958,6 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
     // again by another connection) meanwhile: this upstream may write
     // nothing here; it reconnects.
     c->Close();
-    --active_coroutines_;
     co_return;
   }
   c->upstream_site = hello->site;
@@ -2231,11 +2228,10 @@ asio::awaitable<void> Receiver::Serve(asio::ip::tcp::socket socket) {
   --g->serving;
   BR_LOG_INFO("replication", "group {}: upstream connection from {} closed",
               g->target.config->name, c->peer);
-  --active_coroutines_;
 }
 
 asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
-  ++active_coroutines_;
+  Running running(active_coroutines_);
   GroupState* g = c->group;
   StateHold hold(this, g);
   while (!c->closed) {
@@ -2272,11 +2268,10 @@ asio::awaitable<void> Receiver::SyncTicker(std::shared_ptr<Conn> c) {
       c->wake.cancel();
     }
   }
-  --active_coroutines_;
 }
 
 asio::awaitable<void> Receiver::AckWriter(std::shared_ptr<Conn> c) {
-  ++active_coroutines_;
+  Running running(active_coroutines_);
   Bytes out;
   while (!c->closed) {
     out.clear();
@@ -2303,7 +2298,6 @@ asio::awaitable<void> Receiver::AckWriter(std::shared_ptr<Conn> c) {
     c->wake.expires_at(std::chrono::steady_clock::time_point::max());
     co_await c->wake.async_wait(kAsTuple);
   }
-  --active_coroutines_;
 }
 
 nlohmann::json Receiver::UpstreamJson(const std::string& group) const {
